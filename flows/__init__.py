@@ -1,0 +1,1 @@
+"""Installed as ``spa_flows``: the Prefect flows chaining the stages."""

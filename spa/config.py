@@ -1,0 +1,213 @@
+"""The one typed, validated configuration of a SPA run.
+
+Defaults are the paper's (Kim et al., ICLR 2025, Sec. 5.1 and Appendix B.4)
+and live here only. Unknown keys, wrong types and out-of-range values are
+errors. The resolved config is saved as ``<run>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from spa.artifacts import write_text_atomic
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    """``pi_init``: the SFT model every iteration is measured against."""
+
+    pi_init: str = Field(description="AutoModelForCausalLM directory (safetensors) or a peft adapter directory")
+    pi_0: str | None = Field(None, description="no-seed mode (paper Fig. 4): a given pi_0, the seed stage is skipped")
+    trust_remote_code: bool = False
+    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+    max_length: PositiveInt = Field(1024, description="prompt + response tokens; longer prompts are an error")
+
+
+class DataConfig(_Section):
+    """How ``spa prepare`` splits the source (Sec. 5.1: 2K seed; 8K/20K/30K prompts)."""
+
+    source: str | None = Field(None, description="local Parquet/JSONL of preference pairs")
+    seed_size: Annotated[float, Field(gt=0)] = 2000
+    prompt_sizes: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [8000, 20000, 30000])
+    heldout_size: Annotated[float, Field(ge=0)] = 500
+    shuffle_seed: int = 42
+    on_overlap: str = Field("fail", pattern="^(fail|drop)$", description="prompt sets overlapping earlier ones")
+
+
+class SampleConfig(_Section):
+    """Response sampling (Sec. 5.1 / B.4: 2 samples, T=0.7, 300 new tokens)."""
+
+    backend: str = Field("auto", pattern="^(auto|vllm|transformers)$")
+    n: Annotated[int, Field(ge=2)] = 2
+    temperature: Annotated[float, Field(gt=0)] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_new_tokens: PositiveInt = 300
+    seed: int = 0
+    batch_size: PositiveInt = 16
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    python: str | None = Field(None, description="interpreter of a separate environment for this stage (e.g. a vLLM venv)")
+
+
+class JudgeConfig(_Section):
+    """Direct preference judgment (Eq. 7, 8, 13)."""
+
+    reference: str = Field("init", pattern="^(init|previous|none)$", description="pi_init (paper), pi_{t-2}, or none")
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    length_penalty: Annotated[float, Field(ge=0)] = 0.0
+    drop_truncated: bool = Field(False, description="drop pairs with a response cut at max_new_tokens (SPA.md)")
+    batch_size: PositiveInt = 16
+
+
+class RefinementConfig(_Section):
+    """Self-refinement (Eq. 9, 10) with de-coupled noise detection (Eq. 11, 12)."""
+
+    self_refine: bool = True
+    decoupled: bool = True
+    alpha: Fraction = 0.1
+    k_percent: Annotated[float, Field(ge=0, le=100)] = 10.0
+    window: PositiveInt = 50
+    warmup_fraction: Fraction = 0.2
+    lambdas: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: [0.5, 0.25, 0.125], description="lambda per iteration; 1/2**t beyond the list"
+    )
+
+    def lam(self, iteration: int) -> float:
+        """lambda of Eq. 12 for iteration ``iteration`` (>= 1)."""
+        if iteration < 1:
+            raise ValueError("lambda applies to iterations >= 1")
+        return self.lambdas[iteration - 1] if iteration <= len(self.lambdas) else 0.5**iteration
+
+
+class LoraConfig(_Section):
+    r: PositiveInt = 16
+    alpha: Annotated[float, Field(gt=0)] = 32.0
+    dropout: Fraction = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainConfig(_Section):
+    """DPO training (Sec. 5.1): beta 0.1, lr 5e-7, batch 32, AdamW, cosine, 10% warm-up."""
+
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    learning_rate: Annotated[float, Field(gt=0)] = 5e-7
+    batch_size: PositiveInt = 32
+    micro_batch_size: PositiveInt = 4
+    seed_epochs: Annotated[float, Field(gt=0)] = 3
+    epochs: Annotated[float, Field(gt=0)] = 1
+    warmup_ratio: Fraction = 0.1
+    lr_scheduler: str = Field("cosine", pattern="^(cosine|linear|constant_with_warmup)$")
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    gradient_checkpointing: bool = False
+    precision: str = Field("auto", pattern="^(auto|fp32|bf16)$")
+    num_processes: PositiveInt = 1
+    save_steps: PositiveInt = 50
+    seed: int = 0
+    lora: LoraConfig | None = None
+    refinement: RefinementConfig = Field(default_factory=RefinementConfig)
+
+    @model_validator(mode="after")
+    def _micro_divides_batch(self) -> TrainConfig:
+        if self.batch_size % (self.micro_batch_size * self.num_processes):
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of micro_batch_size x num_processes "
+                f"({self.micro_batch_size} x {self.num_processes})"
+            )
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Derived: batch_size / (micro_batch_size * num_processes)."""
+        return self.batch_size // (self.micro_batch_size * self.num_processes)
+
+
+class EvalConfig(_Section):
+    heldout: bool = True
+    max_new_tokens: PositiveInt = 300
+
+
+class Stage(StrEnum):
+    PREPARE = "prepare"
+    SEED = "seed"
+    SAMPLE = "sample"
+    JUDGE = "judge"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+
+class SPAConfig(_Section):
+    """Everything a run needs; ``load_config`` reads it from YAML."""
+
+    run_dir: str
+    iterations: Annotated[int, Field(ge=0)] = 3
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _sizes_cover_iterations(self) -> SPAConfig:
+        if len(self.data.prompt_sizes) < self.iterations:
+            raise ValueError(
+                f"iterations={self.iterations} needs {self.iterations} prompt_sizes, got {len(self.data.prompt_sizes)}"
+            )
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections of the resolved config (for resume keys)."""
+        dumped = self.model_dump(mode="json")
+        payload = {name: dumped[name] for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class ConfigError(ValueError):
+    """The config file is unreadable or invalid; the message lists every problem."""
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SPAConfig:
+    """Load and validate a YAML config; ``overrides`` are dotted keys (``train.beta``)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(raw, where=str(path))
+
+
+def parse_config(raw: dict[str, Any], where: str = "<config>") -> SPAConfig:
+    """Validate a config mapping; errors name every bad key."""
+    try:
+        return SPAConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{where}: invalid config: {problems}") from None
+
+
+def save_resolved(config: SPAConfig, run_dir: str | Path | None = None) -> Path:
+    """Write the resolved config (all defaults filled in) to ``<run>/config.yaml``, atomically."""
+    target = Path(run_dir or config.run_dir) / "config.yaml"
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return write_text_atomic(target, text)

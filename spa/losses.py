@@ -1,0 +1,169 @@
+"""The SPA training math as pure tensor functions (Kim et al., ICLR 2025).
+
+Equation numbers are the paper's; `../shared/spec/SPA.md` records the decisions
+taken where the paper is vague. These are written by hand because no library
+implements SPA's refined loss, de-coupled noise detection or the confidence
+window; plain DPO is kept here too so that both share one margin definition.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+
+def dpo_margin(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """DPO implicit-reward margin, Eq. 5 (the argument of sigma).
+
+    ``m = beta*(log pi(y_w) - log pi_ref(y_w)) - beta*(log pi(y_l) - log pi_ref(y_l))``.
+    All inputs are ``[B]`` summed response log-probs; returns ``[B]``.
+    """
+    return beta * (policy_chosen_logps - ref_chosen_logps) - beta * (policy_rejected_logps - ref_rejected_logps)
+
+
+def refined_dpo_loss(margin: torch.Tensor, z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-sample self-refined DPO loss, Eq. 10.
+
+    ``-[(1 - alpha*z) * log sigma(m) + alpha*z * log sigma(-m)]`` with ``z`` in {0, 1}
+    (``[B]``, no gradient). ``z = 0`` is plain DPO (Eq. 6): ``-log sigma(m)``.
+    Returns ``[B]``; the caller takes the mean over the batch.
+    """
+    z = z.detach().to(margin.dtype)
+    smooth = alpha * z
+    return -((1.0 - smooth) * F.logsigmoid(margin) + smooth * F.logsigmoid(-margin))
+
+
+def dnd_lambda(iteration: int) -> float:
+    """Extrapolation strength lambda of Eq. 12 for iteration t >= 1.
+
+    Paper (Sec. 5.1): 1/2, 1/4, 1/8 for iterations 1-3; decision (SPA.md): 1/2**t beyond.
+    """
+    if iteration < 1:
+        raise ValueError(f"DND lambda is defined for iterations >= 1, got {iteration}")
+    return 0.5**iteration
+
+
+def _auto_chunk(batch: int, vocab: int, budget_elems: int = 1 << 22) -> int:
+    # ~4M elements (16 MB in fp32) per chunk: small next to the [B, T, V] logits we already hold.
+    return max(1, budget_elems // max(1, batch * vocab))
+
+
+@torch.no_grad()
+def extrapolated_logps(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    lam: float,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Summed log-probs of ``labels`` under the extrapolated model of Eq. 12.
+
+    ``h_tilde = (1 + lam) * h_theta - lam * h_ref`` on the **full-vocabulary logits**
+    (at the sequence level the extrapolation would only rescale the margin, making
+    de-coupled noise detection a no-op; SPA.md). Shapes: logits ``[B, T, V]``,
+    ``labels``/``loss_mask`` ``[B, T]`` already shifted (``logits[:, t]`` scores
+    ``labels[:, t]``). Returns ``[B]`` float32, without gradient.
+
+    The sequence is processed in chunks of ``chunk_size`` positions (automatic when
+    None) so that only a ``[B, chunk, V]`` extrapolated tensor exists at a time,
+    never a second full ``[B, T, V]`` one.
+    """
+    if policy_logits.shape != ref_logits.shape:
+        raise ValueError(f"policy/ref logits differ in shape: {tuple(policy_logits.shape)} vs {tuple(ref_logits.shape)}")
+    batch, seq, vocab = policy_logits.shape
+    if labels.shape != (batch, seq) or loss_mask.shape != (batch, seq):
+        raise ValueError(f"labels {tuple(labels.shape)} / loss_mask {tuple(loss_mask.shape)} must be {(batch, seq)}")
+    step = chunk_size or _auto_chunk(batch, vocab)
+    mask = loss_mask.to(torch.bool)
+    safe_labels = torch.where(mask, labels, torch.zeros_like(labels)).long()  # -100 labels under the mask
+    total = torch.zeros(batch, dtype=torch.float32, device=policy_logits.device)
+    for start in range(0, seq, step):
+        stop = min(seq, start + step)
+        h = (1.0 + lam) * policy_logits[:, start:stop].float() - lam * ref_logits[:, start:stop].float()
+        token_logp = h.gather(-1, safe_labels[:, start:stop, None]).squeeze(-1) - torch.logsumexp(h, dim=-1)
+        total += (token_logp * mask[:, start:stop]).sum(-1)
+        del h
+    return total
+
+
+def percentile_threshold(values: torch.Tensor, k_percent: float) -> torch.Tensor:
+    """``tau`` of Eq. 9: the K-th percentile of ``values`` (linear interpolation)."""
+    return torch.quantile(values.double(), k_percent / 100.0)
+
+
+def _gather_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """All ranks' values, concatenated in rank order (identity without data parallelism)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    world = dist.get_world_size()
+    size = torch.tensor([values.numel()], device=values.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.full((longest,), float("nan"), dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+class RefinementWindow:
+    """Sliding window of per-sample confidences that yields the ``z`` of Eq. 9.
+
+    ``tau`` is the ``k_percent``-th percentile of the most recent ``size`` confidences
+    (Appendix B.4, "simple moving average over the most recent 50"), current batch
+    included; ``z = 1`` where a confidence is below ``tau``. No sample is flagged during
+    the denoising warm-up (the first ``warmup_fraction`` of the optimiser steps), but
+    the window keeps filling. Confidences can be ``p_conf`` or the margin (sigmoid is
+    monotone, so both flag the same samples). Under data parallelism ``update`` gathers
+    every rank's values so all ranks share one window and one ``tau`` (SPA.md decision).
+    """
+
+    def __init__(self, size: int = 50, k_percent: float = 10.0, warmup_fraction: float = 0.2):
+        if size < 1:
+            raise ValueError(f"window size must be >= 1, got {size}")
+        if not 0.0 <= k_percent <= 100.0:
+            raise ValueError(f"k_percent must be in [0, 100], got {k_percent}")
+        if not 0.0 <= warmup_fraction <= 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1], got {warmup_fraction}")
+        self.size = size
+        self.k_percent = k_percent
+        self.warmup_fraction = warmup_fraction
+        self._values: deque[float] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def update(self, values: torch.Tensor) -> None:
+        """Push this batch's per-sample confidences (gathered across ranks)."""
+        flat = _gather_across_ranks(values.detach().flatten().float())
+        self._values.extend(flat.cpu().tolist())
+
+    @property
+    def tau(self) -> float | None:
+        """Current threshold, or None while the window is empty."""
+        if not self._values:
+            return None
+        return float(percentile_threshold(torch.tensor(list(self._values)), self.k_percent))
+
+    def in_warmup(self, step: int, total_steps: int) -> bool:
+        """True during the denoising warm-up: the first ``warmup_fraction`` of the steps (0-based ``step``)."""
+        return step < self.warmup_fraction * total_steps
+
+    def flags(self, values: torch.Tensor, step: int, total_steps: int) -> torch.Tensor:
+        """``z`` of Eq. 9 for ``values`` (``[B]``): bool, all False during warm-up."""
+        tau = self.tau
+        if tau is None or self.in_warmup(step, total_steps):
+            return torch.zeros_like(values, dtype=torch.bool)
+        return values.detach().double() < tau

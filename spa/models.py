@@ -1,0 +1,68 @@
+"""Loading models safely: safetensors only, no remote code unless configured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class ModelLoadError(ValueError):
+    """A model directory is missing, incomplete or not loadable safely."""
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """``auto`` is bf16 on a GPU that supports it, fp32 elsewhere."""
+    if name == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_causal_lm(
+    path: str | Path,
+    dtype: str = "auto",
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM (or a base + peft adapter) from a local directory, in eval mode.
+
+    Weights come from safetensors only (``use_safetensors=True``): a directory with only
+    pickled ``.bin`` weights is refused rather than unpickled.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: model directory does not exist")
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        if is_adapter_dir(path):
+            from peft import PeftModel
+
+            base_path = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+            base = AutoModelForCausalLM.from_pretrained(
+                base_path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+            model = PeftModel.from_pretrained(base, path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: cannot load the model safely ({exc})") from exc
+    return model.to(device).eval()

@@ -1,0 +1,100 @@
+"""The one rendering path for every stage (PITFALLS.md, "Rendering and tokens").
+
+Sampling, judging, training and evaluation all turn a (prompt, response) into
+token ids here: the prompt through the model's own chat template with the
+generation prompt, exactly one BOS, then the response tokens, then the
+end-of-turn token only if the response finished (a truncated response never
+gets one: SPA.md, "Truncated responses").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+_MARKER = "\u2063SPA-RESPONSE\u2063"
+
+
+class RenderingError(ValueError):
+    """The tokenizer cannot render conversations as this pipeline needs."""
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local model directory and check it has a chat template."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RenderingError(f"{path}: model directory does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RenderingError(f"{path}: no usable tokenizer in the model directory ({exc})") from exc
+    if not getattr(tok, "chat_template", None):
+        raise RenderingError(
+            f"{path}: the tokenizer has no chat template; add one (tokenizer_config.json 'chat_template' "
+            "or chat_template.jinja) so prompts render as the model was trained"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _adds_bos_by_default(tok: PreTrainedTokenizerBase) -> bool:
+    if tok.bos_token_id is None:
+        return False
+    return tok("x", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]
+
+
+def prompt_text(tok: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The prompt rendered by the chat template, ending with the assistant generation prompt."""
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of the rendered prompt with exactly one BOS (when the model uses one)."""
+    ids = tok(prompt_text(tok, prompt), add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    if bos is not None and _adds_bos_by_default(tok):
+        while ids and ids[0] == bos:  # template already wrote it, maybe twice (trl#1591)
+            ids = ids[1:]
+        ids = [bos] + ids
+    return ids
+
+
+def _find_eot_id(tok: PreTrainedTokenizerBase) -> int:
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARKER}], tokenize=False
+    )
+    if _MARKER not in rendered:
+        raise RenderingError("the chat template drops the assistant message; cannot find its end-of-turn token")
+    suffix = rendered.split(_MARKER, 1)[1]
+    special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+    for tid in tok(suffix, add_special_tokens=False)["input_ids"]:
+        if tid in special:
+            return tid
+    if tok.eos_token_id is None:
+        raise RenderingError("the chat template closes assistant turns without a special token and there is no EOS")
+    return tok.eos_token_id
+
+
+def eot_id(tok: PreTrainedTokenizerBase) -> int:
+    """The token that closes an assistant turn in this chat template (e.g. ``<|im_end|>``, ``<|eot_id|>``)."""
+    cached = getattr(tok, "_spa_eot_id", None)
+    if cached is None:
+        cached = _find_eot_id(tok)
+        tok._spa_eot_id = cached
+    return cached
+
+
+def response_ids(tok: PreTrainedTokenizerBase, response: str, finished: bool = True) -> list[int]:
+    """Response token ids, plus the end-of-turn token only when the response finished."""
+    ids = tok(response, add_special_tokens=False)["input_ids"]
+    return ids + [eot_id(tok)] if finished else ids
+
+
+def stop_token_ids(tok: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that end generation: the end-of-turn token and EOS."""
+    ids = {eot_id(tok)}
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return sorted(ids)
