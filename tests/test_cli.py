@@ -1,5 +1,6 @@
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import yaml
 from typer.testing import CliRunner
@@ -39,7 +40,7 @@ def test_tiny_model_command(tmp_path):
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("spa")
-    assert exe, "the `spa` console script is not on PATH (is the package installed?)"
-    out = subprocess.run([exe, "version"], capture_output=True, text=True, check=True)
+    exe = Path(sys.executable).parent / "spa"
+    assert exe.exists(), f"the `spa` console script is not installed beside {sys.executable}"
+    out = subprocess.run([str(exe), "version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == __import__("spa").__version__
