@@ -135,8 +135,12 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    heldout: bool = True
+    """``spa evaluate``: held-out gold agreement and response lengths (AlpacaEval comes with the eval issue)."""
+
+    max_prompts: PositiveInt = Field(200, description="held-out prompts answered for the length statistics")
     max_new_tokens: PositiveInt = 300
+    temperature: Annotated[float, Field(ge=0)] = 0.7
+    batch_size: PositiveInt = 16
 
 
 class Stage(StrEnum):

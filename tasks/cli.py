@@ -15,6 +15,99 @@ app = typer.Typer(
 )
 
 
+ConfigOpt = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="YAML config of the run")
+IterOpt = typer.Option(..., "--iteration", "-t", min=1, help="iteration t (1..T)")
+ForceOpt = typer.Option(False, "--force", help="rerun even if the manifest says the stage is up to date")
+SetOpt = typer.Option(None, "--set", "-s", help="override a config value: -s train.beta=0.05 (repeatable)")
+
+
+def _load(config: Path, overrides: list[str] | None):
+    import yaml
+
+    from spa.config import load_config
+
+    parsed = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return load_config(config, parsed)
+
+
+def _run(fn, config: Path, overrides: list[str] | None, *args, **kwargs) -> None:
+    """Load the config, run a stage, and turn bad input into one clear line and exit code 2."""
+    from spa.artifacts import ArtifactError
+    from spa.config import ConfigError
+    from spa.logprobs import SequenceTooLongError
+    from spa.models import ModelLoadError
+    from spa.rendering import RenderingError
+    from spa.sampling import BackendUnavailable
+    from spa.stages.runner import StageInputError
+
+    bad_input = (ConfigError, ArtifactError, StageInputError, ModelLoadError, RenderingError, SequenceTooLongError,
+                 BackendUnavailable)
+    try:
+        cfg = _load(config, overrides)
+        fn(cfg, *args, **kwargs, echo=typer.echo)
+    except bad_input as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def prepare(config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
+    """Split preference data into seed pairs, disjoint prompt sets and held-out gold pairs."""
+    from spa.stages import prepare as stage
+
+    _run(stage.run, config, overrides, force=force)
+
+
+@app.command()
+def seed(config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
+    """DPO of pi_init on the seed pairs -> iter_0/model (3 epochs by default)."""
+    from spa.stages import train as stage
+
+    _run(stage.run, config, overrides, 0, force=force)
+
+
+@app.command()
+def sample(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
+           overrides: list[str] = SetOpt) -> None:
+    """Sample n responses per prompt of X_t from pi_{t-1} -> iter_t/responses.parquet."""
+    from spa.stages import sample as stage
+
+    _run(stage.run, config, overrides, iteration, force=force)
+
+
+@app.command()
+def judge(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
+          overrides: list[str] = SetOpt) -> None:
+    """Label response pairs with the implicit reward (Eq. 7-8) -> iter_t/judgments.parquet."""
+    from spa.stages import judge as stage
+
+    _run(stage.run, config, overrides, iteration, force=force)
+
+
+@app.command()
+def train(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
+          overrides: list[str] = SetOpt) -> None:
+    """Refined DPO (Eq. 9-12) from pi_{t-1} on the judged pairs -> iter_t/model, train_log.parquet."""
+    from spa.stages import train as stage
+
+    _run(stage.run, config, overrides, iteration, force=force)
+
+
+@app.command()
+def evaluate(config: Path = ConfigOpt,
+             iteration: int = typer.Option(..., "--iteration", "-t", min=0, help="0 evaluates pi_0"),
+             force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
+    """Held-out gold agreement and response lengths of pi_t -> iter_t/eval.parquet, eval.json."""
+    from spa.stages import evaluate as stage
+
+    _run(stage.run, config, overrides, iteration, force=force)
+
+
 @app.command("check-config")
 def check_config(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),

@@ -1,0 +1,67 @@
+"""Where every artifact of a run lives (`../shared/spec/ARTIFACTS.md`, "Run directory")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths inside one run directory; ``iter_0`` holds the seed stage."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def seed(self) -> Path:
+        return self.data / "seed.parquet"
+
+    @property
+    def heldout(self) -> Path:
+        return self.data / "heldout.parquet"
+
+    def prompts(self, t: int) -> Path:
+        return self.data / f"prompts_{t}.parquet"
+
+    def iteration(self, t: int) -> Path:
+        return self.root / f"iter_{t}"
+
+    def model(self, t: int) -> Path:
+        return self.iteration(t) / "model"
+
+    def responses(self, t: int) -> Path:
+        return self.iteration(t) / "responses.parquet"
+
+    def judgments(self, t: int) -> Path:
+        return self.iteration(t) / "judgments.parquet"
+
+    def train_log(self, t: int) -> Path:
+        return self.iteration(t) / "train_log.parquet"
+
+    def checkpoints(self, t: int) -> Path:
+        return self.iteration(t) / "checkpoints"
+
+    def eval_table(self, t: int) -> Path:
+        return self.iteration(t) / "eval.parquet"
+
+    def eval_summary(self, t: int) -> Path:
+        return self.iteration(t) / "eval.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"

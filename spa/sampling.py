@@ -1,0 +1,163 @@
+"""Sampling backends: vLLM (GPU, or its CPU build) and transformers (any device).
+
+Every sampling parameter is passed explicitly and recorded; the model's
+``generation_config.json`` never changes them (vllm#11953, vllm#15281). Prompts
+are rendered by :mod:`spa.rendering` and given to either backend as token ids,
+so both sample from exactly the same context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from spa.rendering import load_tokenizer, prompt_ids, stop_token_ids
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested sampling backend cannot run here; the message says how to get it."""
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    n: int = 2
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 300
+    seed: int = 0
+    batch_size: int = 16
+    max_length: int = 1024
+    gpu_memory_utilization: float = 0.9
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class Samples:
+    """``n`` responses for one prompt."""
+
+    responses: list[str]
+    finish_reasons: list[str]
+    num_tokens: list[int]
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install (e.g. torchvision ops) raises more than ImportError
+        return False
+    return True
+
+
+def choose_backend(name: str) -> str:
+    """``auto`` picks vLLM when it imports and a GPU is present, else transformers."""
+    if name == "auto":
+        return "vllm" if torch.cuda.is_available() and vllm_available() else "transformers"
+    if name == "vllm" and not vllm_available():
+        raise BackendUnavailable(
+            "sample.backend is 'vllm' but vLLM cannot be imported in this environment; install it "
+            "(`pip install 'spa-pipeline[vllm]'`, or point sample.python at a vLLM environment) "
+            "or set sample.backend: transformers"
+        )
+    return name
+
+
+def _check_prompt_lengths(encoded: Sequence[list[int]], spec: SamplingSpec) -> None:
+    room = spec.max_length - spec.max_new_tokens
+    for i, ids in enumerate(encoded):
+        if len(ids) > room:
+            raise ValueError(
+                f"row {i}: prompt has {len(ids)} tokens; with max_new_tokens={spec.max_new_tokens} it exceeds "
+                f"model.max_length={spec.max_length}. Shorten or drop the prompt, or raise model.max_length"
+            )
+
+
+def _split_generation(tokens: list[int], stops: set[int], pad_id: int) -> tuple[list[int], str]:
+    for i, tid in enumerate(tokens):
+        if tid in stops:
+            return tokens[:i], "stop"
+    return tokens, "length"
+
+
+@torch.no_grad()
+def sample_transformers(model_dir: str | Path, prompts: Sequence[str], spec: SamplingSpec,
+                        progress: str | None = "sample") -> list[Samples]:
+    """``spec.n`` samples per prompt with ``model.generate`` (left-padded, length-sorted batches)."""
+    from transformers import GenerationConfig
+
+    from spa.models import load_causal_lm
+
+    tok = load_tokenizer(model_dir, spec.trust_remote_code)
+    model = load_causal_lm(model_dir, spec.dtype, trust_remote_code=spec.trust_remote_code)
+    encoded = [prompt_ids(tok, p) for p in prompts]
+    _check_prompt_lengths(encoded, spec)
+    stops = set(stop_token_ids(tok))
+    gen = GenerationConfig(
+        do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0, max_new_tokens=spec.max_new_tokens,
+        num_return_sequences=spec.n, eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id,
+        repetition_penalty=1.0, bos_token_id=tok.bos_token_id,
+    )
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    batches = [order[i : i + spec.batch_size] for i in range(0, len(order), spec.batch_size)]
+    results: list[Samples | None] = [None] * len(encoded)
+    device = next(model.parameters()).device
+    torch.manual_seed(spec.seed)
+    for idx in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            attn[row, width - len(encoded[i]) :] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen)
+        new = out[:, width:].cpu().tolist()
+        for row, i in enumerate(idx):
+            texts, reasons, counts = [], [], []
+            for k in range(spec.n):
+                kept, reason = _split_generation(new[row * spec.n + k], stops, tok.pad_token_id)
+                texts.append(tok.decode(kept, skip_special_tokens=True))
+                reasons.append(reason)
+                counts.append(len(kept))
+            results[i] = Samples(texts, reasons, counts)
+    return results  # type: ignore[return-value]
+
+
+def sample_vllm(model_dir: str | Path, prompts: Sequence[str], spec: SamplingSpec,
+                progress: str | None = "sample") -> list[Samples]:
+    """``spec.n`` samples per prompt with the vLLM engine (lazy import; GPU or the vLLM CPU build)."""
+    choose_backend("vllm")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    tok = load_tokenizer(model_dir, spec.trust_remote_code)
+    encoded = [prompt_ids(tok, p) for p in prompts]
+    _check_prompt_lengths(encoded, spec)
+    stops = stop_token_ids(tok)
+    llm = LLM(
+        model=str(model_dir), tokenizer=str(model_dir), dtype=spec.dtype, seed=spec.seed,
+        gpu_memory_utilization=spec.gpu_memory_utilization, max_model_len=spec.max_length,
+        trust_remote_code=spec.trust_remote_code,
+        generation_config="vllm",  # ignore the model's generation_config.json: our parameters only
+    )
+    params = SamplingParams(
+        n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens, seed=spec.seed,
+        stop_token_ids=stops, skip_special_tokens=True, repetition_penalty=1.0,
+    )
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params, use_tqdm=progress is not None)
+    results = []
+    stop_set = set(stops)
+    for out in outputs:
+        texts, reasons, counts = [], [], []
+        for comp in sorted(out.outputs, key=lambda c: c.index):
+            token_ids = list(comp.token_ids)
+            kept, reason = _split_generation(token_ids, stop_set, tok.pad_token_id)
+            reason = "stop" if comp.finish_reason == "stop" else reason
+            texts.append(tok.decode(kept, skip_special_tokens=True))
+            reasons.append(reason)
+            counts.append(len(kept))
+        results.append(Samples(texts, reasons, counts))
+    return results

@@ -1,0 +1,85 @@
+"""``spa evaluate --iteration t``: held-out gold agreement and response length statistics.
+
+Gold agreement is the share of held-out gold pairs where ``pi_t``'s implicit reward
+against ``pi_init`` (Eq. 4) prefers the gold ``chosen``. Outputs for the held-out
+prompts are written in alpaca-eval's column names (instruction, output, generator).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from spa.artifacts import read_table, write_table, write_text_atomic
+from spa.config import SPAConfig
+from spa.judge import implicit_reward
+from spa.layout import RunLayout
+from spa.logprobs import sequence_logps
+from spa.models import load_causal_lm
+from spa.rendering import load_tokenizer
+from spa.sampling import SamplingSpec, choose_backend, sample_transformers, sample_vllm
+from spa.stages.runner import StageResult, require, run_stage
+from spa.stages.train import model_dir
+
+SECTIONS = ["model", "evaluate", "judge"]
+
+
+def gold_agreement(cfg: SPAConfig, t: int, heldout: pa.Table) -> float:
+    """Share of gold pairs with ``r_t(chosen) > r_t(rejected)``, ``r`` against ``pi_init``."""
+    trc, dtype = cfg.model.trust_remote_code, cfg.model.dtype
+    tok = load_tokenizer(model_dir(cfg, t), trc)
+    prompts = heldout.column("prompt").to_pylist()
+    both_p = prompts + prompts
+    both_y = heldout.column("chosen").to_pylist() + heldout.column("rejected").to_pylist()
+    scores = {}
+    for name, path in (("policy", model_dir(cfg, t)), ("ref", Path(cfg.model.pi_init))):
+        model = load_causal_lm(path, dtype, trust_remote_code=trc)
+        scores[name], _ = sequence_logps(model, tok, both_p, both_y, None, cfg.judge.batch_size, cfg.model.max_length,
+                                         progress=f"gold agreement ({name})")
+        del model
+    n = len(prompts)
+    reward = implicit_reward(torch.from_numpy(scores["policy"]), torch.from_numpy(scores["ref"]), cfg.judge.beta).numpy()
+    return float(np.mean(reward[:n] > reward[n:])) if n else float("nan")
+
+
+def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
+    layout = RunLayout(Path(cfg.run_dir))
+    heldout_path = require(layout.heldout, "the held-out gold set", "spa prepare")
+    model = require(model_dir(cfg, t), f"pi_{t}", "spa seed" if t == 0 else f"spa train --iteration {t}")
+    outputs = [layout.eval_table(t), layout.eval_summary(t)]
+
+    def body() -> dict[str, Any]:
+        heldout = read_table(heldout_path, "heldout")
+        agreement = gold_agreement(cfg, t, heldout)
+        prompts = heldout.column("prompt").to_pylist()[: cfg.evaluate.max_prompts]
+        ec = cfg.evaluate
+        spec = SamplingSpec(n=1, temperature=ec.temperature, max_new_tokens=ec.max_new_tokens, seed=cfg.sample.seed,
+                            batch_size=ec.batch_size, max_length=cfg.model.max_length, dtype=cfg.model.dtype,
+                            trust_remote_code=cfg.model.trust_remote_code)
+        fn = sample_vllm if choose_backend(cfg.sample.backend) == "vllm" else sample_transformers
+        samples = fn(model, prompts, spec, progress=f"evaluate iter {t}")
+        generator = f"spa_iter_{t}"
+        write_table(pa.table({
+            "instruction": prompts,
+            "output": [s.responses[0] for s in samples],
+            "generator": [generator] * len(prompts),
+            "num_tokens": pa.array([s.num_tokens[0] for s in samples], pa.int32()),
+            "finish_reason": [s.finish_reasons[0] for s in samples],
+        }), layout.eval_table(t), "eval")
+        lengths = [s.num_tokens[0] for s in samples]
+        summary = {
+            "iteration": t, "n": len(prompts), "win_rate": None, "lc_win_rate": None, "lc_model": None,
+            "annotator": None, "avg_length": float(np.mean(lengths)) if lengths else None,
+            "truncated_share": float(np.mean([s.finish_reasons[0] == "length" for s in samples])) if samples else None,
+            "gold_agreement": agreement, "gold_pairs": heldout.num_rows,
+        }
+        write_text_atomic(layout.eval_summary(t), json.dumps(summary, indent=2))
+        return {k: summary[k] for k in ("n", "avg_length", "gold_agreement")}
+
+    return run_stage(cfg, f"evaluate/{t}", [heldout_path, model, Path(cfg.model.pi_init)], SECTIONS, outputs, body,
+                     extra_key={"iteration": t}, force=force, echo=echo)

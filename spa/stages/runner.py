@@ -1,0 +1,70 @@
+"""Run one stage idempotently: skip when up to date, record the manifest entry after success."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spa.config import SPAConfig, save_resolved
+from spa.layout import RunLayout
+from spa.manifest import Manifest, hash_inputs, is_up_to_date, make_entry, stage_key
+
+
+class StageInputError(ValueError):
+    """A stage's input is missing or unusable; nothing was written."""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    key: str
+    skipped: bool
+    outputs: list[str]
+    summary: dict[str, Any]
+
+
+def require(path: Path, what: str, stage_hint: str) -> Path:
+    """Fail with one clear message when an input of the previous stage is missing."""
+    if not Path(path).exists():
+        raise StageInputError(f"{path}: {what} is missing; run `{stage_hint}` first")
+    return Path(path)
+
+
+def run_stage(
+    cfg: SPAConfig,
+    key: str,
+    inputs: Sequence[Path],
+    config_sections: Sequence[str],
+    outputs: Sequence[Path],
+    body: Callable[[], dict[str, Any]],
+    extra_key: dict[str, Any] | None = None,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+) -> StageResult:
+    """Run ``body`` unless the manifest says ``key`` is up to date for these inputs and config.
+
+    ``body`` writes ``outputs`` (atomically) and returns a small summary dict.
+    """
+    layout = RunLayout(Path(cfg.run_dir))
+    save_resolved(cfg)
+    manifest = Manifest(layout.manifest)
+    expected = stage_key(hash_inputs(inputs), cfg.section_hash(*config_sections))
+    if extra_key:
+        expected["extra"] = extra_key
+    if not force and is_up_to_date(manifest, key, expected):
+        summary = manifest.get(key).get("summary", {})
+        echo(f"[{key}] up to date (same inputs and config); nothing to do")
+        return StageResult(key, True, [str(o) for o in outputs], summary)
+    manifest.forget(key)
+    started = time.time()
+    summary = body()
+    missing = [str(o) for o in outputs if not Path(o).exists()]
+    if missing:
+        raise RuntimeError(f"[{key}] finished without writing {missing}")
+    manifest.record(key, make_entry(expected, outputs, started, summary))
+    elapsed = time.time() - started
+    echo(f"[{key}] done in {elapsed:.1f}s: " + json.dumps(summary, default=str))
+    return StageResult(key, False, [str(o) for o in outputs], summary)

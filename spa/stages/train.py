@@ -1,0 +1,226 @@
+"""``spa seed`` and ``spa train --iteration t``: DPO on the seed, refined DPO on judged pairs.
+
+Seed stage (SPA.md): ``pi_0 = DPO(pi_init, D_0)`` with ``pi_ref = pi_init``, 3 epochs.
+Iteration t: from ``pi_{t-1}`` with ``pi_ref = pi_{t-1}``, 1 epoch, self-refinement
+(Eq. 9-10) with de-coupled detection (Eq. 11-12, ``lambda_t``), ties left out.
+
+With ``train.num_processes > 1`` the work runs under ``torchrun`` (one process per
+device; gloo on CPU); this module is then also the worker entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import torch
+
+from spa.artifacts import read_table, write_table
+from spa.config import SPAConfig, load_config
+from spa.layout import RunLayout
+from spa.manifest import content_hash
+from spa.models import default_device, load_causal_lm
+from spa.rendering import load_tokenizer
+from spa.stages.runner import StageResult, require, run_stage
+from spa.training import (
+    STATE_FILE,
+    PairCollator,
+    PairDataset,
+    RefinedDPOTrainer,
+    RefineSettings,
+    disable_dropout,
+    latest_checkpoint,
+    prepare_checkpoint_dir,
+    rows_to_table,
+)
+
+SECTIONS = ["model", "train"]
+
+
+def model_dir(cfg: SPAConfig, t: int) -> Path:
+    """Directory of ``pi_t`` (``pi_0`` may be given in no-seed mode)."""
+    if t == 0 and cfg.model.pi_0:
+        return Path(cfg.model.pi_0)
+    return RunLayout(Path(cfg.run_dir)).model(t)
+
+
+def refine_settings(cfg: SPAConfig, t: int) -> RefineSettings | None:
+    r = cfg.train.refinement
+    if t == 0 or not r.self_refine:
+        return None
+    return RefineSettings(r.alpha, r.k_percent, r.window, r.warmup_fraction, r.lam(t) if r.decoupled else 0.0)
+
+
+def _training_pairs(cfg: SPAConfig, t: int) -> dict[str, list]:
+    layout = RunLayout(Path(cfg.run_dir))
+    if t == 0:
+        table = read_table(layout.seed, "seed")
+        return {k: table.column(k).to_pylist() for k in ("prompt", "chosen", "rejected")}
+    table = read_table(layout.judgments(t), "judgments")
+    table = table.filter(pc.invert(table.column("tie")))
+    if "dropped" in table.column_names:
+        table = table.filter(pc.invert(table.column("dropped")))
+    out = {k: table.column(k).to_pylist() for k in ("prompt", "chosen", "rejected")}
+    for side in ("chosen", "rejected"):
+        col = f"{side}_finished"
+        out[col] = table.column(col).to_pylist() if col in table.column_names else None
+    return out
+
+
+def _precision(cfg: SPAConfig) -> bool:
+    if cfg.train.precision == "bf16":
+        return True
+    return cfg.train.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
+    """Train ``pi_t`` (in this process; one of several under torchrun)."""
+    from transformers import TrainingArguments
+
+    layout = RunLayout(Path(cfg.run_dir))
+    start_dir = Path(cfg.model.pi_init) if t == 0 else model_dir(cfg, t - 1)
+    tc = cfg.train
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tok = load_tokenizer(start_dir, cfg.model.trust_remote_code)
+    pairs = _training_pairs(cfg, t)
+    if not pairs["prompt"]:
+        raise ValueError(f"iteration {t}: no training pairs (all ties or dropped)")
+    dataset = PairDataset(tok, pairs["prompt"], pairs["chosen"], pairs["rejected"], cfg.model.max_length,
+                          pairs.get("chosen_finished"), pairs.get("rejected_finished"))
+    device = "cpu" if not torch.cuda.is_available() else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    policy = load_causal_lm(start_dir, "float32", device, cfg.model.trust_remote_code)
+    disable_dropout(policy)
+    ref_model = None
+    if tc.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(
+            r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
+            target_modules=tc.lora.target_modules, task_type="CAUSAL_LM",
+        ))
+    else:
+        ref_model = load_causal_lm(start_dir, "auto" if _precision(cfg) else "float32", device, cfg.model.trust_remote_code)
+        disable_dropout(ref_model)
+        ref_model.requires_grad_(False)
+    policy.train()
+
+    ckpt_dir = layout.checkpoints(t)
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=tc.micro_batch_size,
+        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        learning_rate=tc.learning_rate,
+        num_train_epochs=tc.seed_epochs if t == 0 else tc.epochs,
+        lr_scheduler_type=tc.lr_scheduler,
+        warmup_steps=tc.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        optim="adamw_torch",
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=tc.save_steps,
+        save_total_limit=1,
+        report_to=[],
+        seed=tc.seed,
+        data_seed=tc.seed,
+        bf16=_precision(cfg),
+        gradient_checkpointing=tc.gradient_checkpointing,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if not torch.cuda.is_available() and world > 1 else None,
+        disable_tqdm=False,
+    )
+    # TrainingArguments has set up the process group: rank 0 vets the checkpoints, then all read them
+    if rank == 0:
+        prepare_checkpoint_dir(ckpt_dir, run_key)
+    if world > 1:
+        torch.distributed.barrier()
+    resume = latest_checkpoint(ckpt_dir)
+    resume_state = json.loads((resume / STATE_FILE).read_text()) if resume and (resume / STATE_FILE).exists() else None
+    trainer = RefinedDPOTrainer(
+        model=policy, args=args, train_dataset=dataset, data_collator=PairCollator(tok.pad_token_id),
+        ref_model=ref_model, beta=tc.beta, refine=refine_settings(cfg, t), resume_state=resume_state,
+    )
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        _save_final(trainer, tok, layout.model(t), tc.lora is not None)
+        write_table(rows_to_table(trainer.rows), layout.train_log(t), "train_log")
+    trainer.accelerator.wait_for_everyone()
+
+
+def _save_final(trainer: RefinedDPOTrainer, tok, target: Path, lora: bool) -> None:
+    """Save ``pi_t`` as a full safetensors model (a LoRA adapter is merged), atomically as a directory."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if lora:
+        model = model.merge_and_unload()
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def _launch(cfg: SPAConfig, t: int, run_key: str, config_path: Path) -> None:
+    n = cfg.train.num_processes
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "spa.stages.train", "--config", str(config_path), "--iteration", str(t), "--run-key", run_key]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    subprocess.run(cmd, check=True, env=env)
+
+
+def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
+    """The seed stage (``t = 0``) or the training of iteration ``t``."""
+    layout = RunLayout(Path(cfg.run_dir))
+    if t == 0 and cfg.model.pi_0:
+        raise ValueError("model.pi_0 is set (no-seed mode): the seed stage is skipped")
+    start = Path(cfg.model.pi_init) if t == 0 else require(model_dir(cfg, t - 1), f"pi_{t-1}", "spa train" if t > 1 else "spa seed")
+    data = require(layout.seed, "the seed set", "spa prepare") if t == 0 else require(layout.judgments(t), "judgments", f"spa judge --iteration {t}")
+    outputs = [layout.model(t), layout.train_log(t)]
+    inputs = [start, data]
+    key = "seed" if t == 0 else f"train/{t}"
+    extra = {"iteration": t}
+
+    def body() -> dict[str, Any]:
+        run_key = hashlib.sha256(json.dumps(
+            {k: content_hash(p) for k, p in (("start", start), ("data", data))} | {"cfg": cfg.section_hash(*SECTIONS), "t": t},
+            sort_keys=True).encode()).hexdigest()
+        if cfg.train.num_processes > 1:
+            _launch(cfg, t, run_key, layout.config)
+        else:
+            train_worker(cfg, t, run_key)
+        log = read_table(layout.train_log(t), "train_log")
+        shutil.rmtree(layout.checkpoints(t), ignore_errors=True)  # the stage is done; keep only pi_t
+        losses = log.column("loss").to_pylist()
+        return {
+            "steps": log.num_rows, "first_loss": losses[0], "final_loss": losses[-1],
+            "mean_refined_fraction": float(pc.mean(log.column("refined_fraction")).as_py()),
+            "device": str(default_device()), "processes": cfg.train.num_processes,
+        }
+
+    return run_stage(cfg, key, inputs, SECTIONS, outputs, body, extra_key=extra, force=force, echo=echo)
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="SPA training worker (one process of a torchrun launch)")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--iteration", type=int, required=True)
+    parser.add_argument("--run-key", required=True)
+    ns = parser.parse_args()
+    train_worker(load_config(ns.config), ns.iteration, ns.run_key)
+
+
+if __name__ == "__main__":
+    _main()

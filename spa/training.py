@@ -1,0 +1,228 @@
+"""Refined DPO training on transformers' ``Trainer`` (Eq. 6, 9-12).
+
+The optimiser, cosine schedule with warm-up, gradient accumulation and
+checkpointing, data parallelism (``accelerate launch``/``torchrun``), bf16 and
+gradient checkpointing all come from ``Trainer``; only the SPA loss is ours
+(:meth:`RefinedDPOTrainer.compute_loss`). With LoRA the reference is the same
+weights with the adapter disabled (no second copy in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+from spa.logprobs import Encoded, collate, encode_pair, gather_logps
+from spa.losses import RefinementWindow, dpo_margin, extrapolated_logps, refined_dpo_loss
+
+log = logging.getLogger(__name__)
+STATE_FILE = "spa_state.json"
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """Self-refinement (Eq. 9-10) and de-coupled detection (Eq. 11-12) for one training run."""
+
+    alpha: float = 0.1
+    k_percent: float = 10.0
+    window: int = 50
+    warmup_fraction: float = 0.2
+    lam: float = 0.0  # 0 = SR only (confidence from pi_theta itself)
+
+
+class PairDataset(Dataset):
+    """Rendered (chosen, rejected) pairs; rendering goes through :mod:`spa.rendering`."""
+
+    def __init__(self, tok: PreTrainedTokenizerBase, prompts, chosen, rejected, max_length: int,
+                 chosen_finished=None, rejected_finished=None):
+        n = len(prompts)
+        cf = chosen_finished if chosen_finished is not None else [True] * n
+        rf = rejected_finished if rejected_finished is not None else [True] * n
+        self.items = [
+            (encode_pair(tok, p, c, fc, max_length, row=i), encode_pair(tok, p, r, fr, max_length, row=i))
+            for i, (p, c, r, fc, fr) in enumerate(zip(prompts, chosen, rejected, cf, rf, strict=True))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"chosen": self.items[i][0], "rejected": self.items[i][1]}
+
+
+class PairCollator:
+    """Chosen sequences first, then rejected ones, right-padded together."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, Encoded]]) -> dict[str, torch.Tensor]:
+        seqs = [f["chosen"] for f in features] + [f["rejected"] for f in features]
+        batch = collate(seqs, self.pad_id)
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "target_ids": batch["labels"],  # not "labels": Trainer must not count tokens for its own loss
+            "loss_mask": batch["loss_mask"],
+        }
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Policy and reference must agree at step 0 (loss = ln 2); dropout would break that."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+class _StepStats:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(8, dtype=torch.float64)  # loss, n, margin, refined, pc, pr, rew_c, rew_acc
+        self.tau: float | None = None
+        self.lr: float = 0.0
+
+
+class RefinedDPOTrainer(Trainer):
+    """``Trainer`` whose loss is the refined DPO loss of Eq. 10 (plain DPO when refinement is off)."""
+
+    def __init__(self, *args, ref_model: torch.nn.Module | None, beta: float, refine: RefineSettings | None,
+                 resume_state: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: Trainer divides by GA
+        self.ref_model = ref_model
+        self.beta = beta
+        self.refine = refine
+        self.window = RefinementWindow(refine.window, refine.k_percent, refine.warmup_fraction) if refine else None
+        self.stats = _StepStats()
+        self.rows: list[dict[str, Any]] = []
+        if resume_state:
+            self.rows = resume_state["rows"]
+            if self.window is not None:
+                self.window.update(torch.tensor(resume_state["window"], dtype=torch.float32))
+        self.add_callback(_SPACallback(self))
+
+    def _reference_logits(self, model, input_ids, attention_mask) -> torch.Tensor:
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self.ref_model(input_ids=input_ids, attention_mask=attention_mask).logits
+            unwrapped = self.accelerator.unwrap_model(model)
+            with unwrapped.disable_adapter():  # LoRA: the reference is the base weights
+                return unwrapped(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids, attn = inputs["input_ids"], inputs["attention_mask"]
+        targets, mask = inputs["target_ids"], inputs["loss_mask"]
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        ref_logits = self._reference_logits(model, ids, attn)[:, :-1]
+        policy_logps = gather_logps(logits, targets, mask)
+        with torch.no_grad():
+            ref_logps = gather_logps(ref_logits, targets, mask)
+        half = ids.shape[0] // 2
+        pc, pr, rc, rr = policy_logps[:half], policy_logps[half:], ref_logps[:half], ref_logps[half:]
+        margin = dpo_margin(pc, pr, rc, rr, self.beta)  # Eq. 5
+
+        z = torch.zeros_like(margin)
+        if self.refine is not None:
+            with torch.no_grad():
+                if self.refine.lam > 0:  # Eq. 12: confidence of the extrapolated model (logit level)
+                    tc = extrapolated_logps(logits, ref_logits, targets, mask, self.refine.lam)
+                    conf = dpo_margin(tc[:half], tc[half:], rc, rr, self.beta)
+                else:  # Eq. 9 with pi_theta's own confidence
+                    conf = margin.detach()
+                self.window.update(conf)  # window includes the current batch (B.4)
+                z = self.window.flags(conf, self.state.global_step, max(1, self.state.max_steps)).to(margin.dtype)
+                self.stats.tau = self.window.tau
+        alpha = self.refine.alpha if self.refine is not None else 0.0
+        loss = refined_dpo_loss(margin, z, alpha).mean()  # Eq. 10 (Eq. 6 when z = 0)
+
+        with torch.no_grad():
+            chosen_reward = self.beta * (pc - rc)
+            self.stats.sums += torch.tensor([
+                loss.item() * half, half, margin.sum().item(), z.sum().item(), pc.sum().item(), pr.sum().item(),
+                chosen_reward.sum().item(), (margin > 0).sum().item(),
+            ], dtype=torch.float64)
+            self.stats.lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else 0.0
+        return loss
+
+    def finish_step(self, step: int) -> dict[str, Any]:
+        """Reduce this optimiser step's statistics across ranks into one ``train_log`` row."""
+        sums = self.stats.sums.to(self.accelerator.device)
+        sums = self.accelerator.reduce(sums, reduction="sum") if self.accelerator.num_processes > 1 else sums
+        sums = sums.cpu()
+        n = max(1.0, sums[1].item())
+        row = {
+            "step": step,
+            "loss": sums[0].item() / n,
+            "lr": float(self.stats.lr),
+            "margin_mean": sums[2].item() / n,
+            "tau": self.stats.tau,
+            "refined_fraction": sums[3].item() / n,
+            "logps_chosen": sums[4].item() / n,
+            "logps_rejected": sums[5].item() / n,
+            "rewards_chosen": sums[6].item() / n,
+            "rewards_accuracies": sums[7].item() / n,
+        }
+        if step == 1 and abs(row["margin_mean"]) > 1e-2:
+            log.warning("step 1 margin %.4f: policy and reference differ at the start (mismatched reference?)",
+                        row["margin_mean"])
+        self.rows.append(row)
+        self.stats.reset()
+        return row
+
+
+class _SPACallback(TrainerCallback):
+    def __init__(self, trainer: RefinedDPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        row = self.trainer.finish_step(state.global_step)
+        # TRL's metric names (STYLE.md 13), for users comparing runs
+        self.trainer.log({
+            "rewards/margins": row["margin_mean"], "rewards/accuracies": row["rewards_accuracies"],
+            "logps/chosen": row["logps_chosen"], "logps/rejected": row["logps_rejected"],
+            "refined_fraction": row["refined_fraction"],
+        })
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        window = list(self.trainer.window._values) if self.trainer.window is not None else []
+        (ckpt / STATE_FILE).write_text(json.dumps({"rows": self.trainer.rows, "window": window}))
+
+
+TRAIN_LOG_SCHEMA = pa.schema([
+    ("step", pa.int64()), ("loss", pa.float64()), ("lr", pa.float64()), ("margin_mean", pa.float64()),
+    ("tau", pa.float64()), ("refined_fraction", pa.float64()), ("logps_chosen", pa.float64()),
+    ("logps_rejected", pa.float64()), ("rewards_chosen", pa.float64()), ("rewards_accuracies", pa.float64()),
+])
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=TRAIN_LOG_SCHEMA)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").exists()]
+    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+
+
+def prepare_checkpoint_dir(ckpt_dir: Path, run_key: str) -> Path | None:
+    """Return the checkpoint to resume from, if it belongs to this exact run; else start clean."""
+    key_file = ckpt_dir / "run_key.txt"
+    if ckpt_dir.exists() and (not key_file.exists() or key_file.read_text() != run_key):
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(run_key)
+    return latest_checkpoint(ckpt_dir)

@@ -1,0 +1,200 @@
+"""Each stage on the tiny model, chained through the `spa` commands alone (one iteration)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_config
+
+from spa.artifacts import read_table
+from spa.layout import RunLayout
+from spa.models import load_causal_lm
+from spa.rendering import load_tokenizer, prompt_ids, response_ids
+
+SPA = str(Path(sys.executable).parent / "spa")
+
+
+def spa(*args, check=True):
+    res = subprocess.run([SPA, *args], capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"spa {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory, tiny_model_dir, prefs_file):
+    root = tmp_path_factory.mktemp("chain")
+    cfg = tiny_config(root / "run", tiny_model_dir, prefs_file)
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    outs = {}
+    for stage, extra in (("prepare", []), ("seed", []), ("sample", ["-t", "1"]), ("judge", ["-t", "1"]),
+                         ("train", ["-t", "1"]), ("evaluate", ["-t", "1"])):
+        outs[stage] = spa(stage, "-c", str(path), *extra)
+    return cfg, path, outs
+
+
+def test_every_artifact_exists_and_validates(chained):
+    cfg, _, outs = chained
+    lay = RunLayout(cfg.run_dir)
+    for kind, path in (("seed", lay.seed), ("heldout", lay.heldout), ("prompts", lay.prompts(1)),
+                       ("responses", lay.responses(1)), ("judgments", lay.judgments(1)),
+                       ("train_log", lay.train_log(0)), ("train_log", lay.train_log(1)), ("eval", lay.eval_table(1))):
+        assert read_table(path, kind).num_rows > 0, path
+    for t in (0, 1):
+        assert (lay.model(t) / "model.safetensors").exists() and (lay.model(t) / "tokenizer.json").exists()
+        assert not lay.checkpoints(t).exists()  # checkpoints are removed once the stage is done
+    stages = json.loads(lay.manifest.read_text())["stages"]
+    assert set(stages) == {"prepare", "seed", "sample/1", "judge/1", "train/1", "evaluate/1"}
+    for entry in stages.values():
+        assert entry["outputs"] and entry["config_hash"] and entry["wall_time_s"] >= 0 and "torch" in entry["versions"]
+    summary = json.loads(lay.eval_summary(1).read_text())
+    assert 0.0 <= summary["gold_agreement"] <= 1.0 and summary["n"] == 4 and summary["avg_length"] > 0
+    assert "done in" in outs["judge"].stdout
+
+
+def test_rerun_says_up_to_date_and_changed_config_reruns(chained):
+    cfg, path, _ = chained
+    res = spa("judge", "-c", str(path), "-t", "1")
+    assert "up to date" in res.stdout
+    res = spa("judge", "-c", str(path), "-t", "1", "-s", "judge.beta=0.2")
+    assert "done in" in res.stdout
+    spa("judge", "-c", str(path), "-t", "1")  # back to the original labels for the other tests
+
+
+def test_responses_record_finish_reasons_and_counts(chained):
+    cfg, _, _ = chained
+    table = read_table(RunLayout(cfg.run_dir).responses(1), "responses")
+    for row in table.to_pylist():
+        assert len(row["responses"]) == 2
+        for reason, n in zip(row["finish_reasons"], row["num_tokens"], strict=True):
+            assert reason in ("stop", "length")
+            assert n <= cfg.sample.max_new_tokens
+            if reason == "length":
+                assert n == cfg.sample.max_new_tokens
+
+
+def _dense_logp(model, tok, prompt, response, finished):
+    p, r = prompt_ids(tok, prompt), response_ids(tok, response, finished)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p + r])).logits[0, :-1].double()
+    logp = torch.log_softmax(logits, -1)
+    return sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(r))
+
+
+def test_judge_p_chosen_recomputed_independently(chained):
+    cfg, _, _ = chained
+    lay = RunLayout(cfg.run_dir)
+    judged = read_table(lay.judgments(1), "judgments").to_pylist()
+    policy, ref = load_causal_lm(lay.model(0), "float32", "cpu"), load_causal_lm(cfg.model.pi_init, "float32", "cpu")
+    tok = load_tokenizer(lay.model(0))
+    beta = cfg.judge.beta
+    for row in judged[:6]:
+        rc = beta * (_dense_logp(policy, tok, row["prompt"], row["chosen"], row["chosen_finished"])
+                     - _dense_logp(ref, tok, row["prompt"], row["chosen"], row["chosen_finished"]))
+        rr = beta * (_dense_logp(policy, tok, row["prompt"], row["rejected"], row["rejected_finished"])
+                     - _dense_logp(ref, tok, row["prompt"], row["rejected"], row["rejected_finished"]))
+        p = 1 / (1 + math.exp(-(rc - rr)))
+        assert row["p_chosen"] == pytest.approx(p, abs=1e-5)
+        assert row["p_chosen"] >= 0.5
+
+
+def test_seed_loss_starts_at_ln2_and_decreases(chained):
+    cfg, _, _ = chained
+    log = read_table(RunLayout(cfg.run_dir).train_log(0), "train_log")
+    losses = log.column("loss").to_pylist()
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert losses[-1] < losses[0]
+    assert log.column("refined_fraction").to_pylist() == [0.0] * log.num_rows  # seed stage is plain DPO
+
+
+def test_iteration_training_refines_after_warmup(chained):
+    cfg, _, _ = chained
+    log = read_table(RunLayout(cfg.run_dir).train_log(1), "train_log").to_pylist()
+    warm = math.ceil(cfg.train.refinement.warmup_fraction * len(log))
+    assert all(r["refined_fraction"] == 0.0 for r in log[:warm])
+    assert any(r["refined_fraction"] > 0 for r in log[warm:])
+    assert all(r["tau"] is not None for r in log)
+    lrs = [r["lr"] for r in log]
+    assert max(lrs) <= cfg.train.learning_rate + 1e-12
+
+
+def test_trained_models_differ_from_their_start(chained):
+    cfg, _, _ = chained
+    lay = RunLayout(cfg.run_dir)
+    w = [load_causal_lm(p, "float32", "cpu").model.embed_tokens.weight for p in (cfg.model.pi_init, lay.model(0), lay.model(1))]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+
+
+def test_missing_previous_artifact_is_one_clear_error(tmp_path, tiny_model_dir, prefs_file):
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    res = spa("judge", "-c", str(path), "-t", "1", check=False)
+    assert res.returncode == 2
+    assert "responses.parquet: responses is missing; run `spa sample --iteration 1` first" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run" / "iter_1").exists()
+
+
+def test_model_without_chat_template_is_one_clear_error(tmp_path, tiny_model_dir, prefs_file, chained):
+    import shutil
+
+    bad = tmp_path / "bad_model"
+    shutil.copytree(tiny_model_dir, bad)
+    (bad / "chat_template.jinja").unlink()
+    tc = json.loads((bad / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (bad / "tokenizer_config.json").write_text(json.dumps(tc))
+    cfg = tiny_config(tmp_path / "run", bad, prefs_file)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    spa("prepare", "-c", str(path))
+    res = spa("seed", "-c", str(path), check=False)
+    assert res.returncode == 2 and "no chat template" in res.stderr
+    assert not RunLayout(cfg.run_dir).model(0).exists()
+
+
+def test_prompt_over_context_is_an_error_without_partial_output(tmp_path, tiny_model_dir, prefs_file, chained):
+    cfg0, _, _ = chained
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file, model={"max_length": 20},
+                      sample={"max_new_tokens": 8})
+    from spa.stages import sample
+
+    lay = RunLayout(cfg.run_dir)
+    lay.data.mkdir(parents=True)
+    import shutil
+
+    shutil.copy(RunLayout(cfg0.run_dir).prompts(1), lay.prompts(1))
+    shutil.copytree(RunLayout(cfg0.run_dir).model(0), lay.model(0))
+    with pytest.raises(ValueError, match=r"row \d+: prompt has \d+ tokens; with max_new_tokens=8 it exceeds"):
+        sample.run(cfg, 1)
+    assert not lay.responses(1).exists()
+    assert list(lay.iteration(1).glob("*")) == []
+
+
+def test_ties_are_kept_out_of_training(tmp_path, chained):
+    """Identical responses are a tie (p = 0.5) and never reach the optimiser."""
+    import pyarrow as pa
+
+    from spa.stages.judge import judge_rows
+    from spa.stages.train import _training_pairs
+
+    cfg, _, _ = chained
+    lay = RunLayout(cfg.run_dir)
+    policy = load_causal_lm(lay.model(0), "float32", "cpu")
+    ref = load_causal_lm(cfg.model.pi_init, "float32", "cpu")
+    rows = pa.table({"prompt_id": ["a", "b"], "prompt": ["q1", "q2"], "responses": [["same", "same"], ["x", "y z"]],
+                     "finish_reasons": [["stop", "stop"], ["stop", "length"]]})
+    out = judge_rows(rows, policy, ref, load_tokenizer(lay.model(0)), cfg).to_pylist()
+    assert out[0]["tie"] and out[0]["p_chosen"] == 0.5
+    assert not out[1]["tie"] and out[1]["p_chosen"] > 0.5
+    judged = read_table(lay.judgments(1), "judgments")
+    n_train = len(_training_pairs(cfg, 1)["prompt"])
+    assert n_train == judged.num_rows - int(np.sum(judged.column("tie").to_numpy()))
