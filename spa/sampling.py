@@ -8,6 +8,7 @@ so both sample from exactly the same context.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,11 @@ class Samples:
     responses: list[str]
     finish_reasons: list[str]
     num_tokens: list[int]
+
+
+def prompt_seed(seed: int, prompt: str) -> int:
+    """A per-prompt sampling seed derived from the run's seed and the prompt text."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{prompt}".encode()).digest()[:4], "little")
 
 
 def vllm_available() -> bool:
@@ -143,10 +149,15 @@ def sample_vllm(model_dir: str | Path, prompts: Sequence[str], spec: SamplingSpe
         trust_remote_code=spec.trust_remote_code,
         generation_config="vllm",  # ignore the model's generation_config.json: our parameters only
     )
-    params = SamplingParams(
-        n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens, seed=spec.seed,
-        stop_token_ids=stops, skip_special_tokens=True, repetition_penalty=1.0,
-    )
+    # one seed per prompt, from the run's seed and the prompt text: a shared seed would give every
+    # prompt the same random stream, and a positional one would change with sharding
+    params = [
+        SamplingParams(
+            n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=0, max_tokens=spec.max_new_tokens,
+            seed=prompt_seed(spec.seed, p), stop_token_ids=stops, skip_special_tokens=True, repetition_penalty=1.0,
+        )
+        for p in prompts
+    ]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params, use_tqdm=progress is not None)
     results = []
     stop_set = set(stops)

@@ -7,6 +7,7 @@ T = 0.7, 300 new tokens, seeded; finish reasons and token counts recorded. With
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,8 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
     policy = require(model_dir(cfg, t - 1), f"pi_{t-1}", "spa seed" if t == 1 else f"spa train --iteration {t-1}")
 
     def body() -> dict[str, Any]:
-        if cfg.sample.python and Path(cfg.sample.python).resolve() != Path(sys.executable).resolve():
+        # compare unresolved paths: venv interpreters are symlinks to one base Python
+        if cfg.sample.python and os.path.abspath(cfg.sample.python) != os.path.abspath(sys.executable):
             subprocess.run([cfg.sample.python, "-m", "spa.stages.sample", "--config", str(layout.config),
                             "--iteration", str(t)], check=True)
         else:
