@@ -112,6 +112,64 @@ def iter_batches(path: str | os.PathLike, kind: str | ArtifactKind, batch_size: 
         yield table
 
 
+def iter_chunks(
+    path: str | os.PathLike, kind: str | ArtifactKind, chunk_rows: int, start: int = 0, stop: int | None = None
+) -> Iterator[tuple[int, pa.Table]]:
+    """Validated rows ``[start, stop)`` in chunks of exactly ``chunk_rows`` (the last may be shorter).
+
+    Chunk boundaries fall at ``start + k*chunk_rows`` whatever the file's row groups, so work done
+    per chunk is the same whether a file is processed whole or in chunk-aligned shards.
+    Yields ``(first_row_index, table)``.
+    """
+    buffer: list[pa.Table] = []
+    buffered = 0
+    position = 0
+    emitted = start
+    for batch in iter_batches(path, kind, batch_size=max(chunk_rows, 1024)):
+        lo, hi = position, position + batch.num_rows
+        position = hi
+        if hi <= start:
+            continue
+        if stop is not None and lo >= stop:
+            break
+        keep = batch.slice(max(0, start - lo), (min(hi, stop) if stop is not None else hi) - max(lo, start))
+        buffer.append(keep)
+        buffered += keep.num_rows
+        while buffered >= chunk_rows:
+            joined = pa.concat_tables(buffer)
+            yield emitted, joined.slice(0, chunk_rows)
+            emitted += chunk_rows
+            rest = joined.slice(chunk_rows)
+            buffer, buffered = ([rest] if rest.num_rows else []), rest.num_rows
+    if buffered:
+        yield emitted, pa.concat_tables(buffer)
+
+
+def merge_parquet(parts: list[str | os.PathLike], target: str | os.PathLike, kind: str | ArtifactKind) -> int:
+    """Concatenate validated parts, in order, into ``target`` atomically (streamed); returns the row count."""
+    spec = _kind(kind)
+    schema = None
+    rows = 0
+    seen: set[str] = set()
+    with atomic_path(target) as tmp:
+        writer = None
+        try:
+            for part in parts:
+                for batch in iter_batches(part, spec):
+                    batch = conform(batch, spec, str(part), seen=seen)
+                    if writer is None:
+                        schema = batch.schema
+                        writer = pq.ParquetWriter(tmp, schema)
+                    writer.write_table(batch.cast(schema))
+                    rows += batch.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ArtifactError(f"{target}: no rows in the {len(parts)} parts to merge")
+    return rows
+
+
 def num_rows(path: str | os.PathLike) -> int:
     """Row count from the Parquet footer, without reading the data."""
     return pq.ParquetFile(path).metadata.num_rows

@@ -58,6 +58,7 @@ class SampleConfig(_Section):
     seed: int = 0
     batch_size: PositiveInt = 16
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    chunk_rows: PositiveInt = Field(256, description="prompts per chunk (the unit of sharding and seeding)")
     python: str | None = Field(None, description="interpreter of a separate environment for this stage (e.g. a vLLM venv)")
 
 
@@ -69,6 +70,7 @@ class JudgeConfig(_Section):
     length_penalty: Annotated[float, Field(ge=0)] = 0.0
     drop_truncated: bool = Field(False, description="drop pairs with a response cut at max_new_tokens (SPA.md)")
     batch_size: PositiveInt = 16
+    chunk_rows: PositiveInt = Field(1024, description="prompts per chunk (the unit of streaming and sharding)")
 
 
 class RefinementConfig(_Section):

@@ -82,93 +82,116 @@ def _check_prompt_lengths(encoded: Sequence[list[int]], spec: SamplingSpec) -> N
             )
 
 
-def _split_generation(tokens: list[int], stops: set[int], pad_id: int) -> tuple[list[int], str]:
+def _split_generation(tokens: list[int], stops: set[int]) -> tuple[list[int], str]:
     for i, tid in enumerate(tokens):
         if tid in stops:
             return tokens[:i], "stop"
     return tokens, "length"
 
 
-@torch.no_grad()
-def sample_transformers(model_dir: str | Path, prompts: Sequence[str], spec: SamplingSpec,
-                        progress: str | None = "sample") -> list[Samples]:
-    """``spec.n`` samples per prompt with ``model.generate`` (left-padded, length-sorted batches)."""
-    from transformers import GenerationConfig
+class TransformersSampler:
+    """``spec.n`` samples per prompt with ``model.generate`` (left-padded, length-sorted batches).
 
-    from spa.models import load_causal_lm
+    Each call seeds torch from the run's seed and its first prompt, so a chunk of prompts gets the
+    same samples whether the file is processed whole or in chunk-aligned shards.
+    """
 
-    tok = load_tokenizer(model_dir, spec.trust_remote_code)
-    model = load_causal_lm(model_dir, spec.dtype, trust_remote_code=spec.trust_remote_code)
-    encoded = [prompt_ids(tok, p) for p in prompts]
-    _check_prompt_lengths(encoded, spec)
-    stops = set(stop_token_ids(tok))
-    gen = GenerationConfig(
-        do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0, max_new_tokens=spec.max_new_tokens,
-        num_return_sequences=spec.n, eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id,
-        repetition_penalty=1.0, bos_token_id=tok.bos_token_id,
-    )
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    batches = [order[i : i + spec.batch_size] for i in range(0, len(order), spec.batch_size)]
-    results: list[Samples | None] = [None] * len(encoded)
-    device = next(model.parameters()).device
-    torch.manual_seed(spec.seed)
-    for idx in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            attn[row, width - len(encoded[i]) :] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen)
-        new = out[:, width:].cpu().tolist()
-        for row, i in enumerate(idx):
-            texts, reasons, counts = [], [], []
-            for k in range(spec.n):
-                kept, reason = _split_generation(new[row * spec.n + k], stops, tok.pad_token_id)
-                texts.append(tok.decode(kept, skip_special_tokens=True))
-                reasons.append(reason)
-                counts.append(len(kept))
-            results[i] = Samples(texts, reasons, counts)
-    return results  # type: ignore[return-value]
+    def __init__(self, model_dir: str | Path, spec: SamplingSpec):
+        from transformers import GenerationConfig
 
+        from spa.models import load_causal_lm
 
-def sample_vllm(model_dir: str | Path, prompts: Sequence[str], spec: SamplingSpec,
-                progress: str | None = "sample") -> list[Samples]:
-    """``spec.n`` samples per prompt with the vLLM engine (lazy import; GPU or the vLLM CPU build)."""
-    choose_backend("vllm")
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    tok = load_tokenizer(model_dir, spec.trust_remote_code)
-    encoded = [prompt_ids(tok, p) for p in prompts]
-    _check_prompt_lengths(encoded, spec)
-    stops = stop_token_ids(tok)
-    llm = LLM(
-        model=str(model_dir), tokenizer=str(model_dir), dtype=spec.dtype, seed=spec.seed,
-        gpu_memory_utilization=spec.gpu_memory_utilization, max_model_len=spec.max_length,
-        trust_remote_code=spec.trust_remote_code,
-        generation_config="vllm",  # ignore the model's generation_config.json: our parameters only
-    )
-    # one seed per prompt, from the run's seed and the prompt text: a shared seed would give every
-    # prompt the same random stream, and a positional one would change with sharding
-    params = [
-        SamplingParams(
-            n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=0, max_tokens=spec.max_new_tokens,
-            seed=prompt_seed(spec.seed, p), stop_token_ids=stops, skip_special_tokens=True, repetition_penalty=1.0,
+        self.spec = spec
+        self.tok = load_tokenizer(model_dir, spec.trust_remote_code)
+        self.model = load_causal_lm(model_dir, spec.dtype, trust_remote_code=spec.trust_remote_code)
+        self.stops = set(stop_token_ids(self.tok))
+        self.gen = GenerationConfig(
+            do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
+            max_new_tokens=spec.max_new_tokens, num_return_sequences=spec.n, eos_token_id=sorted(self.stops),
+            pad_token_id=self.tok.pad_token_id, repetition_penalty=1.0, bos_token_id=self.tok.bos_token_id,
         )
-        for p in prompts
-    ]
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params, use_tqdm=progress is not None)
-    results = []
-    stop_set = set(stops)
-    for out in outputs:
-        texts, reasons, counts = [], [], []
-        for comp in sorted(out.outputs, key=lambda c: c.index):
-            token_ids = list(comp.token_ids)
-            kept, reason = _split_generation(token_ids, stop_set, tok.pad_token_id)
-            reason = "stop" if comp.finish_reason == "stop" else reason
-            texts.append(tok.decode(kept, skip_special_tokens=True))
-            reasons.append(reason)
-            counts.append(len(kept))
-        results.append(Samples(texts, reasons, counts))
-    return results
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], progress: str | None = None) -> list[Samples]:
+        spec, tok = self.spec, self.tok
+        encoded = [prompt_ids(tok, p) for p in prompts]
+        _check_prompt_lengths(encoded, spec)
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        batches = [order[i : i + spec.batch_size] for i in range(0, len(order), spec.batch_size)]
+        results: list[Samples | None] = [None] * len(encoded)
+        device = next(self.model.parameters()).device
+        if prompts:
+            torch.manual_seed(prompt_seed(spec.seed, prompts[0]))
+        for idx in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for row, i in enumerate(idx):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                attn[row, width - len(encoded[i]) :] = 1
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=self.gen)
+            new = out[:, width:].cpu().tolist()
+            for row, i in enumerate(idx):
+                results[i] = _samples(tok, [new[row * spec.n + k] for k in range(spec.n)], self.stops)
+        return results  # type: ignore[return-value]
+
+
+class VLLMSampler:
+    """``spec.n`` samples per prompt with the vLLM engine (lazy import; GPU or the vLLM CPU build)."""
+
+    def __init__(self, model_dir: str | Path, spec: SamplingSpec):
+        choose_backend("vllm")
+        from vllm import LLM
+
+        self.spec = spec
+        self.tok = load_tokenizer(model_dir, spec.trust_remote_code)
+        self.stops = stop_token_ids(self.tok)
+        self.llm = LLM(
+            model=str(model_dir), tokenizer=str(model_dir), dtype=spec.dtype, seed=spec.seed,
+            gpu_memory_utilization=spec.gpu_memory_utilization, max_model_len=spec.max_length,
+            trust_remote_code=spec.trust_remote_code,
+            generation_config="vllm",  # ignore the model's generation_config.json: our parameters only
+        )
+
+    def __call__(self, prompts: Sequence[str], progress: str | None = None) -> list[Samples]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        spec = self.spec
+        encoded = [prompt_ids(self.tok, p) for p in prompts]
+        _check_prompt_lengths(encoded, spec)
+        # one seed per prompt, from the run's seed and the prompt text: a shared seed would give every
+        # prompt the same random stream, and a positional one would change with sharding
+        params = [
+            SamplingParams(
+                n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=0, max_tokens=spec.max_new_tokens,
+                seed=prompt_seed(spec.seed, p), stop_token_ids=self.stops, skip_special_tokens=True,
+                repetition_penalty=1.0,
+            )
+            for p in prompts
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params,
+                                    use_tqdm=progress is not None)
+        stop_set = set(self.stops)
+        results = []
+        for out in outputs:
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            results.append(_samples(self.tok, [list(c.token_ids) for c in comps], stop_set,
+                                    ["stop" if c.finish_reason == "stop" else None for c in comps]))
+        return results
+
+
+def _samples(tok, generations: list[list[int]], stops: set[int], reasons_given: list | None = None) -> Samples:
+    texts, reasons, counts = [], [], []
+    for k, tokens in enumerate(generations):
+        kept, reason = _split_generation(tokens, stops)
+        reason = (reasons_given[k] if reasons_given else None) or reason
+        texts.append(tok.decode(kept, skip_special_tokens=True))
+        reasons.append(reason)
+        counts.append(len(kept))
+    return Samples(texts, reasons, counts)
+
+
+def make_sampler(backend: str, model_dir: str | Path, spec: SamplingSpec):
+    """The sampler of the chosen backend (``auto`` resolved by :func:`choose_backend`)."""
+    return VLLMSampler(model_dir, spec) if choose_backend(backend) == "vllm" else TransformersSampler(model_dir, spec)

@@ -18,6 +18,8 @@ app = typer.Typer(
 ConfigOpt = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="YAML config of the run")
 IterOpt = typer.Option(..., "--iteration", "-t", min=1, help="iteration t (1..T)")
 ForceOpt = typer.Option(False, "--force", help="rerun even if the manifest says the stage is up to date")
+ShardOpt = typer.Option(None, "--shard", help="do only chunk-aligned shard i of N: --shard i/N")
+MergeOpt = typer.Option(None, "--merge", min=1, help="merge N finished shards into the stage's artifact")
 SetOpt = typer.Option(None, "--set", "-s", help="override a config value: -s train.beta=0.05 (repeatable)")
 
 
@@ -73,20 +75,20 @@ def seed(config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] 
 
 @app.command()
 def sample(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
-           overrides: list[str] = SetOpt) -> None:
+           overrides: list[str] = SetOpt, shard: str = ShardOpt, merge: int = MergeOpt) -> None:
     """Sample n responses per prompt of X_t from pi_{t-1} -> iter_t/responses.parquet."""
     from spa.stages import sample as stage
 
-    _run(stage.run, config, overrides, iteration, force=force)
+    _run(stage.run, config, overrides, iteration, force=force, shard=shard, merge=merge)
 
 
 @app.command()
 def judge(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
-          overrides: list[str] = SetOpt) -> None:
+           overrides: list[str] = SetOpt, shard: str = ShardOpt, merge: int = MergeOpt) -> None:
     """Label response pairs with the implicit reward (Eq. 7-8) -> iter_t/judgments.parquet."""
     from spa.stages import judge as stage
 
-    _run(stage.run, config, overrides, iteration, force=force)
+    _run(stage.run, config, overrides, iteration, force=force, shard=shard, merge=merge)
 
 
 @app.command()

@@ -22,7 +22,7 @@ from spa.layout import RunLayout
 from spa.logprobs import sequence_logps
 from spa.models import load_causal_lm
 from spa.rendering import load_tokenizer
-from spa.sampling import SamplingSpec, choose_backend, sample_transformers, sample_vllm
+from spa.sampling import SamplingSpec, make_sampler, vllm_available
 from spa.stages.runner import StageResult, require, run_stage
 from spa.stages.train import model_dir
 
@@ -61,8 +61,10 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
         spec = SamplingSpec(n=1, temperature=ec.temperature, max_new_tokens=ec.max_new_tokens, seed=cfg.sample.seed,
                             batch_size=ec.batch_size, max_length=cfg.model.max_length, dtype=cfg.model.dtype,
                             trust_remote_code=cfg.model.trust_remote_code)
-        fn = sample_vllm if choose_backend(cfg.sample.backend) == "vllm" else sample_transformers
-        samples = fn(model, prompts, spec, progress=f"evaluate iter {t}")
+        backend = cfg.sample.backend if cfg.sample.backend != "vllm" or vllm_available() else "transformers"
+        if backend != cfg.sample.backend:
+            echo(f"[evaluate/{t}] vLLM is not importable here; answering with the transformers backend")
+        samples = make_sampler(backend, model, spec)(prompts, progress=f"evaluate iter {t}")
         generator = f"spa_iter_{t}"
         write_table(pa.table({
             "instruction": prompts,

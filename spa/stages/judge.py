@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from spa.artifacts import atomic_path, conform, iter_batches, read_table
+from spa.artifacts import atomic_path, conform, iter_chunks, merge_parquet, num_rows, read_table
 from spa.config import SPAConfig
 from spa.judge import implicit_preference
 from spa.layout import RunLayout
@@ -23,11 +23,11 @@ from spa.logprobs import sequence_logps
 from spa.models import load_causal_lm
 from spa.rendering import load_tokenizer
 from spa.schemas import JUDGMENTS
+from spa.sharding import parse_shard, shard_bounds, shard_key, shard_path
 from spa.stages.runner import StageResult, require, run_stage
 from spa.stages.train import model_dir
 
 SECTIONS = ["model", "judge"]
-CHUNK_ROWS = 1024
 
 JUDGMENT_SCHEMA = pa.schema(list(JUDGMENTS.schema) + [
     pa.field("chosen_finished", pa.bool_()), pa.field("rejected_finished", pa.bool_()),
@@ -101,48 +101,65 @@ def judge_rows(rows: pa.Table, policy, ref, tok, cfg: SPAConfig) -> pa.Table:
     })
 
 
-def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, progress: bool = True) -> dict[str, int]:
-    """Stream ``responses`` through the judge into ``out`` (atomic)."""
+def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[int, int] | None = None,
+               progress: bool = True) -> None:
+    """Stream (a chunk-aligned shard of) ``responses`` through the judge into ``out`` (atomic)."""
     from tqdm.auto import tqdm
 
-    from spa.artifacts import num_rows
-
+    start, stop = shard_bounds(num_rows(responses), shard, cfg.judge.chunk_rows)
     dtype, trc = cfg.model.dtype, cfg.model.trust_remote_code
     policy_dir = model_dir(cfg, t - 1)
     tok = load_tokenizer(policy_dir, trc)
     policy = load_causal_lm(policy_dir, dtype, trust_remote_code=trc)
     ref_dir = reference_dir(cfg, t)
     ref = load_causal_lm(ref_dir, dtype, trust_remote_code=trc) if ref_dir is not None else None
-    counts = {"pairs": 0, "ties": 0, "truncated_pairs": 0, "dropped": 0}
-    bar = tqdm(total=num_rows(responses), desc=f"judge iter {t}", unit="prompt", disable=not progress)
+    bar = tqdm(total=stop - start, desc=f"judge iter {t}", unit="prompt", disable=not progress)
     with atomic_path(out) as tmp:
         with pq.ParquetWriter(tmp, JUDGMENT_SCHEMA) as writer:
-            for rows in iter_batches(responses, "responses", batch_size=CHUNK_ROWS):
-                table = conform(judge_rows(rows, policy, ref, tok, cfg), JUDGMENTS, str(out), counts["pairs"])
+            for first, rows in iter_chunks(responses, "responses", cfg.judge.chunk_rows, start, stop):
+                table = conform(judge_rows(rows, policy, ref, tok, cfg), JUDGMENTS, str(out), first)
                 writer.write_table(table.cast(JUDGMENT_SCHEMA))
-                counts["pairs"] += table.num_rows
-                counts["ties"] += sum(table.column("tie").to_pylist())
-                counts["truncated_pairs"] += sum(
-                    not (a and b) for a, b in zip(table.column("chosen_finished").to_pylist(),
-                                                  table.column("rejected_finished").to_pylist(), strict=True))
-                counts["dropped"] += sum(table.column("dropped").to_pylist())
                 bar.update(table.num_rows)
     bar.close()
-    return counts
 
 
-def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
+def _summary(path: Path) -> dict[str, Any]:
+    table = read_table(path, "judgments")
+    finished = zip(table.column("chosen_finished").to_pylist(), table.column("rejected_finished").to_pylist(), strict=True)
+    p = table.column("p_chosen").to_numpy()
+    return {
+        "pairs": table.num_rows,
+        "ties": int(np.sum(table.column("tie").to_numpy())),
+        "truncated_pairs": sum(not (a and b) for a, b in finished),
+        "dropped": int(np.sum(table.column("dropped").to_numpy())),
+        "mean_p_chosen": round(float(np.mean(p)), 4) if table.num_rows else None,
+    }
+
+
+def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | None = None,
+        merge: int | None = None) -> StageResult:
+    """Judge iteration ``t`` whole, one shard of it (``shard="i/N"``), or merge ``merge`` shards."""
     layout = RunLayout(Path(cfg.run_dir))
     responses = require(layout.responses(t), "responses", f"spa sample --iteration {t}")
     policy = require(model_dir(cfg, t - 1), f"pi_{t-1}", "spa seed" if t == 1 else f"spa train --iteration {t-1}")
     ref = reference_dir(cfg, t)
     inputs = [responses, policy] + ([require(ref, "the judge's reference model", "spa seed / spa train")] if ref else [])
+    part = parse_shard(shard) if shard else None
+    final = layout.judgments(t)
+    output = final if part is None else shard_path(final, part)
 
-    def body() -> dict[str, Any]:
-        counts = judge_file(cfg, t, responses, layout.judgments(t))
-        table = read_table(layout.judgments(t), "judgments", columns=["p_chosen"])
-        counts["mean_p_chosen"] = round(float(np.mean(table.column("p_chosen").to_numpy())), 4) if table.num_rows else None
-        return counts
+    if merge:
+        parts = [shard_path(final, (i, merge)) for i in range(merge)]
 
-    return run_stage(cfg, f"judge/{t}", inputs, SECTIONS, [layout.judgments(t)], body,
-                     extra_key={"iteration": t}, force=force, echo=echo)
+        def body() -> dict[str, Any]:
+            for p in parts:
+                require(p, "a judge shard", f"spa judge --iteration {t} --shard i/{merge}")
+            merge_parquet(parts, final, "judgments")
+            return _summary(final) | {"shards": merge}
+    else:
+        def body() -> dict[str, Any]:
+            judge_file(cfg, t, responses, output, part)
+            return _summary(output)
+
+    key = f"judge/{t}" if part is None else shard_key(f"judge/{t}", part)
+    return run_stage(cfg, key, inputs, SECTIONS, [output], body, extra_key={"iteration": t}, force=force, echo=echo)

@@ -1,6 +1,8 @@
 """``spa sample --iteration t``: two responses per prompt of ``X_t`` from ``pi_{t-1}`` (SPA.md step 2).
 
-T = 0.7, 300 new tokens, seeded; finish reasons and token counts recorded. With
+T = 0.7, 300 new tokens, seeded; finish reasons and token counts recorded. Prompts are
+processed in chunks (streamed to Parquet); ``--shard i/N`` does one chunk-aligned shard
+and ``--merge N`` joins the shards into the same file an unsharded run writes. With
 ``sample.python`` set, the work runs in that interpreter (e.g. a vLLM environment).
 """
 
@@ -14,15 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
-from spa.artifacts import read_table, write_table
+from spa.artifacts import atomic_path, iter_chunks, merge_parquet, num_rows, read_table
 from spa.config import SPAConfig, load_config
 from spa.layout import RunLayout
-from spa.sampling import SamplingSpec, choose_backend, sample_transformers, sample_vllm
+from spa.sampling import SamplingSpec, choose_backend, make_sampler
+from spa.schemas import RESPONSES
+from spa.sharding import parse_shard, shard_bounds, shard_key, shard_path
 from spa.stages.runner import StageResult, require, run_stage
 from spa.stages.train import model_dir
 
 SECTIONS = ["model", "sample"]
+RESPONSES_SCHEMA = pa.schema(list(RESPONSES.schema) + [pa.field("backend", pa.string())])
 
 
 def spec_from(cfg: SPAConfig) -> SamplingSpec:
@@ -34,51 +41,78 @@ def spec_from(cfg: SPAConfig) -> SamplingSpec:
     )
 
 
-def sample_worker(cfg: SPAConfig, t: int) -> None:
-    """Sample ``X_t`` with ``pi_{t-1}`` and write ``iter_t/responses.parquet`` (in this process)."""
+def sample_worker(cfg: SPAConfig, t: int, shard: tuple[int, int] | None = None) -> None:
+    """Sample (a shard of) ``X_t`` with ``pi_{t-1}`` into ``responses.parquet`` (or its shard file)."""
     layout = RunLayout(Path(cfg.run_dir))
-    prompts = read_table(layout.prompts(t), "prompts")
+    prompts_path = layout.prompts(t)
+    start, stop = shard_bounds(num_rows(prompts_path), shard, cfg.sample.chunk_rows)
+    out = layout.responses(t) if shard is None else shard_path(layout.responses(t), shard)
     policy = model_dir(cfg, t - 1)
     backend = choose_backend(cfg.sample.backend)
-    fn = sample_vllm if backend == "vllm" else sample_transformers
-    samples = fn(policy, prompts.column("prompt").to_pylist(), spec_from(cfg), progress=f"sample iter {t}")
-    table = pa.table({
-        "prompt_id": prompts.column("prompt_id"),
-        "prompt": prompts.column("prompt"),
-        "responses": pa.array([s.responses for s in samples], pa.list_(pa.string())),
-        "finish_reasons": pa.array([s.finish_reasons for s in samples], pa.list_(pa.string())),
-        "num_tokens": pa.array([s.num_tokens for s in samples], pa.list_(pa.int32())),
-        "model": pa.array([str(policy)] * len(samples), pa.string()),
-        "backend": pa.array([backend] * len(samples), pa.string()),
-    })
-    write_table(table, layout.responses(t), "responses")
+    sampler = make_sampler(backend, policy, spec_from(cfg))
+    bar = tqdm(total=stop - start, desc=f"sample iter {t}", unit="prompt")
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, RESPONSES_SCHEMA) as writer:
+        for _, chunk in iter_chunks(prompts_path, "prompts", cfg.sample.chunk_rows, start, stop):
+            samples = sampler(chunk.column("prompt").to_pylist())
+            writer.write_table(pa.table({
+                "prompt_id": chunk.column("prompt_id"),
+                "prompt": chunk.column("prompt"),
+                "responses": pa.array([s.responses for s in samples], pa.list_(pa.string())),
+                "finish_reasons": pa.array([s.finish_reasons for s in samples], pa.list_(pa.string())),
+                "num_tokens": pa.array([s.num_tokens for s in samples], pa.list_(pa.int32())),
+                "model": pa.array([str(policy)] * len(samples), pa.string()),
+                "backend": pa.array([backend] * len(samples), pa.string()),
+            }, schema=RESPONSES_SCHEMA))
+            bar.update(chunk.num_rows)
+    bar.close()
 
 
-def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
+def _summary(path: Path) -> dict[str, Any]:
+    table = read_table(path, "responses")
+    reasons = [r for row in table.column("finish_reasons").to_pylist() for r in row]
+    identical = sum(len(set(row)) < len(row) for row in table.column("responses").to_pylist())
+    lengths = [n for row in table.column("num_tokens").to_pylist() for n in row]
+    return {
+        "prompts": table.num_rows, "responses": len(reasons),
+        "truncated_share": round(reasons.count("length") / max(1, len(reasons)), 4),
+        "prompts_with_identical_responses": identical,
+        "mean_tokens": round(sum(lengths) / max(1, len(lengths)), 2),
+        "backend": table.column("backend")[0].as_py() if table.num_rows else None,
+    }
+
+
+def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | None = None,
+        merge: int | None = None) -> StageResult:
+    """Sample iteration ``t`` whole, one shard of it (``shard="i/N"``), or merge ``merge`` shards."""
     layout = RunLayout(Path(cfg.run_dir))
     prompts = require(layout.prompts(t), f"prompt set X_{t}", "spa prepare")
     policy = require(model_dir(cfg, t - 1), f"pi_{t-1}", "spa seed" if t == 1 else f"spa train --iteration {t-1}")
+    part = parse_shard(shard) if shard else None
+    final = layout.responses(t)
 
-    def body() -> dict[str, Any]:
-        # compare unresolved paths: venv interpreters are symlinks to one base Python
-        if cfg.sample.python and os.path.abspath(cfg.sample.python) != os.path.abspath(sys.executable):
-            subprocess.run([cfg.sample.python, "-m", "spa.stages.sample", "--config", str(layout.config),
-                            "--iteration", str(t)], check=True)
-        else:
-            sample_worker(cfg, t)
-        table = read_table(layout.responses(t), "responses")
-        reasons = [r for row in table.column("finish_reasons").to_pylist() for r in row]
-        identical = sum(len(set(row)) < len(row) for row in table.column("responses").to_pylist())
-        lengths = [n for row in table.column("num_tokens").to_pylist() for n in row]
-        return {
-            "prompts": table.num_rows, "responses": len(reasons),
-            "truncated_share": round(reasons.count("length") / max(1, len(reasons)), 4),
-            "prompts_with_identical_responses": identical,
-            "mean_tokens": round(sum(lengths) / max(1, len(lengths)), 2),
-            "backend": table.column("backend")[0].as_py() if table.num_rows else None,
-        }
+    if merge:
+        parts = [shard_path(final, (i, merge)) for i in range(merge)]
 
-    return run_stage(cfg, f"sample/{t}", [prompts, policy], SECTIONS, [layout.responses(t)], body,
+        def body() -> dict[str, Any]:
+            for p in parts:
+                require(p, "a sampling shard", f"spa sample --iteration {t} --shard i/{merge}")
+            merge_parquet(parts, final, "responses")
+            return _summary(final) | {"shards": merge}
+    else:
+        out = final if part is None else shard_path(final, part)
+
+        def body() -> dict[str, Any]:
+            # compare unresolved paths: venv interpreters are symlinks to one base Python
+            if cfg.sample.python and os.path.abspath(cfg.sample.python) != os.path.abspath(sys.executable):
+                cmd = [cfg.sample.python, "-m", "spa.stages.sample", "--config", str(layout.config), "--iteration", str(t)]
+                subprocess.run(cmd + (["--shard", shard] if shard else []), check=True)
+            else:
+                sample_worker(cfg, t, part)
+            return _summary(out)
+
+    key = f"sample/{t}" if part is None else shard_key(f"sample/{t}", part)
+    output = final if part is None else shard_path(final, part)
+    return run_stage(cfg, key, [prompts, policy], SECTIONS, [output], body,
                      extra_key={"iteration": t}, force=force, echo=echo)
 
 
@@ -86,8 +120,9 @@ def _main() -> None:
     parser = argparse.ArgumentParser(description="SPA sampling worker (runs in the sampling environment)")
     parser.add_argument("--config", required=True)
     parser.add_argument("--iteration", type=int, required=True)
+    parser.add_argument("--shard", default=None)
     ns = parser.parse_args()
-    sample_worker(load_config(ns.config), ns.iteration)
+    sample_worker(load_config(ns.config), ns.iteration, parse_shard(ns.shard) if ns.shard else None)
 
 
 if __name__ == "__main__":
