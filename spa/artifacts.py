@@ -146,28 +146,41 @@ def iter_chunks(
 
 
 def merge_parquet(parts: list[str | os.PathLike], target: str | os.PathLike, kind: str | ArtifactKind) -> int:
-    """Concatenate validated parts, in order, into ``target`` atomically (streamed); returns the row count."""
+    """Concatenate validated parts, in order, into ``target`` atomically; returns the row count.
+
+    Row group by row group, so the merge of chunk-aligned shards has the same row groups, and
+    the same bytes, as the file an unsharded run writes.
+    """
     spec = _kind(kind)
-    schema = None
     rows = 0
     seen: set[str] = set()
     with atomic_path(target) as tmp:
         writer = None
         try:
             for part in parts:
-                for batch in iter_batches(part, spec):
-                    batch = conform(batch, spec, str(part), seen=seen)
+                _require_file(Path(part), spec)
+                pf = pq.ParquetFile(part)
+                _check_columns(pf.schema_arrow, spec, str(part))
+                for i in range(pf.metadata.num_row_groups):
+                    group = conform(pf.read_row_group(i), spec, str(part), row_offset=rows, seen=seen)
                     if writer is None:
-                        schema = batch.schema
+                        schema = _canonical(group.schema)
                         writer = pq.ParquetWriter(tmp, schema)
-                    writer.write_table(batch.cast(schema))
-                    rows += batch.num_rows
+                    writer.write_table(group.cast(schema))
+                    rows += group.num_rows
         finally:
             if writer is not None:
                 writer.close()
         if writer is None:
             raise ArtifactError(f"{target}: no rows in the {len(parts)} parts to merge")
     return rows
+
+
+def _canonical(schema: pa.Schema) -> pa.Schema:
+    """List children named ``item`` as pyarrow writes them (Parquet reads them back as ``element``)."""
+    return pa.schema([
+        pa.field(f.name, pa.list_(f.type.value_type), f.nullable) if pa.types.is_list(f.type) else f for f in schema
+    ])
 
 
 def num_rows(path: str | os.PathLike) -> int:

@@ -121,8 +121,16 @@ def stage_key(inputs: dict[str, str], config_hash: str) -> dict[str, Any]:
     return {"inputs": inputs, "config_hash": config_hash, "code_version": code_version()}
 
 
-def hash_inputs(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
-    return {str(Path(p)): content_hash(p) for p in paths}
+def _name(path: str | os.PathLike, root: Path | None) -> str:
+    """Paths inside the run directory are recorded relative to it, so a moved run stays valid."""
+    path = Path(path)
+    if root is not None and path.is_absolute() == root.is_absolute() and path.is_relative_to(root):
+        return path.relative_to(root).as_posix()
+    return str(path)
+
+
+def hash_inputs(paths: Iterable[str | os.PathLike], root: Path | None = None) -> dict[str, str]:
+    return {_name(p, root): content_hash(p) for p in paths}
 
 
 def is_up_to_date(manifest: Manifest, key: str, expected: dict[str, Any]) -> bool:
@@ -131,16 +139,17 @@ def is_up_to_date(manifest: Manifest, key: str, expected: dict[str, Any]) -> boo
     if not entry or any(entry.get(k) != v for k, v in expected.items()):
         return False
     for out, digest in entry.get("outputs", {}).items():
-        if not Path(out).exists() or content_hash(out) != digest:
+        path = manifest.path.parent / out  # an absolute ``out`` stays absolute
+        if not path.exists() or content_hash(path) != digest:
             return False
     return True
 
 
 def make_entry(expected: dict[str, Any], outputs: Iterable[str | os.PathLike], started: float,
-               summary: dict[str, Any]) -> dict[str, Any]:
+               summary: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
     return {
         **expected,
-        "outputs": hash_inputs(outputs),
+        "outputs": hash_inputs(outputs, root),
         "wall_time_s": round(time.time() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": library_versions(),

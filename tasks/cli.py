@@ -110,6 +110,43 @@ def evaluate(config: Path = ConfigOpt,
     _run(stage.run, config, overrides, iteration, force=force)
 
 
+@app.command()
+def report(config: Path = ConfigOpt, overrides: list[str] = SetOpt) -> None:
+    """Write report.md with the per-iteration table."""
+    from spa.stages import report as stage
+
+    _run(stage.run, config, overrides)
+
+
+@app.command("run")
+def run_pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),
+                 shards: int = typer.Option(1, min=1, help="split sample and judge into N shards mapped over the task runner"),
+                 ray_address: str = typer.Option(None, help="run tasks on a Ray cluster ('auto', 'ray://host:10001'); needs prefect-ray")) -> None:
+    """Run the whole SPA pipeline as a Prefect flow (embedded API unless PREFECT_API_URL is set)."""
+    from spa.runlock import RunLocked
+    from spa_flows.pipeline import pipeline_with_runner
+
+    try:
+        pipeline_with_runner(ray_address)(config=str(config.resolve()), shards=shards)
+    except RunLocked as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3) from None
+
+
+@app.command()
+def expand(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),
+           incoming: Path = typer.Option(None, help="folder of new prompt batches (default <run_dir>/incoming)")) -> None:
+    """Run one more iteration per new prompt batch in the incoming folder, from the newest model."""
+    from spa.runlock import RunLocked
+    from spa_flows.expand import expand as expand_flow
+
+    try:
+        expand_flow(config=str(config.resolve()), incoming=str(incoming.resolve()) if incoming else None)
+    except RunLocked as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3) from None
+
+
 @app.command("check-config")
 def check_config(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),

@@ -6,6 +6,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prefect: a private home (SQLite API database) per test session, no telemetry, no outside server
+import tempfile  # noqa: E402
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="spa-prefect-home-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 import pytest  # noqa: E402
 
@@ -60,3 +67,43 @@ def tiny_config(run_dir, pi_init, source, **sections):
         else:
             raw[key] = value
     return parse_config(raw)
+
+
+# --- the pipeline flow, run once per session and shared by the flow tests ---
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+
+def flow_config(root: Path, tiny_model_dir, prefs_file, name="run", **over):
+    cfg = tiny_config(root / name, tiny_model_dir, prefs_file, iterations=2,
+                      data={"prompt_sizes": [12, 12]}, sample={"chunk_rows": 4}, judge={"chunk_rows": 4},
+                      train={"save_steps": 1}, **over)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return cfg, path
+
+
+def _output_hashes(run: Path) -> dict[str, str]:
+    """Every stage's outputs by path relative to the run directory (comparable across runs)."""
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    out = {}
+    for key, entry in stages.items():
+        for path, digest in entry["outputs"].items():
+            assert not Path(path).is_absolute(), path  # recorded relative to the run directory
+            out[f"{key}:{path}"] = digest
+    return out
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, tiny_model_dir, prefs_file):
+    root = tmp_path_factory.mktemp("flow")
+    cfg, path = flow_config(root, tiny_model_dir, prefs_file)
+    res = subprocess.run([str(Path(sys.executable).parent / "spa"), "run", str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return cfg, path, res
+
+

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_config
 
-from spa.artifacts import iter_chunks, read_table
+from spa.artifacts import file_sha256, iter_chunks, read_table
 from spa.layout import RunLayout
 from spa.sharding import parse_shard, shard_bounds, shard_path
 from spa.stages import judge, prepare, sample
@@ -54,4 +54,7 @@ def test_sharded_sample_and_judge_equal_unsharded(tmp_path, tiny_model_dir, pref
     assert ra.drop(["model"]).equals(rb.drop(["model"]))  # "model" names each run's own pi_0 path
     ja, jb = read_table(a.judgments(1), "judgments"), read_table(b.judgments(1), "judgments")
     assert ja.num_rows == 16
-    assert ja.equals(jb)  # same content (the files' row groups differ, so their bytes may)
+    assert ja.equals(jb)
+    # merged row group by row group: the very same bytes as the unsharded files
+    assert file_sha256(a.judgments(1)) == file_sha256(b.judgments(1))
+    assert file_sha256(a.responses(1)) == file_sha256(b.responses(1))

@@ -51,7 +51,7 @@ def run_stage(
     layout = RunLayout(Path(cfg.run_dir))
     save_resolved(cfg)
     manifest = Manifest(layout.manifest)
-    expected = stage_key(hash_inputs(inputs), cfg.section_hash(*config_sections))
+    expected = stage_key(hash_inputs(inputs, layout.root), cfg.section_hash(*config_sections))
     if extra_key:
         expected["extra"] = extra_key
     if not force and is_up_to_date(manifest, key, expected):
@@ -64,7 +64,7 @@ def run_stage(
     missing = [str(o) for o in outputs if not Path(o).exists()]
     if missing:
         raise RuntimeError(f"[{key}] finished without writing {missing}")
-    manifest.record(key, make_entry(expected, outputs, started, summary))
+    manifest.record(key, make_entry(expected, outputs, started, summary, layout.root))
     elapsed = time.time() - started
     echo(f"[{key}] done in {elapsed:.1f}s: " + json.dumps(summary, default=str))
     return StageResult(key, False, [str(o) for o in outputs], summary)

@@ -50,6 +50,8 @@ def sample_worker(cfg: SPAConfig, t: int, shard: tuple[int, int] | None = None) 
     policy = model_dir(cfg, t - 1)
     backend = choose_backend(cfg.sample.backend)
     sampler = make_sampler(backend, policy, spec_from(cfg))
+    # a model inside the run directory is named relative to it, so a moved run keeps its artifacts' hashes
+    model_id = str(policy.relative_to(layout.root)) if policy.is_relative_to(layout.root) else str(policy)
     bar = tqdm(total=stop - start, desc=f"sample iter {t}", unit="prompt")
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, RESPONSES_SCHEMA) as writer:
         for _, chunk in iter_chunks(prompts_path, "prompts", cfg.sample.chunk_rows, start, stop):
@@ -60,7 +62,7 @@ def sample_worker(cfg: SPAConfig, t: int, shard: tuple[int, int] | None = None) 
                 "responses": pa.array([s.responses for s in samples], pa.list_(pa.string())),
                 "finish_reasons": pa.array([s.finish_reasons for s in samples], pa.list_(pa.string())),
                 "num_tokens": pa.array([s.num_tokens for s in samples], pa.list_(pa.int32())),
-                "model": pa.array([str(policy)] * len(samples), pa.string()),
+                "model": pa.array([model_id] * len(samples), pa.string()),
                 "backend": pa.array([backend] * len(samples), pa.string()),
             }, schema=RESPONSES_SCHEMA))
             bar.update(chunk.num_rows)

@@ -1,0 +1,44 @@
+"""``expand``: one more SPA iteration per new prompt batch, from the newest model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from spa.config import load_config
+from spa.expansion import incoming_batches, mark_done, plan_batch
+from spa.layout import RunLayout
+from spa.runlock import RunLock
+from spa_tasks import stage_tasks as stages
+
+
+@flow(name="spa-expand", log_prints=True)
+def expand(config: str, incoming: str | None = None) -> list[dict]:
+    """For each unused batch in ``incoming`` (default ``<run_dir>/incoming``): sample -> judge -> train -> evaluate."""
+    cfg = load_config(config)
+    layout = RunLayout(Path(cfg.run_dir))
+    folder = Path(incoming) if incoming else layout.root / "incoming"
+    logger = get_run_logger()
+    done = []
+    with RunLock(cfg.run_dir, "spa-expand"):
+        for batch in incoming_batches(folder):
+            plan = plan_batch(cfg, batch)
+            if plan is None:
+                continue
+            logger.info("%s: %d new prompts, %d already used (dropped), %d duplicates -> iteration %d",
+                        plan.batch, plan.new_prompts, plan.overlap, plan.duplicates, plan.iteration)
+            if plan.new_prompts:
+                t = plan.iteration
+                stages.sample(config, t)
+                stages.judge(config, t)
+                stages.train(config, t)
+                stages.evaluate(config, t)
+            mark_done(layout, plan)
+            done.append(asdict(plan))
+        if done:
+            stages.report(config)
+    if not done:
+        logger.info("no new prompt batches in %s", folder)
+    return done

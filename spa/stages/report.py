@@ -1,0 +1,55 @@
+"""``spa report``: ``report.md`` with the per-iteration table (the shape of the paper's Table 1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from spa.artifacts import write_text_atomic
+from spa.config import SPAConfig
+from spa.layout import RunLayout
+from spa.manifest import Manifest
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def build_report(cfg: SPAConfig) -> str:
+    layout = RunLayout(Path(cfg.run_dir))
+    stages = Manifest(layout.manifest).entries()
+    lines = [
+        f"# SPA run `{layout.root}`", "",
+        f"pi_init: `{cfg.model.pi_init}`; iterations: {cfg.iterations}; judge: implicit reward against "
+        f"`{cfg.judge.reference}` (beta {cfg.judge.beta}); refinement: SR={cfg.train.refinement.self_refine}, "
+        f"DND={cfg.train.refinement.decoupled}.", "",
+        "| iteration | pairs | ties | truncated pairs | mean p_chosen | final loss | refined share | "
+        "gold agreement | win rate | LC win rate | avg length |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    t = 0
+    while layout.iteration(t).exists():
+        judge = stages.get(f"judge/{t}", {}).get("summary", {})
+        train = stages.get("seed" if t == 0 else f"train/{t}", {}).get("summary", {})
+        ev_path = layout.eval_summary(t)
+        ev = json.loads(ev_path.read_text()) if ev_path.exists() else {}
+        lines.append("| " + " | ".join([
+            str(t), _fmt(judge.get("pairs")), _fmt(judge.get("ties")), _fmt(judge.get("truncated_pairs")),
+            _fmt(judge.get("mean_p_chosen")), _fmt(train.get("final_loss")),
+            _fmt(train.get("mean_refined_fraction")), _fmt(ev.get("gold_agreement")), _fmt(ev.get("win_rate")),
+            _fmt(ev.get("lc_win_rate")), _fmt(ev.get("avg_length"), 1),
+        ]) + " |")
+        t += 1
+    lines += ["", "Iteration 0 is the seed stage (DPO of pi_init on the gold seed pairs).", ""]
+    return "\n".join(lines)
+
+
+def run(cfg: SPAConfig, echo=print) -> Path:
+    layout = RunLayout(Path(cfg.run_dir))
+    write_text_atomic(layout.report, build_report(cfg))
+    echo(f"[report] wrote {layout.report}")
+    return layout.report

@@ -1,0 +1,131 @@
+"""Prefect tasks, one per stage: each runs the stage's ``spa`` command in its own process.
+
+A separate process per stage returns GPU memory between stages (vllm#1908) and lets a
+stage run under torchrun. Task results are small manifests (artifact paths and content
+hashes from ``manifest.json``), never data. Resume is the stage's own content-hash check,
+not Prefect's cache (prefect#12229). Retries only for failures worth retrying: exit code 2
+is bad input and fails at once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+
+class BadStageInput(RuntimeError):
+    """The stage rejected its input (exit code 2): retrying cannot help."""
+
+
+class StageFailed(RuntimeError):
+    """The stage process failed or was killed: worth a retry."""
+
+
+def _worth_retrying(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as err:  # noqa: BLE001
+        exc = err
+    return not isinstance(exc, BadStageInput)
+
+
+def stage_command(stage: str, config: str, iteration: int | None = None, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "spa_tasks.cli", stage, "-c", str(config)]
+    if iteration is not None:
+        cmd += ["-t", str(iteration)]
+    return cmd + list(extra)
+
+
+def run_command(cmd: list[str]) -> None:
+    """Run a stage process, streaming its output into the Prefect log."""
+    logger = get_run_logger()
+    logger.info("$ %s", " ".join(cmd[1:]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line and "\r" not in line:  # progress-bar redraws stay out of the log
+            logger.info(line)
+        tail = (tail + [line])[-20:]
+    rc = proc.wait()
+    if rc == 2:
+        raise BadStageInput("\n".join(tail[-5:]))
+    if rc != 0:
+        raise StageFailed(f"{' '.join(cmd[1:])} exited with {rc}:\n" + "\n".join(tail[-10:]))
+
+
+def stage_record(config: str, key: str) -> dict[str, Any]:
+    """The small result a task passes on: the stage key and its outputs' content hashes."""
+    from spa.config import load_config
+    from spa.layout import RunLayout
+
+    run = RunLayout(Path(load_config(config).run_dir))
+    entry = json.loads(run.manifest.read_text())["stages"][key]
+    return {"stage": key, "outputs": entry["outputs"], "summary": entry.get("summary", {})}
+
+
+_TASK = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
+
+
+@task(name="prepare", **_TASK)
+def prepare(config: str) -> dict[str, Any]:
+    run_command(stage_command("prepare", config))
+    return stage_record(config, "prepare")
+
+
+@task(name="seed", **_TASK)
+def seed(config: str) -> dict[str, Any]:
+    run_command(stage_command("seed", config))
+    return stage_record(config, "seed")
+
+
+@task(name="sample", **_TASK)
+def sample(config: str, t: int, shard: str | None = None) -> dict[str, Any]:
+    run_command(stage_command("sample", config, t, *(["--shard", shard] if shard else [])))
+    return stage_record(config, f"sample/{t}" + (f"/shard-{shard.replace('/', '-of-')}" if shard else ""))
+
+
+@task(name="merge-samples", **_TASK)
+def merge_samples(config: str, t: int, shards: int) -> dict[str, Any]:
+    run_command(stage_command("sample", config, t, "--merge", str(shards)))
+    return stage_record(config, f"sample/{t}")
+
+
+@task(name="judge", **_TASK)
+def judge(config: str, t: int, shard: str | None = None) -> dict[str, Any]:
+    run_command(stage_command("judge", config, t, *(["--shard", shard] if shard else [])))
+    return stage_record(config, f"judge/{t}" + (f"/shard-{shard.replace('/', '-of-')}" if shard else ""))
+
+
+@task(name="merge-judgments", **_TASK)
+def merge_judgments(config: str, t: int, shards: int) -> dict[str, Any]:
+    run_command(stage_command("judge", config, t, "--merge", str(shards)))
+    return stage_record(config, f"judge/{t}")
+
+
+@task(name="train", **_TASK)
+def train(config: str, t: int) -> dict[str, Any]:
+    run_command(stage_command("train", config, t))
+    return stage_record(config, f"train/{t}")
+
+
+@task(name="evaluate", **_TASK)
+def evaluate(config: str, t: int) -> dict[str, Any]:
+    run_command(stage_command("evaluate", config, t))
+    return stage_record(config, f"evaluate/{t}")
+
+
+@task(name="report", **_TASK)
+def report(config: str) -> str:
+    run_command(stage_command("report", config))
+    from spa.config import load_config
+    from spa.layout import RunLayout
+
+    return str(RunLayout(Path(load_config(config).run_dir)).report)
