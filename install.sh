@@ -4,6 +4,7 @@
 #   bash install.sh --dev    plus the test and lint tools
 #   bash install.sh --vllm   also a separate vLLM environment in .venv-vllm for the
 #                            sampling stage (config: sample.python: .venv-vllm/bin/python)
+#   bash install.sh --compose  also Debian's docker-compose (1.29), to validate docker/compose.yaml
 # torch is pinned first: an unpinned torch pulls several GB of CUDA wheels on a
 # CPU machine. On a GPU machine set SPA_TORCH (e.g. SPA_TORCH="torch==2.13.0"
 # with your CUDA index in PIP_EXTRA_INDEX_URL).
@@ -15,11 +16,13 @@ TORCH=${SPA_TORCH:-torch==2.13.0}
 VLLM_VENV=${VLLM_VENV:-.venv-vllm}
 extras="orchestration,eval"
 with_vllm=0
+with_compose=0
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras="$extras,dev" ;;
+    --dev) extras="$extras,dev,ray" ;;
     --vllm) with_vllm=1 ;;
-    *) echo "install.sh: unknown option $arg (use --dev, --vllm)" >&2; exit 2 ;;
+    --compose) with_compose=1 ;;
+    *) echo "install.sh: unknown option $arg (use --dev, --vllm, --compose)" >&2; exit 2 ;;
   esac
 done
 command -v "$PY" >/dev/null || { echo "install.sh: $PY not found; set PYTHON=/path/to/python3.11" >&2; exit 2; }
@@ -39,4 +42,12 @@ if [ "$with_vllm" = 1 ]; then
   "$VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   "$VLLM_VENV/bin/python" -m pip install -q -e . "$TORCH"
   "$VLLM_VENV/bin/python" -c "from vllm import LLM" && echo "installed the vLLM sampling environment into $VLLM_VENV"
+fi
+if [ "$with_compose" = 1 ] && ! command -v docker-compose >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) >/dev/null \
+      || echo "install.sh: could not install docker-compose; the compose test will be skipped" >&2
+  else
+    echo "install.sh: install docker-compose (Debian: apt-get install docker-compose) to validate docker/compose.yaml" >&2
+  fi
 fi
