@@ -117,3 +117,34 @@ def test_sharded_judge_on_ray_equals_single_shard(full_run, tmp_path):
         k: v for k, v in _output_hashes(run).items() if "/shard-" in k}
     log = res.stdout + res.stderr
     assert "[train/1] up to date" in log and "[train/2] up to date" in log
+
+
+def test_bad_input_is_not_retried_but_a_crash_is():
+    from prefect.states import Failed
+
+    from spa_tasks.stage_tasks import BadStageInput, StageFailed, _worth_retrying
+
+    assert _worth_retrying(None, None, Failed(data=BadStageInput("schema"))) is False
+    assert _worth_retrying(None, None, Failed(data=StageFailed("killed"))) is True
+
+
+def test_stage_task_raises_bad_input_for_exit_code_2(tmp_path, tiny_model_dir, prefs_file):
+    """Through a real (embedded) Prefect flow: a missing artifact fails the task once, as bad input."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from spa_tasks import stage_tasks
+    from spa_tasks.stage_tasks import BadStageInput
+
+    cfg, path = _config(tmp_path, tiny_model_dir, prefs_file)
+
+    @flow
+    def judge_only():
+        state = stage_tasks.judge.with_options(retry_delay_seconds=0)(str(path), 1, return_state=True)
+        with get_client(sync_client=True) as client:
+            return state, client.read_task_run(state.state_details.task_run_id).run_count
+
+    state, run_count = judge_only()
+    assert state.is_failed() and run_count == 1  # retries=2 is declared, but bad input is not retried
+    with pytest.raises(BadStageInput, match="responses is missing"):
+        state.result()
