@@ -140,6 +140,10 @@ class EvalConfig(_Section):
     """``spa evaluate``: held-out gold agreement and response lengths (AlpacaEval comes with the eval issue)."""
 
     max_prompts: PositiveInt = Field(200, description="held-out prompts answered for the length statistics")
+    annotator: str | None = Field(None, description="'python:module:function' pairwise annotator (win rate)")
+    reference_outputs: str | None = Field(
+        None, description="Parquet/JSON of (instruction, output) to compare against; its instructions are the eval set"
+    )
     max_new_tokens: PositiveInt = 300
     temperature: Annotated[float, Field(ge=0)] = 0.7
     batch_size: PositiveInt = 16

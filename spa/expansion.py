@@ -70,7 +70,7 @@ def incoming_batches(folder: Path) -> list[Path]:
 
 def plan_batch(cfg: SPAConfig, batch: Path) -> BatchPlan | None:
     """Claim ``batch`` for the next iteration and write its fresh prompts; None if it was used already."""
-    from spa.stages.train import model_dir
+    from spa.layout import model_dir
 
     layout = RunLayout(Path(cfg.run_dir))
     digest = file_sha256(batch)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from spa.config import SPAConfig
 
 
 @dataclass(frozen=True)
@@ -65,3 +69,10 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report.md"
+
+
+def model_dir(cfg: SPAConfig, t: int) -> Path:
+    """Directory of ``pi_t`` (``pi_0`` may be given in no-seed mode)."""
+    if t == 0 and cfg.model.pi_0:
+        return Path(cfg.model.pi_0)
+    return RunLayout(Path(cfg.run_dir)).model(t)

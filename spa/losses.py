@@ -150,6 +150,15 @@ class RefinementWindow:
         flat = _gather_across_ranks(values.detach().flatten().float())
         self._values.extend(flat.cpu().tolist())
 
+    def state(self) -> list[float]:
+        """The window's values, oldest first (for checkpoints)."""
+        return list(self._values)
+
+    def load(self, values: list[float]) -> None:
+        """Restore a checkpointed window (no gathering: every rank loads the same global window)."""
+        self._values.clear()
+        self._values.extend(values)
+
     @property
     def tau(self) -> float | None:
         """Current threshold, or None while the window is empty."""

@@ -56,7 +56,7 @@ class PairDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"chosen": self.items[i][0], "rejected": self.items[i][1]}
+        return {"chosen": self.items[i][0], "rejected": self.items[i][1], "row": i}
 
 
 class PairCollator:
@@ -73,6 +73,7 @@ class PairCollator:
             "attention_mask": batch["attention_mask"],
             "target_ids": batch["labels"],  # not "labels": Trainer must not count tokens for its own loss
             "loss_mask": batch["loss_mask"],
+            "row_ids": torch.tensor([f["row"] for f in features], dtype=torch.long),
         }
 
 
@@ -103,13 +104,22 @@ class RefinedDPOTrainer(Trainer):
         self.ref_model = ref_model
         self.beta = beta
         self.refine = refine
-        self.window = RefinementWindow(refine.window, refine.k_percent, refine.warmup_fraction) if refine else None
+        make = (lambda: RefinementWindow(refine.window, refine.k_percent, refine.warmup_fraction)) if refine else None
+        self.window = make() if refine else None
+        # with DND on, SR's own flags are tracked beside it (not used in the loss) so that reports can
+        # compare the two detectors on the same pairs
+        self.window_sr = make() if refine and refine.lam > 0 else None
         self.stats = _StepStats()
         self.rows: list[dict[str, Any]] = []
+        self.samples: list[list] = []  # [row, step, conf_sr, conf_dnd, z_sr, z_dnd] per training sample
         if resume_state:
             self.rows = resume_state["rows"]
             if self.window is not None:
-                self.window.update(torch.tensor(resume_state["window"], dtype=torch.float32))
+                self.window.load(resume_state["window"])
+            if self.window_sr is not None:
+                self.window_sr.load(resume_state.get("window_sr", []))
+            is_main = int(__import__("os").environ.get("RANK", "0")) == 0
+            self.samples = resume_state.get("samples", []) if is_main else []
         self.add_callback(_SPACallback(self))
 
     def _reference_logits(self, model, input_ids, attention_mask) -> torch.Tensor:
@@ -134,15 +144,26 @@ class RefinedDPOTrainer(Trainer):
 
         z = torch.zeros_like(margin)
         if self.refine is not None:
+            step, total = self.state.global_step, max(1, self.state.max_steps)
             with torch.no_grad():
+                conf_sr = margin.detach()  # Eq. 9 with pi_theta's own confidence (margin ~ p, sigma monotone)
                 if self.refine.lam > 0:  # Eq. 12: confidence of the extrapolated model (logit level)
                     tc = extrapolated_logps(logits, ref_logits, targets, mask, self.refine.lam)
                     conf = dpo_margin(tc[:half], tc[half:], rc, rr, self.beta)
-                else:  # Eq. 9 with pi_theta's own confidence
-                    conf = margin.detach()
+                    self.window_sr.update(conf_sr)
+                    z_sr = self.window_sr.flags(conf_sr, step, total)
+                else:
+                    conf = conf_sr
                 self.window.update(conf)  # window includes the current batch (B.4)
-                z = self.window.flags(conf, self.state.global_step, max(1, self.state.max_steps)).to(margin.dtype)
+                z_used = self.window.flags(conf, step, total)
+                if self.refine.lam == 0:
+                    z_sr = z_used
+                z = z_used.to(margin.dtype)
                 self.stats.tau = self.window.tau
+                nan = float("nan")
+                for i, row in enumerate(inputs["row_ids"].tolist()):
+                    self.samples.append([row, step, conf_sr[i].item(), conf[i].item() if self.refine.lam > 0 else nan,
+                                         bool(z_sr[i]), bool(z_used[i]) if self.refine.lam > 0 else False])
         alpha = self.refine.alpha if self.refine is not None else 0.0
         loss = refined_dpo_loss(margin, z, alpha).mean()  # Eq. 10 (Eq. 6 when z = 0)
 
@@ -195,11 +216,29 @@ class _SPACallback(TrainerCallback):
         })
 
     def on_save(self, args, state, control, **kwargs):
+        tr = self.trainer
+        samples = gather_samples(tr.samples)
         if not state.is_world_process_zero:
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        window = list(self.trainer.window._values) if self.trainer.window is not None else []
-        (ckpt / STATE_FILE).write_text(json.dumps({"rows": self.trainer.rows, "window": window}))
+        payload = {
+            "rows": tr.rows,
+            "window": tr.window.state() if tr.window is not None else [],
+            "window_sr": tr.window_sr.state() if tr.window_sr is not None else [],
+            "samples": samples,
+        }
+        (ckpt / STATE_FILE).write_text(json.dumps(payload))
+
+
+def gather_samples(samples: list[list]) -> list[list]:
+    """Every rank's per-sample refinement records (identity without data parallelism), ordered by step."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, samples)
+        samples = [s for part in parts for s in part]
+    return sorted(samples, key=lambda s: (s[1], s[0]))
 
 
 TRAIN_LOG_SCHEMA = pa.schema([
@@ -207,6 +246,21 @@ TRAIN_LOG_SCHEMA = pa.schema([
     ("tau", pa.float64()), ("refined_fraction", pa.float64()), ("logps_chosen", pa.float64()),
     ("logps_rejected", pa.float64()), ("rewards_chosen", pa.float64()), ("rewards_accuracies", pa.float64()),
 ])
+
+
+REFINEMENT_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("step", pa.int64()), ("confidence_sr", pa.float64()),
+    ("confidence_dnd", pa.float64()), ("z_sr", pa.bool_()), ("z_dnd", pa.bool_()),
+])
+
+
+def samples_to_table(samples: list[list], prompt_ids: list[str]) -> pa.Table:
+    """``refinement.parquet``: per training sample, both detectors' confidences and flags."""
+    return pa.table({
+        "prompt_id": [prompt_ids[s[0]] for s in samples], "step": [s[1] for s in samples],
+        "confidence_sr": [s[2] for s in samples], "confidence_dnd": [s[3] for s in samples],
+        "z_sr": [s[4] for s in samples], "z_dnd": [s[5] for s in samples],
+    }, schema=REFINEMENT_SCHEMA)
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -39,6 +39,7 @@ def _load(config: Path, overrides: list[str] | None):
 
 def _run(fn, config: Path, overrides: list[str] | None, *args, **kwargs) -> None:
     """Load the config, run a stage, and turn bad input into one clear line and exit code 2."""
+    from spa.annotators import AnnotatorError
     from spa.artifacts import ArtifactError
     from spa.config import ConfigError
     from spa.logprobs import SequenceTooLongError
@@ -48,7 +49,7 @@ def _run(fn, config: Path, overrides: list[str] | None, *args, **kwargs) -> None
     from spa.stages.runner import StageInputError
 
     bad_input = (ConfigError, ArtifactError, StageInputError, ModelLoadError, RenderingError, SequenceTooLongError,
-                 BackendUnavailable)
+                 BackendUnavailable, AnnotatorError)
     try:
         cfg = _load(config, overrides)
         fn(cfg, *args, **kwargs, echo=typer.echo)
@@ -145,6 +146,29 @@ def expand(config: Path = typer.Argument(..., exists=True, dir_okay=False, help=
     except RunLocked as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(3) from None
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), help="where the world and the run go"),
+         seed: int = typer.Option(0, help="seed of the world, the data split, sampling and training"),
+         iterations: int = typer.Option(3, min=1, max=3, help="SPA iterations after the seed stage"),
+         small: bool = typer.Option(False, help="a much smaller world (smoke tests)")) -> None:
+    """Run SPA end to end on the offline demo world (oracle-labelled) and write report.md with plots."""
+    import time
+
+    from spa.config import load_config
+    from spa.demo.metrics import write_demo_report
+    from spa.demo.run import SMALL, WorldSizes, build_world, demo_config, write_config
+    from spa_flows.pipeline import spa_pipeline
+
+    started = time.time()
+    sizes = SMALL if small else WorldSizes()
+    world = build_world(out / "world", seed=seed, sizes=sizes, echo=typer.echo)
+    config = write_config(demo_config(world, out / "run", sizes, seed=seed, iterations=iterations), out / "demo.yaml")
+    spa_pipeline(config=str(config.resolve()))
+    report = write_demo_report(load_config(config))
+    typer.echo(report.read_text().split("## Demo world")[1].split("![")[0])
+    typer.echo(f"report: {report}  ({time.time() - started:.0f}s)")
 
 
 @app.command("check-config")

@@ -13,19 +13,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from spa.artifacts import atomic_path, conform, iter_chunks, merge_parquet, num_rows, read_table
 from spa.config import SPAConfig
-from spa.judge import implicit_preference
-from spa.layout import RunLayout
-from spa.logprobs import sequence_logps
-from spa.models import load_causal_lm
-from spa.rendering import load_tokenizer
+from spa.layout import RunLayout, model_dir
 from spa.schemas import JUDGMENTS
 from spa.sharding import parse_shard, shard_bounds, shard_key, shard_path
 from spa.stages.runner import StageResult, require, run_stage
-from spa.stages.train import model_dir
 
 SECTIONS = ["model", "judge"]
 
@@ -52,6 +46,11 @@ def judge_name(cfg: SPAConfig) -> str:
 
 def judge_rows(rows: pa.Table, policy, ref, tok, cfg: SPAConfig) -> pa.Table:
     """Judge one chunk of ``responses.parquet`` rows (the first two responses of each prompt)."""
+    import torch
+
+    from spa.judge import implicit_preference
+    from spa.logprobs import sequence_logps
+
     prompts = rows.column("prompt").to_pylist()
     responses = rows.column("responses").to_pylist()
     reasons = rows.column("finish_reasons").to_pylist()
@@ -105,6 +104,9 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
                progress: bool = True) -> None:
     """Stream (a chunk-aligned shard of) ``responses`` through the judge into ``out`` (atomic)."""
     from tqdm.auto import tqdm
+
+    from spa.models import load_causal_lm
+    from spa.rendering import load_tokenizer
 
     start, stop = shard_bounds(num_rows(responses), shard, cfg.judge.chunk_rows)
     dtype, trc = cfg.model.dtype, cfg.model.trust_remote_code

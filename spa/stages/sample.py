@@ -21,18 +21,18 @@ from tqdm.auto import tqdm
 
 from spa.artifacts import atomic_path, iter_chunks, merge_parquet, num_rows, read_table
 from spa.config import SPAConfig, load_config
-from spa.layout import RunLayout
-from spa.sampling import SamplingSpec, choose_backend, make_sampler
+from spa.layout import RunLayout, model_dir
 from spa.schemas import RESPONSES
 from spa.sharding import parse_shard, shard_bounds, shard_key, shard_path
 from spa.stages.runner import StageResult, require, run_stage
-from spa.stages.train import model_dir
 
 SECTIONS = ["model", "sample"]
 RESPONSES_SCHEMA = pa.schema(list(RESPONSES.schema) + [pa.field("backend", pa.string())])
 
 
-def spec_from(cfg: SPAConfig) -> SamplingSpec:
+def spec_from(cfg: SPAConfig):
+    from spa.sampling import SamplingSpec
+
     s = cfg.sample
     return SamplingSpec(
         n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=s.seed,
@@ -43,6 +43,8 @@ def spec_from(cfg: SPAConfig) -> SamplingSpec:
 
 def sample_worker(cfg: SPAConfig, t: int, shard: tuple[int, int] | None = None) -> None:
     """Sample (a shard of) ``X_t`` with ``pi_{t-1}`` into ``responses.parquet`` (or its shard file)."""
+    from spa.sampling import choose_backend, make_sampler
+
     layout = RunLayout(Path(cfg.run_dir))
     prompts_path = layout.prompts(t)
     start, stop = shard_bounds(num_rows(prompts_path), shard, cfg.sample.chunk_rows)

@@ -21,38 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-import torch
 
 from spa.artifacts import read_table, write_table
 from spa.config import SPAConfig, load_config
-from spa.layout import RunLayout
+from spa.layout import RunLayout, model_dir
 from spa.manifest import content_hash
-from spa.models import default_device, load_causal_lm
-from spa.rendering import load_tokenizer
 from spa.stages.runner import StageResult, require, run_stage
-from spa.training import (
-    STATE_FILE,
-    PairCollator,
-    PairDataset,
-    RefinedDPOTrainer,
-    RefineSettings,
-    disable_dropout,
-    latest_checkpoint,
-    prepare_checkpoint_dir,
-    rows_to_table,
-)
+
+# torch, transformers and the trainer are imported inside the functions that train, so that a stage
+# that is already up to date answers in well under a second
 
 SECTIONS = ["model", "train"]
 
 
-def model_dir(cfg: SPAConfig, t: int) -> Path:
-    """Directory of ``pi_t`` (``pi_0`` may be given in no-seed mode)."""
-    if t == 0 and cfg.model.pi_0:
-        return Path(cfg.model.pi_0)
-    return RunLayout(Path(cfg.run_dir)).model(t)
+def refine_settings(cfg: SPAConfig, t: int):
+    from spa.training import RefineSettings
 
-
-def refine_settings(cfg: SPAConfig, t: int) -> RefineSettings | None:
     r = cfg.train.refinement
     if t == 0 or not r.self_refine:
         return None
@@ -63,12 +47,12 @@ def _training_pairs(cfg: SPAConfig, t: int) -> dict[str, list]:
     layout = RunLayout(Path(cfg.run_dir))
     if t == 0:
         table = read_table(layout.seed, "seed")
-        return {k: table.column(k).to_pylist() for k in ("prompt", "chosen", "rejected")}
+        return {k: table.column(k).to_pylist() for k in ("prompt_id", "prompt", "chosen", "rejected")}
     table = read_table(layout.judgments(t), "judgments")
     table = table.filter(pc.invert(table.column("tie")))
     if "dropped" in table.column_names:
         table = table.filter(pc.invert(table.column("dropped")))
-    out = {k: table.column(k).to_pylist() for k in ("prompt", "chosen", "rejected")}
+    out = {k: table.column(k).to_pylist() for k in ("prompt_id", "prompt", "chosen", "rejected")}
     for side in ("chosen", "rejected"):
         col = f"{side}_finished"
         out[col] = table.column(col).to_pylist() if col in table.column_names else None
@@ -76,6 +60,8 @@ def _training_pairs(cfg: SPAConfig, t: int) -> dict[str, list]:
 
 
 def _precision(cfg: SPAConfig) -> bool:
+    import torch
+
     if cfg.train.precision == "bf16":
         return True
     return cfg.train.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -83,7 +69,23 @@ def _precision(cfg: SPAConfig) -> bool:
 
 def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
     """Train ``pi_t`` (in this process; one of several under torchrun)."""
+    import torch
     from transformers import TrainingArguments
+
+    from spa.models import load_causal_lm
+    from spa.rendering import load_tokenizer
+    from spa.training import (
+        STATE_FILE,
+        PairCollator,
+        PairDataset,
+        RefinedDPOTrainer,
+        disable_dropout,
+        gather_samples,
+        latest_checkpoint,
+        prepare_checkpoint_dir,
+        rows_to_table,
+        samples_to_table,
+    )
 
     layout = RunLayout(Path(cfg.run_dir))
     start_dir = Path(cfg.model.pi_init) if t == 0 else model_dir(cfg, t - 1)
@@ -153,13 +155,16 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.accelerator.wait_for_everyone()
+    samples = gather_samples(trainer.samples)
     if trainer.is_world_process_zero():
         _save_final(trainer, tok, layout.model(t), tc.lora is not None)
+        if trainer.refine is not None:
+            write_table(samples_to_table(samples, pairs["prompt_id"]), layout.iteration(t) / "refinement.parquet")
         write_table(rows_to_table(trainer.rows), layout.train_log(t), "train_log")
     trainer.accelerator.wait_for_everyone()
 
 
-def _save_final(trainer: RefinedDPOTrainer, tok, target: Path, lora: bool) -> None:
+def _save_final(trainer, tok, target: Path, lora: bool) -> None:
     """Save ``pi_t`` as a full safetensors model (a LoRA adapter is merged), atomically as a directory."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if lora:
@@ -171,6 +176,12 @@ def _save_final(trainer: RefinedDPOTrainer, tok, target: Path, lora: bool) -> No
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
+
+
+def _device_name() -> str:
+    from spa.models import default_device
+
+    return str(default_device())
 
 
 def _launch(cfg: SPAConfig, t: int, run_key: str, config_path: Path) -> None:
@@ -189,6 +200,8 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
     start = Path(cfg.model.pi_init) if t == 0 else require(model_dir(cfg, t - 1), f"pi_{t-1}", "spa train" if t > 1 else "spa seed")
     data = require(layout.seed, "the seed set", "spa prepare") if t == 0 else require(layout.judgments(t), "judgments", f"spa judge --iteration {t}")
     outputs = [layout.model(t), layout.train_log(t)]
+    if t > 0 and cfg.train.refinement.self_refine:
+        outputs.append(layout.iteration(t) / "refinement.parquet")
     inputs = [start, data]
     key = "seed" if t == 0 else f"train/{t}"
     extra = {"iteration": t}
@@ -207,7 +220,7 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
         return {
             "steps": log.num_rows, "first_loss": losses[0], "final_loss": losses[-1],
             "mean_refined_fraction": float(pc.mean(log.column("refined_fraction")).as_py()),
-            "device": str(default_device()), "processes": cfg.train.num_processes,
+            "device": _device_name(), "processes": cfg.train.num_processes,
         }
 
     return run_stage(cfg, key, inputs, SECTIONS, outputs, body, extra_key=extra, force=force, echo=echo)
