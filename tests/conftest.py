@@ -107,3 +107,16 @@ def full_run(tmp_path_factory, tiny_model_dir, prefs_file):
     return cfg, path, res
 
 
+
+
+def copy_without_chat_template(src, dst):
+    """A copy of a model directory whose tokenizer has no chat template."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    (Path(dst) / "chat_template.jinja").unlink()
+    cfg_path = Path(dst) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg))
+    return dst

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import copy_without_chat_template
 
 from spa.logprobs import SequenceTooLongError, collate, encode_pair, length_sorted_batches, sequence_logps
 from spa.models import ModelLoadError, load_causal_lm
@@ -31,16 +32,7 @@ def test_eot_only_for_finished_responses(tok):
 
 
 def test_missing_chat_template_is_a_clear_error(tmp_path, tiny_model_dir):
-    import shutil
-
-    bad = tmp_path / "m"
-    shutil.copytree(tiny_model_dir, bad)
-    (bad / "chat_template.jinja").unlink()
-    import json
-
-    cfg = json.loads((bad / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (bad / "tokenizer_config.json").write_text(json.dumps(cfg))
+    bad = copy_without_chat_template(tiny_model_dir, tmp_path / "m")
     with pytest.raises(RenderingError, match="no chat template"):
         load_tokenizer(bad)
 

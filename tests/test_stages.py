@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import copy_without_chat_template, tiny_config
 
 from spa.artifacts import read_table
 from spa.layout import RunLayout
@@ -144,14 +144,7 @@ def test_missing_previous_artifact_is_one_clear_error(tmp_path, tiny_model_dir, 
 
 
 def test_model_without_chat_template_is_one_clear_error(tmp_path, tiny_model_dir, prefs_file, chained):
-    import shutil
-
-    bad = tmp_path / "bad_model"
-    shutil.copytree(tiny_model_dir, bad)
-    (bad / "chat_template.jinja").unlink()
-    tc = json.loads((bad / "tokenizer_config.json").read_text())
-    tc.pop("chat_template", None)
-    (bad / "tokenizer_config.json").write_text(json.dumps(tc))
+    bad = copy_without_chat_template(tiny_model_dir, tmp_path / "bad_model")
     cfg = tiny_config(tmp_path / "run", bad, prefs_file)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
