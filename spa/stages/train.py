@@ -11,6 +11,7 @@ device; gloo on CPU); this module is then also the worker entry point.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -189,7 +190,17 @@ def _launch(cfg: SPAConfig, t: int, run_key: str, config_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "spa.stages.train", "--config", str(config_path), "--iteration", str(t), "--run-key", run_key]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run(cmd, check=True, env=env)
+    # stderr is passed through live (progress bars) and its tail is kept: a failed launch then
+    # says why in the exception itself, not only somewhere up in a long log
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed training ({n} processes) failed with exit code {proc.returncode}; "
+                           f"last lines of the workers' stderr:\n{''.join(tail)}")
 
 
 def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
@@ -232,7 +243,15 @@ def _main() -> None:
     parser.add_argument("--iteration", type=int, required=True)
     parser.add_argument("--run-key", required=True)
     ns = parser.parse_args()
-    train_worker(load_config(ns.config), ns.iteration, ns.run_key)
+    try:
+        train_worker(load_config(ns.config), ns.iteration, ns.run_key)
+    finally:
+        import torch.distributed as dist
+
+        # an un-destroyed process group can abort the interpreter at exit, which torchrun
+        # reports as a failed worker after the work itself succeeded
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
