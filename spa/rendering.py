@@ -9,6 +9,7 @@ gets one: SPA.md, "Truncated responses").
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -45,12 +46,18 @@ def _adds_bos_by_default(tok: PreTrainedTokenizerBase) -> bool:
     return tok("x", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]
 
 
-def prompt_text(tok: PreTrainedTokenizerBase, prompt: str) -> str:
+Prompt = str | Sequence[Mapping[str, str]]  # one user message, or a conversation ending with a user turn
+
+
+def prompt_text(tok: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     """The prompt rendered by the chat template, ending with the assistant generation prompt."""
-    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if not messages or messages[-1].get("role") != "user":
+        raise RenderingError("a conversation prompt must end with a user message")
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+def prompt_ids(tok: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
     """Token ids of the rendered prompt with exactly one BOS (when the model uses one)."""
     ids = tok(prompt_text(tok, prompt), add_special_tokens=False)["input_ids"]
     bos = tok.bos_token_id

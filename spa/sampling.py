@@ -8,7 +8,10 @@ so both sample from exactly the same context.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +49,10 @@ class Samples:
     num_tokens: list[int]
 
 
-def prompt_seed(seed: int, prompt: str) -> int:
-    """A per-prompt sampling seed derived from the run's seed and the prompt text."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\0{prompt}".encode()).digest()[:4], "little")
+def prompt_seed(seed: int, prompt) -> int:
+    """A per-prompt sampling seed derived from the run's seed and the prompt text (or conversation)."""
+    text = prompt if isinstance(prompt, str) else json.dumps([dict(m) for m in prompt], sort_keys=True)
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{text}".encode()).digest()[:4], "little")
 
 
 def vllm_available() -> bool:
@@ -112,8 +116,13 @@ class TransformersSampler:
         )
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], progress: str | None = None) -> list[Samples]:
-        spec, tok = self.spec, self.tok
+    def __call__(self, prompts: Sequence, progress: str | None = None, max_new_tokens: int | None = None) -> list[Samples]:
+        """Samples for ``prompts`` (texts or conversations); ``max_new_tokens`` overrides the spec's."""
+        spec, tok, gen = self.spec, self.tok, self.gen
+        if max_new_tokens is not None and max_new_tokens != spec.max_new_tokens:
+            spec = dataclasses.replace(spec, max_new_tokens=max_new_tokens)
+            gen = copy.deepcopy(gen)
+            gen.max_new_tokens = max_new_tokens
         encoded = [prompt_ids(tok, p) for p in prompts]
         _check_prompt_lengths(encoded, spec)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
@@ -129,7 +138,7 @@ class TransformersSampler:
             for row, i in enumerate(idx):
                 ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
                 attn[row, width - len(encoded[i]) :] = 1
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=self.gen)
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen)
             new = out[:, width:].cpu().tolist()
             for row, i in enumerate(idx):
                 results[i] = _samples(tok, [new[row * spec.n + k] for k in range(spec.n)], self.stops)
@@ -153,11 +162,12 @@ class VLLMSampler:
             generation_config="vllm",  # ignore the model's generation_config.json: our parameters only
         )
 
-    def __call__(self, prompts: Sequence[str], progress: str | None = None) -> list[Samples]:
+    def __call__(self, prompts: Sequence, progress: str | None = None, max_new_tokens: int | None = None) -> list[Samples]:
+        """Samples for ``prompts`` (texts or conversations); ``max_new_tokens`` overrides the spec's."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        spec = self.spec
+        spec = self.spec if max_new_tokens is None else dataclasses.replace(self.spec, max_new_tokens=max_new_tokens)
         encoded = [prompt_ids(self.tok, p) for p in prompts]
         _check_prompt_lengths(encoded, spec)
         # one seed per prompt, from the run's seed and the prompt text: a shared seed would give every

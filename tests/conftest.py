@@ -59,7 +59,7 @@ def tiny_config(run_dir, pi_init, source, **sections):
         "sample": {"max_new_tokens": 12, "batch_size": 8},
         "judge": {"batch_size": 8},
         "train": {"batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3, "seed_epochs": 1, "save_steps": 2},
-        "evaluate": {"max_prompts": 4, "max_new_tokens": 8},
+        "evaluate": {"eval_set": "heldout", "max_prompts": 4, "max_new_tokens": 8},
     }
     for key, value in sections.items():
         if isinstance(value, dict):

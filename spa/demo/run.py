@@ -89,7 +89,7 @@ def demo_config(world: Path, run_dir: Path, sizes: WorldSizes = WorldSizes(), se
                   "save_steps": 1000, "seed": seed,
                   "refinement": {"self_refine": self_refine, "decoupled": decoupled}},
         "evaluate": {"annotator": "python:spa.demo.world:prefer",
-                     "reference_outputs": str(world / "reference_outputs.parquet"),
+                     "eval_set": str(world / "reference_outputs.parquet"),
                      "max_new_tokens": MAX_NEW_TOKENS, "batch_size": 64},
     }
 

@@ -1,8 +1,12 @@
-"""``spa evaluate --iteration t``: held-out gold agreement and response length statistics.
+"""``spa evaluate --iteration t``: AlpacaEval-style win rates, gold agreement, lengths, MT-Bench.
 
-Gold agreement is the share of held-out gold pairs where ``pi_t``'s implicit reward
-against ``pi_init`` (Eq. 4) prefers the gold ``chosen``. Outputs for the held-out
-prompts are written in alpaca-eval's column names (instruction, output, generator).
+- Outputs for the evaluation set (default: the 805 AlpacaEval 2.0 instructions) in alpaca-eval's
+  ``model_outputs.json`` format and as ``eval.parquet``; annotated against the reference outputs
+  by the configured annotator; win rate and length-controlled win rate by alpaca-eval's code
+  (``spa.evaluation``).
+- Gold agreement: the share of held-out gold pairs where ``pi_t``'s implicit reward against
+  ``pi_init`` (Eq. 4) prefers the gold ``chosen``.
+- MT-Bench (optional): two-turn answers and single-answer grades (``spa.mt_bench``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from spa.annotators import annotate, load_annotator, win_rate
 from spa.artifacts import read_table, write_table, write_text_atomic
 from spa.config import SPAConfig
 from spa.layout import RunLayout, model_dir
@@ -48,22 +51,72 @@ def gold_agreement(cfg: SPAConfig, t: int, heldout: pa.Table) -> float:
     return float(np.mean(reward[:n] > reward[n:])) if n else float("nan")
 
 
-def load_reference(path: Path) -> dict[str, list[str]]:
-    """Reference outputs (alpaca-eval JSON list or Parquet with instruction/output columns)."""
-    if path.suffix == ".json":
-        rows = json.loads(path.read_text())
+def _endpoint(cfg: SPAConfig):
+    from spa.annotators import Endpoint
+
+    ep = cfg.evaluate.judge_endpoint
+    return Endpoint(ep.base_url, ep.model, ep.api_key_env) if ep is not None else None
+
+
+def _eval_set(cfg: SPAConfig, heldout: pa.Table):
+    """The instructions to answer and the reference set (``None`` for the held-out prompts)."""
+    from spa.eval_sets import HELDOUT, load_eval_set
+
+    if cfg.evaluate.eval_set == HELDOUT:
+        return heldout.column("prompt").to_pylist()[: cfg.evaluate.max_prompts], None
+    eval_set = load_eval_set(cfg.evaluate.eval_set)
+    return list(eval_set.instructions), eval_set
+
+
+def _mt_bench(cfg: SPAConfig, t: int, sampler, layout: RunLayout, echo) -> dict[str, Any]:
+    """Two-turn answers to the MT-Bench questions and, with a judge, their 1-10 grades."""
+    from spa.annotators import AnnotatorUnavailable
+    from spa.eval_sets import load_mt_bench
+    from spa.mt_bench import make_judge
+
+    mc = cfg.evaluate.mt_bench
+    questions = load_mt_bench(mc.questions)
+    first = sampler([q.turns[0] for q in questions], progress=f"MT-Bench turn 1, iter {t}", max_new_tokens=mc.max_new_tokens)
+    a1 = [s.responses[0] for s in first]
+    convs = [[{"role": "user", "content": q.turns[0]}, {"role": "assistant", "content": a},
+              {"role": "user", "content": q.turns[1]}] for q, a in zip(questions, a1, strict=True)]
+    second = sampler(convs, progress=f"MT-Bench turn 2, iter {t}", max_new_tokens=mc.max_new_tokens)
+    a2 = [s.responses[0] for s in second]
+    cols: dict[str, Any] = {
+        "question_id": pa.array([q.question_id for q in questions], pa.int32()),
+        "category": [q.category for q in questions], "turn_1": a1, "turn_2": a2,
+    }
+    out: dict[str, Any] = {"questions": len(questions), "judge": mc.judge, "score": None,
+                           "temperature": cfg.evaluate.temperature,
+                           "note": "one temperature for every category (FastChat uses per-category ones)"}
+    judge = None
+    if mc.judge is None:
+        out["note"] = "no MT-Bench judge configured (evaluate.mt_bench.judge): answers written, grading skipped"
     else:
-        rows = read_parquet_rows(path)
-    try:
-        return {"instruction": [r["instruction"] for r in rows], "output": [r["output"] for r in rows]}
-    except KeyError as exc:
-        raise ValueError(f"{path}: reference outputs need 'instruction' and 'output' ({exc} missing)") from None
-
-
-def read_parquet_rows(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
+        try:
+            judge = make_judge(mc.judge, _endpoint(cfg))
+        except AnnotatorUnavailable as exc:
+            out["note"] = f"MT-Bench judge unavailable: {exc}; answers written, grading skipped"
+    if judge is None:
+        echo(f"[evaluate/{t}] {out['note']}")
+    else:
+        grades = {1: [], 2: []}
+        for q, x, y in zip(questions, a1, a2, strict=True):
+            for turn in (1, 2):
+                grades[turn].append(judge(q, turn, [x, y]))
+        for turn in (1, 2):
+            cols[f"score_{turn}"] = pa.array([g.score for g in grades[turn]], pa.float64())
+            cols[f"judgment_{turn}"] = [g.judgment for g in grades[turn]]
+        scores = {turn: [g.score for g in grades[turn] if g.score is not None] for turn in (1, 2)}
+        missing = sum(g.score is None for turn in (1, 2) for g in grades[turn])
+        out.update(turn_1=float(np.mean(scores[1])) if scores[1] else None,
+                   turn_2=float(np.mean(scores[2])) if scores[2] else None, unparsed=missing)
+        if missing:  # FastChat drops unparsable ratings; we report the count and no average on a partial set
+            out["note"] = f"{missing} judgments had no [[rating]]: no MT-Bench score on a partial set"
+        else:
+            out["score"] = float(np.mean(scores[1] + scores[2]))
+    write_table(pa.table(cols), layout.iteration(t) / "mt_bench.parquet")
+    return out
 
 
 def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
@@ -71,61 +124,63 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
     heldout_path = require(layout.heldout, "the held-out gold set", "spa prepare")
     model = require(model_dir(cfg, t), f"pi_{t}", "spa seed" if t == 0 else f"spa train --iteration {t}")
     outputs = [layout.eval_table(t), layout.eval_summary(t), layout.iteration(t) / "model_outputs.json"]
+    if cfg.evaluate.mt_bench.enabled:
+        outputs.append(layout.iteration(t) / "mt_bench.parquet")
 
     def body() -> dict[str, Any]:
+        from spa.evaluation import score_outputs
         from spa.sampling import SamplingSpec, make_sampler, vllm_available
 
-        heldout = read_table(heldout_path, "heldout")
-        agreement = gold_agreement(cfg, t, heldout)
         ec = cfg.evaluate
-        if ec.reference_outputs:
-            reference = load_reference(Path(ec.reference_outputs))
-            prompts = reference["instruction"]
-        else:
-            reference, prompts = None, heldout.column("prompt").to_pylist()[: ec.max_prompts]
+        heldout = read_table(heldout_path, "heldout")
+        prompts, eval_set = _eval_set(cfg, heldout)  # before any model work: a bad eval set fails fast
+        agreement = gold_agreement(cfg, t, heldout)
         spec = SamplingSpec(n=1, temperature=ec.temperature, max_new_tokens=ec.max_new_tokens, seed=cfg.sample.seed,
                             batch_size=ec.batch_size, max_length=cfg.model.max_length, dtype=cfg.model.dtype,
                             trust_remote_code=cfg.model.trust_remote_code)
         backend = cfg.sample.backend if cfg.sample.backend != "vllm" or vllm_available() else "transformers"
         if backend != cfg.sample.backend:
             echo(f"[evaluate/{t}] vLLM is not importable here; answering with the transformers backend")
-        samples = make_sampler(backend, model, spec)(prompts, progress=f"evaluate iter {t}")
+        sampler = make_sampler(backend, model, spec)
+        samples = sampler(prompts, progress=f"evaluate iter {t}")
         outputs = [s.responses[0] for s in samples]
         generator = f"spa_iter_{t}"
-        columns = {
+        columns: dict[str, Any] = {
             "instruction": prompts, "output": outputs, "generator": [generator] * len(prompts),
             "num_tokens": pa.array([s.num_tokens[0] for s in samples], pa.int32()),
             "finish_reason": [s.finish_reasons[0] for s in samples],
         }
-        summary = {"iteration": t, "n": len(prompts), "win_rate": None, "lc_win_rate": None, "lc_model": None,
-                   "annotator": None}
-        if reference is not None:
-            if reference["instruction"] != prompts:  # never score a misaligned set (alpaca_eval#453)
-                raise ValueError("model outputs and reference outputs are not aligned instruction by instruction")
-            columns["reference_output"] = reference["output"]
-            if ec.annotator:
-                prefs = annotate(load_annotator(ec.annotator), prompts, reference["output"], outputs)
-                columns["preference"] = prefs
-                rates = win_rate(prefs)
-                summary.update(win_rate=rates["win_rate"], standard_error=rates["standard_error"],
-                               n_wins=rates["n_wins"], n_draws=rates["n_draws"], annotator=ec.annotator)
-            else:
-                echo(f"[evaluate/{t}] no annotator configured (evaluate.annotator): outputs written, no win rate")
-        write_table(pa.table(columns), layout.eval_table(t), "eval")
+        # the outputs are written first: an annotator failure never loses them
         write_text_atomic(layout.iteration(t) / "model_outputs.json", json.dumps(
             [{"instruction": i, "output": o, "generator": generator} for i, o in zip(prompts, outputs, strict=True)],
             indent=1))
+        summary: dict[str, Any] = {"iteration": t, "n": len(prompts), "generator": generator}
+        if eval_set is None:
+            summary.update(eval_set="heldout", annotator=None, win_rate=None, lc_win_rate=None, lc_model=None,
+                           win_rate_note="eval_set 'heldout' has no reference outputs: lengths only")
+        else:
+            columns["reference_output"] = eval_set.reference_outputs
+            prefs, scored = score_outputs(prompts, outputs, generator, eval_set, ec.annotator, _endpoint(cfg),
+                                          seed=cfg.sample.seed, echo=lambda m: echo(m.replace("[evaluate]", f"[evaluate/{t}]")))
+            summary.update(scored)
+            if prefs is not None:
+                columns["preference"] = pa.array(prefs, pa.float64())
+        write_table(pa.table(columns), layout.eval_table(t), "eval")
+        if ec.mt_bench.enabled:
+            summary["mt_bench"] = _mt_bench(cfg, t, sampler, layout, echo)
         lengths = [s.num_tokens[0] for s in samples]
         summary.update({
             "avg_length": float(np.mean(lengths)) if lengths else None,
+            "avg_length_chars": float(np.mean([len(o) for o in outputs])) if outputs else None,
             "truncated_share": float(np.mean([s.finish_reasons[0] == "length" for s in samples])) if samples else None,
             "gold_agreement": agreement, "gold_pairs": heldout.num_rows,
         })
         write_text_atomic(layout.eval_summary(t), json.dumps(summary, indent=2))
-        return {k: summary[k] for k in ("n", "avg_length", "gold_agreement", "win_rate")}
+        return {k: summary.get(k) for k in ("n", "avg_length", "gold_agreement", "win_rate", "lc_win_rate")}
 
     inputs = [heldout_path, model, Path(cfg.model.pi_init)]
-    if cfg.evaluate.reference_outputs:
-        inputs.append(require(Path(cfg.evaluate.reference_outputs), "evaluate.reference_outputs", "the data preparation"))
+    es = cfg.evaluate.eval_set
+    if es not in ("alpaca_eval", "heldout"):
+        inputs.append(require(Path(es), "evaluate.eval_set", "the data preparation"))
     return run_stage(cfg, f"evaluate/{t}", inputs, SECTIONS, outputs, body,
                      extra_key={"iteration": t}, force=force, echo=echo)

@@ -45,7 +45,47 @@ def build_report(cfg: SPAConfig) -> str:
         ]) + " |")
         t += 1
     lines += ["", "Iteration 0 is the seed stage (DPO of pi_init on the gold seed pairs).", ""]
+    lines += evaluation_table(layout)
     return "\n".join(lines)
+
+
+def _pm(value, err) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + (f" ± {err:.2f}" if err is not None else "")
+
+
+def evaluation_table(layout: RunLayout) -> list[str]:
+    """The evaluation per iteration in the columns of the paper's Table 1: gold-label share (the seed
+    size is the config's), AlpacaEval 2.0 length-controlled win rate and win rate against the
+    reference outputs, MT-Bench average; plus held-out gold agreement and length."""
+    rows, notes = [], []
+    t = 0
+    while layout.iteration(t).exists():
+        path = layout.eval_summary(t)
+        if path.exists():
+            ev = json.loads(path.read_text())
+            mt = ev.get("mt_bench") or {}
+            rows.append("| " + " | ".join([
+                "pi_0 (seed DPO)" if t == 0 else f"pi_{t} (SPA iter {t})",
+                _pm(ev.get("lc_win_rate"), ev.get("lc_standard_error")),
+                _pm(ev.get("win_rate"), ev.get("standard_error")),
+                _fmt(mt.get("score"), 2), _fmt(ev.get("gold_agreement")), _fmt(ev.get("avg_length"), 1),
+                f"{ev.get('eval_set', '-')} (n={ev.get('n', '-')})", str(ev.get("annotator") or "-"),
+                str(ev.get("lc_model") or "-"),
+            ]) + " |")
+            for key in ("win_rate_note", "lc_note"):
+                if ev.get(key):
+                    notes.append(f"- iteration {t}: {ev[key]}")
+            if mt.get("note"):
+                notes.append(f"- iteration {t}, MT-Bench: {mt['note']}")
+        t += 1
+    if not rows:
+        return []
+    return ["## Evaluation (the shape of the paper's Table 1)", "",
+            "| model | LC win rate (%) | win rate (%) | MT-Bench | gold agreement | avg length (tokens) | "
+            "eval set | annotator | LC model |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, "", *notes, ""]
 
 
 def run(cfg: SPAConfig, echo=print) -> Path:
