@@ -54,3 +54,51 @@ def assign_labels(p_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 8: ``first_wins = p > 0.5`` and ``tie = p == 0.5`` (ties stay out of training)."""
     p_first = torch.as_tensor(p_first, dtype=torch.float64)
     return p_first > 0.5, p_first == 0.5
+
+
+def select_pairs(rewards: torch.Tensor, lengths: torch.Tensor,
+                 length_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best-vs-worst selection (DICE, Chen et al. 2024; VARIANTS.md section 5).
+
+    ``rewards`` and ``lengths`` are ``[num_prompts, n]``; the score is ``reward - length_penalty * length``;
+    returns (chosen index, rejected index) per prompt: the first argmax and the first argmin. When all
+    scores of a prompt are equal both indices are 0 (a tie).
+    """
+    score = rewards.double() - length_penalty * lengths.double()
+    chosen = torch.argmax(score, dim=1)
+    rejected = torch.argmin(score, dim=1)
+    same = score.max(dim=1).values == score.min(dim=1).values
+    return torch.where(same, 0, chosen), torch.where(same, 0, rejected)
+
+
+def _mean_length_gap(rewards: torch.Tensor, lengths: torch.Tensor, a: float) -> float:
+    c, r = select_pairs(rewards, lengths, a)
+    rows = torch.arange(len(c))
+    return float((lengths[rows, c].double() - lengths[rows, r].double()).mean())
+
+
+def auto_length_penalty(rewards: torch.Tensor, lengths: torch.Tensor, tol: float = 1e-6) -> float:
+    """The ``a >= 0`` that makes the mean length gap (chosen - rejected) of :func:`select_pairs` closest to 0.
+
+    DICE scans a grid from 0 in steps of 1e-3. The gap is non-increasing in ``a`` (the argmax of
+    ``r - a*len`` moves to shorter responses, the argmin to longer ones) and piecewise constant, so a
+    bisection finds the jump across 0 to ``tol``; of its two sides the one with the smaller absolute
+    gap wins (the smaller ``a`` on a tie): at least as close to 0 as the best value of DICE's grid.
+    """
+    gap0 = _mean_length_gap(rewards, lengths, 0.0)
+    if gap0 <= 0:
+        return 0.0
+    hi = 1e-3
+    while _mean_length_gap(rewards, lengths, hi) > 0:
+        hi *= 2
+        if hi > 1e9:  # the gap never reaches 0 (e.g. equal lengths within every prompt): no penalty helps
+            return 0.0
+    lo = 0.0
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if _mean_length_gap(rewards, lengths, mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    g_lo, g_hi = abs(_mean_length_gap(rewards, lengths, lo)), abs(_mean_length_gap(rewards, lengths, hi))
+    return lo if g_lo <= g_hi else hi

@@ -176,3 +176,88 @@ class RefinementWindow:
         if tau is None or self.in_warmup(step, total_steps):
             return torch.zeros_like(values, dtype=torch.bool)
         return values.detach().double() < tau
+
+
+# --- variants (../shared/spec/VARIANTS.md) --------------------------------------------------------------
+
+
+def rpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_prompt_emb: torch.Tensor,
+    rejected_prompt_emb: torch.Tensor,
+    beta: float = 0.1,
+    tau: float = 0.5,
+    z_chosen: torch.Tensor | None = None,
+    z_rejected: torch.Tensor | None = None,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    """Relative Preference Optimization (Yin et al., Eq. 9-14; VARIANTS.md section 2): scalar loss.
+
+    ``s_ij = beta * w_ij * ((pc_i - rc_i) - (pr_j - rr_j))`` over the M winners x N losers,
+    ``w = softmax_j(-(1 - cos(e_i, e_j)) / tau)`` (each row sums to 1; cosine *distance*, as the
+    official code), loss ``mean_ij -logsigmoid(s_ij)``. Paired data: M = N, pairs on the diagonal.
+    With self-refinement (VARIANTS.md 2.7) ``z_ij = max(z_i, z_j)`` and SPA Eq. 10 per entry.
+    Written by hand: no library has RPO's contrast matrix.
+    """
+    lw = policy_chosen_logps - ref_chosen_logps  # [M]
+    ll = policy_rejected_logps - ref_rejected_logps  # [N]
+    diff = lw[:, None] - ll[None, :]  # [M, N]
+    with torch.no_grad():
+        ec = F.normalize(chosen_prompt_emb.float(), dim=-1)
+        er = F.normalize(rejected_prompt_emb.float(), dim=-1)
+        w = torch.softmax(-(1.0 - ec @ er.T) / tau, dim=1).to(diff.dtype)
+    s = beta * w * diff
+    if z_chosen is None and z_rejected is None:
+        return (-F.logsigmoid(s)).mean()
+    zc = (z_chosen if z_chosen is not None else torch.zeros_like(lw)).to(s.dtype)
+    zr = (z_rejected if z_rejected is not None else torch.zeros_like(ll)).to(s.dtype)
+    z = torch.maximum(zc[:, None], zr[None, :])
+    return refined_dpo_loss(s, z, alpha).mean()
+
+
+def dro_weights(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> torch.Tensor:
+    """Per-pair weights of the Wasserstein-DRO reweighting (VARIANTS.md 3.3, from proposal Eq. 2-3/2-4).
+
+    The worst case of ``E_Q[-log xi]`` over the W1 ball of radius ``eps`` around the empirical
+    distribution of ``xi_i = sigmoid(margin_i)`` on the support ``[xi_min, 1]`` moves mass to
+    ``xi_min``, lowest ``xi`` first, until the budget ``N * eps`` is spent (a fractional knapsack:
+    ``-log`` is convex and decreasing, so the cheapest gain per unit of transport is always the
+    move to the boundary). With ``p_i`` the moved share, the loss ``w_i * -logsigmoid(margin_i)``,
+    ``w_i = (1 - p_i) + p_i * xi_i / xi_min`` (detached), has the gradient of the worst case at the
+    current parameters. Pairs with ``xi_i <= xi_min`` (outside the support) keep weight 1.
+    Written by hand: the closed form is the thesis' LP solved analytically.
+    """
+    x = xi.detach().double().cpu()
+    budget = float(len(x)) * eps
+    p = torch.zeros_like(x)
+    for i in torch.argsort(x, stable=True).tolist():
+        if budget <= 0:
+            break
+        cost = float(x[i]) - xi_min
+        if cost <= 0:
+            continue
+        p[i] = min(1.0, budget / cost)
+        budget -= float(p[i]) * cost
+    w = (1 - p) + p * x / xi_min
+    w = torch.where(x <= xi_min, torch.ones_like(w), w)
+    return w.to(device=xi.device, dtype=xi.dtype)
+
+
+def dro_dpo_loss(margin: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1,
+                 z: torch.Tensor | None = None, alpha: float = 0.0) -> torch.Tensor:
+    """Per-sample loss of the DRO variants: ``w_i * -logsigmoid(margin_i)`` (``dro``), or with SR
+    (``sr+dro``) SPA Eq. 10 on the flagged pairs (``z = 1``) and the DRO weights computed over the
+    unflagged ones only."""
+    base = -F.logsigmoid(margin)
+    if z is None:
+        return dro_weights(torch.sigmoid(margin), eps, xi_min) * base
+    keep = z == 0
+    loss = refined_dpo_loss(margin, z.to(margin.dtype), alpha)
+    if bool(keep.any()):
+        w = dro_weights(torch.sigmoid(margin[keep]), eps, xi_min)
+        loss = loss.clone()
+        loss[keep] = w * base[keep]
+    return loss
