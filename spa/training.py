@@ -22,7 +22,15 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from spa.logprobs import Encoded, collate, encode_pair, gather_logps
-from spa.losses import RefinementWindow, dpo_margin, extrapolated_logps, refined_dpo_loss
+from spa.losses import (
+    RefinementWindow,
+    dpo_margin,
+    dro_dpo_loss,
+    dro_weights,
+    extrapolated_logps,
+    refined_dpo_loss,
+    rpo_loss,
+)
 
 log = logging.getLogger(__name__)
 STATE_FILE = "spa_state.json"
@@ -39,12 +47,23 @@ class RefineSettings:
     lam: float = 0.0  # 0 = SR only (confidence from pi_theta itself)
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """Which pair loss trains (VARIANTS.md): ``dpo`` (Eq. 6/10), ``rpo``, ``dro``, ``sr+dro``."""
+
+    kind: str = "dpo"
+    rpo_tau: float = 0.5
+    dro_eps: float = 0.01
+    dro_xi_min: float = 0.1
+
+
 class PairDataset(Dataset):
     """Rendered (chosen, rejected) pairs; rendering goes through :mod:`spa.rendering`."""
 
     def __init__(self, tok: PreTrainedTokenizerBase, prompts, chosen, rejected, max_length: int,
-                 chosen_finished=None, rejected_finished=None):
+                 chosen_finished=None, rejected_finished=None, prompt_emb=None):
         n = len(prompts)
+        self.prompt_emb = torch.as_tensor(prompt_emb, dtype=torch.float32) if prompt_emb is not None else None
         cf = chosen_finished if chosen_finished is not None else [True] * n
         rf = rejected_finished if rejected_finished is not None else [True] * n
         self.items = [
@@ -56,7 +75,10 @@ class PairDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"chosen": self.items[i][0], "rejected": self.items[i][1], "row": i}
+        item = {"chosen": self.items[i][0], "rejected": self.items[i][1], "row": i}
+        if self.prompt_emb is not None:
+            item["prompt_emb"] = self.prompt_emb[i]
+        return item
 
 
 class PairCollator:
@@ -68,13 +90,16 @@ class PairCollator:
     def __call__(self, features: list[dict[str, Encoded]]) -> dict[str, torch.Tensor]:
         seqs = [f["chosen"] for f in features] + [f["rejected"] for f in features]
         batch = collate(seqs, self.pad_id)
-        return {
+        out = {
             "input_ids": batch["input_ids"],
             "attention_mask": batch["attention_mask"],
             "target_ids": batch["labels"],  # not "labels": Trainer must not count tokens for its own loss
             "loss_mask": batch["loss_mask"],
             "row_ids": torch.tensor([f["row"] for f in features], dtype=torch.long),
         }
+        if "prompt_emb" in features[0]:
+            out["prompt_emb"] = torch.stack([f["prompt_emb"] for f in features])
+        return out
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -90,6 +115,7 @@ class _StepStats:
 
     def reset(self) -> None:
         self.sums = torch.zeros(8, dtype=torch.float64)  # loss, n, margin, refined, pc, pr, rew_c, rew_acc
+        self.variant: dict[str, float] = {}  # per-step statistics of a loss variant (max over micro-batches)
         self.tau: float | None = None
         self.lr: float = 0.0
 
@@ -98,8 +124,9 @@ class RefinedDPOTrainer(Trainer):
     """``Trainer`` whose loss is the refined DPO loss of Eq. 10 (plain DPO when refinement is off)."""
 
     def __init__(self, *args, ref_model: torch.nn.Module | None, beta: float, refine: RefineSettings | None,
-                 resume_state: dict | None = None, **kwargs):
+                 resume_state: dict | None = None, loss: LossSettings | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.loss_settings = loss or LossSettings()
         self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: Trainer divides by GA
         self.ref_model = ref_model
         self.beta = beta
@@ -165,7 +192,7 @@ class RefinedDPOTrainer(Trainer):
                     self.samples.append([row, step, conf_sr[i].item(), conf[i].item() if self.refine.lam > 0 else nan,
                                          bool(z_sr[i]), bool(z_used[i]) if self.refine.lam > 0 else False])
         alpha = self.refine.alpha if self.refine is not None else 0.0
-        loss = refined_dpo_loss(margin, z, alpha).mean()  # Eq. 10 (Eq. 6 when z = 0)
+        loss = self._pair_loss(margin, z, alpha, pc, pr, rc, rr, inputs)
 
         with torch.no_grad():
             chosen_reward = self.beta * (pc - rc)
@@ -175,6 +202,28 @@ class RefinedDPOTrainer(Trainer):
             ], dtype=torch.float64)
             self.stats.lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else 0.0
         return loss
+
+    def _pair_loss(self, margin, z, alpha, pc, pr, rc, rr, inputs) -> torch.Tensor:
+        """The configured pair loss over this micro-batch (the group of RPO and DRO)."""
+        ls, stats = self.loss_settings, self.stats.variant
+        if ls.kind == "rpo":
+            emb = inputs["prompt_emb"]
+            with torch.no_grad():
+                e = torch.nn.functional.normalize(emb.float(), dim=-1)
+                w = torch.softmax(-(1.0 - e @ e.T) / ls.rpo_tau, dim=1)
+                stats["rpo_diag_weight"] = max(stats.get("rpo_diag_weight", 0.0), float(w.diagonal().mean()))
+            refined = self.refine is not None
+            return rpo_loss(pc, pr, rc, rr, emb, emb, self.beta, ls.rpo_tau, z_chosen=z if refined else None,
+                            z_rejected=z if refined else None, alpha=alpha)
+        if ls.kind in ("dro", "sr+dro"):
+            with torch.no_grad():
+                keep = z == 0 if ls.kind == "sr+dro" else torch.ones_like(z, dtype=torch.bool)
+                if bool(keep.any()):
+                    w = dro_weights(torch.sigmoid(margin.detach()[keep]), ls.dro_eps, ls.dro_xi_min)
+                    stats["dro_max_weight"] = max(stats.get("dro_max_weight", 0.0), float(w.max()))
+            zz = z if ls.kind == "sr+dro" else None
+            return dro_dpo_loss(margin, ls.dro_eps, ls.dro_xi_min, z=zz, alpha=alpha).mean()
+        return refined_dpo_loss(margin, z, alpha).mean()  # Eq. 10 (Eq. 6 when z = 0)
 
     def finish_step(self, step: int) -> dict[str, Any]:
         """Reduce this optimiser step's statistics across ranks into one ``train_log`` row."""
@@ -193,6 +242,7 @@ class RefinedDPOTrainer(Trainer):
             "logps_rejected": sums[5].item() / n,
             "rewards_chosen": sums[6].item() / n,
             "rewards_accuracies": sums[7].item() / n,
+            **self.stats.variant,
         }
         if step == 1 and abs(row["margin_mean"]) > 1e-2:
             log.warning("step 1 margin %.4f: policy and reference differ at the start (mismatched reference?)",
@@ -245,6 +295,8 @@ TRAIN_LOG_SCHEMA = pa.schema([
     ("step", pa.int64()), ("loss", pa.float64()), ("lr", pa.float64()), ("margin_mean", pa.float64()),
     ("tau", pa.float64()), ("refined_fraction", pa.float64()), ("logps_chosen", pa.float64()),
     ("logps_rejected", pa.float64()), ("rewards_chosen", pa.float64()), ("rewards_accuracies", pa.float64()),
+    ("rpo_diag_weight", pa.float64()),  # RPO: mean weight of a pair's own entry (VARIANTS.md 2.6, item 2)
+    ("dro_max_weight", pa.float64()),  # DRO: the largest pair weight of the step (VARIANTS.md 3.3, item 7)
 ])
 
 

@@ -101,6 +101,16 @@ def train(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = Forc
     _run(stage.run, config, overrides, iteration, force=force)
 
 
+@app.command("train-rm")
+def train_rm(config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt,
+             epochs: int = typer.Option(3, min=1, help="passes over the seed pairs"),
+             lr: float = typer.Option(1e-4, help="AdamW learning rate")) -> None:
+    """Train a Bradley-Terry reward model on the seed pairs -> judge.reward_model (judge.type external_rm)."""
+    from spa.stages import train_rm as stage
+
+    _run(stage.run, config, overrides, force=force, epochs=epochs, lr=lr)
+
+
 @app.command()
 def evaluate(config: Path = ConfigOpt,
              iteration: int = typer.Option(..., "--iteration", "-t", min=0, help="0 evaluates pi_0"),

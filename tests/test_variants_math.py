@@ -118,7 +118,7 @@ def test_auto_length_penalty_is_at_least_as_good_as_dices_grid():
         a = auto_length_penalty(rewards, lengths)
         assert a >= 0
 
-        def gap(x):
+        def gap(x, rewards=rewards, lengths=lengths):
             c, r = select_pairs(rewards, lengths, x)
             idx = torch.arange(40)
             return abs(float((lengths[idx, c] - lengths[idx, r]).mean()))

@@ -1,5 +1,9 @@
 """``spa judge --iteration t``: label each response pair with the implicit reward (Eq. 7, 8, 13).
 
+Variants (VARIANTS.md 5-6): best-vs-worst of ``n`` samples with a fixed or automatic length
+penalty (DICE), an external reward model or an LLM judge instead of the implicit reward, and
+label-noise injection (``judge.flip_fraction``).
+
 ``p = sigma(r(y1) - r(y2))`` with ``r(y) = beta*[log pi_{t-1}(y|x) - log pi_ref(y|x)]``,
 ``pi_ref = pi_init`` by default (or the previous model, or none). Streams through the
 responses in batches: memory does not grow with the number of prompts.
@@ -7,6 +11,8 @@ responses in batches: memory does not grow with the number of prompts.
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,8 @@ JUDGMENT_SCHEMA = pa.schema(list(JUDGMENTS.schema) + [
     pa.field("chosen_finished", pa.bool_()), pa.field("rejected_finished", pa.bool_()),
     pa.field("chosen_tokens", pa.int32()), pa.field("rejected_tokens", pa.int32()),
     pa.field("first_is_chosen", pa.bool_()), pa.field("dropped", pa.bool_()),
+    pa.field("chosen_index", pa.int32()), pa.field("rejected_index", pa.int32()),
+    pa.field("flipped", pa.bool_()),
 ])
 
 
@@ -39,90 +47,217 @@ def reference_dir(cfg: SPAConfig, t: int) -> Path | None:
     return Path(cfg.model.pi_init)
 
 
-def judge_name(cfg: SPAConfig) -> str:
+def judge_name(cfg: SPAConfig, length_penalty: float | None = None) -> str:
     j = cfg.judge
-    return f"implicit(ref={j.reference},beta={j.beta},length_penalty={j.length_penalty})"
+    a = j.length_penalty if length_penalty is None else length_penalty
+    a_text = f"{a:.6g}" if isinstance(a, float | int) else str(a)
+    if j.type == "implicit":
+        base = f"implicit(ref={j.reference},beta={j.beta},length_penalty={a_text})"
+    elif j.type == "external_rm":
+        base = f"external_rm({Path(j.reward_model or '').name},length_penalty={a_text})"
+    else:
+        base = f"llm_judge({Path(j.llm_judge_model or cfg.model.pi_init).name},both_orders)"
+    if j.select == "best_worst":
+        base += f"+best_worst(n={cfg.sample.n})"
+    if j.flip_fraction:
+        base += f"+flip({j.flip_fraction})"
+    return base
 
 
-def judge_rows(rows: pa.Table, policy, ref, tok, cfg: SPAConfig) -> pa.Table:
-    """Judge one chunk of ``responses.parquet`` rows (the first two responses of each prompt)."""
-    import torch
+@dataclass
+class Scores:
+    """Per-candidate numbers of one chunk, ``[P, k]`` arrays (``k`` candidates per prompt)."""
 
-    from spa.judge import implicit_preference
-    from spa.logprobs import sequence_logps
+    reward: np.ndarray  # without length penalty; NaN where the judge has no per-response reward (LLM judge)
+    policy: np.ndarray  # log pi_{t-1}(y|x); NaN for external judges
+    ref: np.ndarray  # log pi_ref(y|x); NaN without a reference
+    lens: np.ndarray  # response tokens (the policy tokenizer's count)
+    p_first: np.ndarray | None = None  # pairwise judges (LLM judge): p(y1 > y2) directly
 
+
+class Judges:
+    """The models a judge needs, loaded once per file: the implicit reward's policy and reference, an
+    external reward model, or an LLM judge (VARIANTS.md 6)."""
+
+    def __init__(self, cfg: SPAConfig, t: int):
+        from spa.models import load_causal_lm
+        from spa.rendering import load_tokenizer
+
+        dtype, trc = cfg.model.dtype, cfg.model.trust_remote_code
+        self.cfg, self.t = cfg, t
+        policy_dir = model_dir(cfg, t - 1)
+        self.tok = load_tokenizer(policy_dir, trc)
+        self.policy = self.ref = self.rm = self.llm = None
+        if cfg.judge.type == "implicit":
+            self.policy = load_causal_lm(policy_dir, dtype, trust_remote_code=trc)
+            ref_dir = reference_dir(cfg, t)
+            self.ref = load_causal_lm(ref_dir, dtype, trust_remote_code=trc) if ref_dir is not None else None
+        elif cfg.judge.type == "external_rm":
+            from spa.reward_model import load_reward_model
+
+            self.rm, self.rm_tok = load_reward_model(cfg.judge.reward_model, dtype, trc)
+        else:
+            path = cfg.judge.llm_judge_model or cfg.model.pi_init
+            self.llm, self.llm_tok = load_causal_lm(path, dtype, trust_remote_code=trc), load_tokenizer(path, trc)
+
+    def score(self, prompts: list[str], cands: list[list[str]], fins: list[list[bool]]) -> Scores:
+        from spa.logprobs import sequence_logps
+
+        cfg = self.cfg
+        n, k = len(prompts), len(cands[0]) if cands else 2
+        flat_p = [p for p in prompts for _ in range(k)]
+        flat_y = [y for row in cands for y in row]
+        flat_f = [f for row in fins for f in row]
+        bs, ml = cfg.judge.batch_size, cfg.model.max_length
+        nan = np.full(n * k, np.nan)
+        if self.policy is not None:
+            pol, lens = sequence_logps(self.policy, self.tok, flat_p, flat_y, flat_f, bs, ml)
+            ref = sequence_logps(self.ref, self.tok, flat_p, flat_y, flat_f, bs, ml)[0] if self.ref is not None else nan
+            reward = cfg.judge.beta * (pol - ref) if self.ref is not None else cfg.judge.beta * pol
+            return Scores(reward.reshape(n, k), pol.reshape(n, k), ref.reshape(n, k), lens.reshape(n, k))
+        lens = np.array([len(self.tok(y, add_special_tokens=False)["input_ids"]) for y in flat_y], np.int32)
+        if self.rm is not None:
+            from spa.reward_model import reward_scores
+
+            reward = reward_scores(self.rm, self.rm_tok, flat_p, flat_y, bs, ml)
+            return Scores(reward.reshape(n, k), nan.reshape(n, k), nan.reshape(n, k), lens.reshape(n, k))
+        from spa.llm_judge import pairwise_preference
+
+        p1 = pairwise_preference(self.llm, self.llm_tok, prompts, [c[0] for c in cands], [c[1] for c in cands],
+                                 bs, ml)
+        return Scores(nan.reshape(n, k), nan.reshape(n, k), nan.reshape(n, k), lens.reshape(n, k), p_first=p1)
+
+
+def candidates(rows: pa.Table, cfg: SPAConfig) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """The responses a judge compares: the first two (paper), or all ``n`` for best-vs-worst."""
     prompts = rows.column("prompt").to_pylist()
     responses = rows.column("responses").to_pylist()
     reasons = rows.column("finish_reasons").to_pylist()
+    k = 2 if cfg.judge.select == "first_two" else cfg.sample.n
     for i, r in enumerate(responses):
-        if len(r) < 2:
-            raise ValueError(f"responses row {i}: {len(r)} responses; judging needs 2 per prompt")
-    y1, y2 = [r[0] for r in responses], [r[1] for r in responses]
-    f1, f2 = [x[0] == "stop" for x in reasons], [x[1] == "stop" for x in reasons]
-    bs, ml = cfg.judge.batch_size, cfg.model.max_length
-    both_p = prompts + prompts
-    both_y, both_f = y1 + y2, f1 + f2
-    pol, lens = sequence_logps(policy, tok, both_p, both_y, both_f, bs, ml)
-    if ref is not None:
-        ref_lp, _ = sequence_logps(ref, tok, both_p, both_y, both_f, bs, ml)
+        if len(r) < k:
+            raise ValueError(f"responses row {i}: {len(r)} responses; this judge needs {k} per prompt "
+                             f"(sample.n = {cfg.sample.n}, judge.select = {cfg.judge.select})")
+    return prompts, [r[:k] for r in responses], [[x == "stop" for x in f[:k]] for f in reasons]
+
+
+def flip_mask(prompt_ids: list[str], fraction: float, seed: int, t: int) -> np.ndarray:
+    """Label-noise injection: each prompt's label flips with probability ``fraction``, decided by a
+    hash of (seed, iteration, prompt id) so that shards and reruns flip the same rows."""
+    if fraction <= 0:
+        return np.zeros(len(prompt_ids), dtype=bool)
+    u = [int.from_bytes(hashlib.sha256(f"{seed}\0{t}\0{pid}".encode()).digest()[:8], "little") / 2**64
+         for pid in prompt_ids]
+    return np.array(u) < fraction
+
+
+def label_rows(rows: pa.Table, scores: Scores, cands: list[list[str]], fins: list[list[bool]], cfg: SPAConfig,
+               t: int, length_penalty: float) -> pa.Table:
+    """Eq. 7-8 (or best-vs-worst selection) on scored candidates -> judgments rows."""
+    import torch
+
+    from spa.judge import select_pairs
+
+    n = len(cands)
+    a = length_penalty
+    score = scores.reward - a * scores.lens
+    if cfg.judge.select == "best_worst":
+        ci, ri = (x.numpy() for x in select_pairs(torch.from_numpy(scores.reward), torch.from_numpy(scores.lens), a))
+        rows_idx = np.arange(n)
+        p_chosen = 1.0 / (1.0 + np.exp(-(score[rows_idx, ci] - score[rows_idx, ri])))
+        tie = ci == ri
     else:
-        ref_lp = np.full_like(pol, np.nan)
-    n = len(prompts)
-    p1 = implicit_preference(
-        torch.from_numpy(pol[:n]), torch.from_numpy(ref_lp[:n]) if ref is not None else None,
-        torch.from_numpy(pol[n:]), torch.from_numpy(ref_lp[n:]) if ref is not None else None,
-        cfg.judge.beta, cfg.judge.length_penalty, torch.from_numpy(lens[:n]), torch.from_numpy(lens[n:]),
-    ).numpy()
-    identical = np.array([a == b for a, b in zip(y1, y2, strict=True)])
-    p1 = np.where(identical, 0.5, p1)  # identical texts are a tie even if padding nudged the numbers
-    tie = p1 == 0.5
-    first = p1 > 0.5  # Eq. 8; on a tie y1 stays first and the row is kept out of training
-    pick = lambda a, b: np.where(first | tie, a, b)  # noqa: E731
-    truncated = ~(np.array(f1) & np.array(f2))
+        p1 = scores.p_first if scores.p_first is not None else 1.0 / (1.0 + np.exp(-(score[:, 0] - score[:, 1])))
+        tie = p1 == 0.5
+        first = p1 > 0.5  # Eq. 8; on a tie y1 stays first and the row is kept out of training
+        ci = np.where(first | tie, 0, 1)
+        ri = 1 - ci
+        p_chosen = np.where(first | tie, p1, 1.0 - p1)
+    identical = np.array([c[i] == c[j] for c, i, j in zip(cands, ci, ri, strict=True)]) | np.array(
+        [i == j for i, j in zip(ci, ri, strict=True)])
+    tie = tie | identical  # identical texts are a tie even if padding nudged the numbers
+    p_chosen = np.where(tie, 0.5, p_chosen)
+    ri = np.where(tie & (ci == ri), (ci + 1) % len(cands[0]), ri)  # a tie row still names two responses
+    flipped = flip_mask(rows.column("prompt_id").to_pylist(), cfg.judge.flip_fraction, cfg.sample.seed, t) & ~tie
+    ci, ri = np.where(flipped, ri, ci), np.where(flipped, ci, ri)
+    p_chosen = np.where(flipped, 1.0 - p_chosen, p_chosen)
+    rows_idx = np.arange(n)
+
+    def chosen_of(m: np.ndarray) -> np.ndarray:
+        return m[rows_idx, ci]
+
+    def rejected_of(m: np.ndarray) -> np.ndarray:
+        return m[rows_idx, ri]
+
+    text = np.empty((n, len(cands[0]) if n else 2), dtype=object)
+    for i, row in enumerate(cands):
+        text[i, :] = row
+    fin = np.array(fins, dtype=bool).reshape(n, -1) if n else np.zeros((0, 2), dtype=bool)
+    truncated = ~(chosen_of(fin) & rejected_of(fin))
     return pa.table({
         "prompt_id": rows.column("prompt_id"),
         "prompt": rows.column("prompt"),
-        "chosen": pa.array(pick(np.array(y1, dtype=object), np.array(y2, dtype=object)).tolist(), pa.string()),
-        "rejected": pa.array(pick(np.array(y2, dtype=object), np.array(y1, dtype=object)).tolist(), pa.string()),
-        "p_chosen": pa.array(np.where(first | tie, p1, 1.0 - p1), pa.float64()),
-        "policy_logp_chosen": pa.array(pick(pol[:n], pol[n:]), pa.float64()),
-        "policy_logp_rejected": pa.array(pick(pol[n:], pol[:n]), pa.float64()),
-        "ref_logp_chosen": pa.array(pick(ref_lp[:n], ref_lp[n:]), pa.float64(), from_pandas=True),
-        "ref_logp_rejected": pa.array(pick(ref_lp[n:], ref_lp[:n]), pa.float64(), from_pandas=True),
-        "tie": pa.array(tie),
-        "judge": pa.array([judge_name(cfg)] * n, pa.string()),
-        "chosen_finished": pa.array(pick(np.array(f1), np.array(f2))),
-        "rejected_finished": pa.array(pick(np.array(f2), np.array(f1))),
-        "chosen_tokens": pa.array(pick(lens[:n], lens[n:]), pa.int32()),
-        "rejected_tokens": pa.array(pick(lens[n:], lens[:n]), pa.int32()),
-        "first_is_chosen": pa.array(first | tie),
-        "dropped": pa.array(truncated & cfg.judge.drop_truncated),
+        "chosen": pa.array(chosen_of(text).tolist(), pa.string()),
+        "rejected": pa.array(rejected_of(text).tolist(), pa.string()),
+        "p_chosen": pa.array(p_chosen, pa.float64()),
+        "policy_logp_chosen": pa.array(chosen_of(scores.policy), pa.float64(), from_pandas=True),
+        "policy_logp_rejected": pa.array(rejected_of(scores.policy), pa.float64(), from_pandas=True),
+        "ref_logp_chosen": pa.array(chosen_of(scores.ref), pa.float64(), from_pandas=True),
+        "ref_logp_rejected": pa.array(rejected_of(scores.ref), pa.float64(), from_pandas=True),
+        "tie": pa.array(tie, pa.bool_()),
+        "judge": pa.array([judge_name(cfg, a)] * n, pa.string()),
+        "chosen_finished": pa.array(chosen_of(fin), pa.bool_()),
+        "rejected_finished": pa.array(rejected_of(fin), pa.bool_()),
+        "chosen_tokens": pa.array(chosen_of(scores.lens), pa.int32()),
+        "rejected_tokens": pa.array(rejected_of(scores.lens), pa.int32()),
+        "first_is_chosen": pa.array(ci < ri, pa.bool_()),
+        "dropped": pa.array(truncated & cfg.judge.drop_truncated, pa.bool_()),
+        "chosen_index": pa.array(ci, pa.int32()),
+        "rejected_index": pa.array(ri, pa.int32()),
+        "flipped": pa.array(flipped, pa.bool_()),
     })
 
 
 def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[int, int] | None = None,
-               progress: bool = True) -> None:
-    """Stream (a chunk-aligned shard of) ``responses`` through the judge into ``out`` (atomic)."""
+               progress: bool = True) -> float:
+    """Stream (a chunk-aligned shard of) ``responses`` through the judge into ``out`` (atomic).
+
+    With ``judge.length_penalty: auto`` a first pass scores every chunk and keeps only the numbers
+    (no texts), the penalty is solved on all of them (:func:`spa.judge.auto_length_penalty`), and a
+    second pass labels. Returns the length penalty used.
+    """
+    import torch
     from tqdm.auto import tqdm
 
-    from spa.models import load_causal_lm
-    from spa.rendering import load_tokenizer
+    from spa.judge import auto_length_penalty
 
     start, stop = shard_bounds(num_rows(responses), shard, cfg.judge.chunk_rows)
-    dtype, trc = cfg.model.dtype, cfg.model.trust_remote_code
-    policy_dir = model_dir(cfg, t - 1)
-    tok = load_tokenizer(policy_dir, trc)
-    policy = load_causal_lm(policy_dir, dtype, trust_remote_code=trc)
-    ref_dir = reference_dir(cfg, t)
-    ref = load_causal_lm(ref_dir, dtype, trust_remote_code=trc) if ref_dir is not None else None
+    auto = cfg.judge.length_penalty == "auto"
+    if auto and shard is not None:
+        raise ValueError("judge.length_penalty 'auto' is solved over the whole set: run the judge unsharded")
+    judges = Judges(cfg, t)
+    chunks = lambda: iter_chunks(responses, "responses", cfg.judge.chunk_rows, start, stop)  # noqa: E731
+    stored: list[Scores] = []
+    a = 0.0 if auto else float(cfg.judge.length_penalty)
+    if auto:
+        with tqdm(total=stop - start, desc=f"judge iter {t} (scoring)", unit="prompt", disable=not progress) as bar:
+            for _, rows in chunks():
+                stored.append(judges.score(*candidates(rows, cfg)))
+                bar.update(rows.num_rows)
+        if stored:
+            a = auto_length_penalty(torch.from_numpy(np.concatenate([s.reward for s in stored])),
+                                    torch.from_numpy(np.concatenate([s.lens for s in stored]).astype(np.float64)))
     bar = tqdm(total=stop - start, desc=f"judge iter {t}", unit="prompt", disable=not progress)
     with atomic_path(out) as tmp:
         with pq.ParquetWriter(tmp, JUDGMENT_SCHEMA) as writer:
-            for first, rows in iter_chunks(responses, "responses", cfg.judge.chunk_rows, start, stop):
-                table = conform(judge_rows(rows, policy, ref, tok, cfg), JUDGMENTS, str(out), first)
+            for k, (first, rows) in enumerate(chunks()):
+                prompts, cands, fins = candidates(rows, cfg)
+                scores = stored[k] if auto else judges.score(prompts, cands, fins)
+                table = conform(label_rows(rows, scores, cands, fins, cfg, t, a), JUDGMENTS, str(out), first)
                 writer.write_table(table.cast(JUDGMENT_SCHEMA))
                 bar.update(table.num_rows)
     bar.close()
+    return a
 
 
 def _summary(path: Path) -> dict[str, Any]:
@@ -135,6 +270,7 @@ def _summary(path: Path) -> dict[str, Any]:
         "truncated_pairs": sum(not (a and b) for a, b in finished),
         "dropped": int(np.sum(table.column("dropped").to_numpy())),
         "mean_p_chosen": round(float(np.mean(p)), 4) if table.num_rows else None,
+        "flipped": int(np.sum(table.column("flipped").to_numpy())) if "flipped" in table.column_names else 0,
     }
 
 
@@ -160,8 +296,8 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
             return _summary(final) | {"shards": merge}
     else:
         def body() -> dict[str, Any]:
-            judge_file(cfg, t, responses, output, part)
-            return _summary(output)
+            a = judge_file(cfg, t, responses, output, part)
+            return _summary(output) | {"length_penalty": a}
 
     key = f"judge/{t}" if part is None else shard_key(f"judge/{t}", part)
     return run_stage(cfg, key, inputs, SECTIONS, [output], body, extra_key={"iteration": t}, force=force, echo=echo)

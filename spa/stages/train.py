@@ -39,9 +39,72 @@ def refine_settings(cfg: SPAConfig, t: int):
     from spa.training import RefineSettings
 
     r = cfg.train.refinement
-    if t == 0 or not r.self_refine:
+    if t == 0 or not r.self_refine or cfg.train.loss == "dro":  # 'dro' is the variant without SR
         return None
     return RefineSettings(r.alpha, r.k_percent, r.window, r.warmup_fraction, r.lam(t) if r.decoupled else 0.0)
+
+
+def loss_settings(cfg: SPAConfig, t: int):
+    """The pair loss of this stage: DRO applies to the self-labelled rounds (VARIANTS.md 3.3, item 9)
+    unless ``train.dro.seed_stage``; RPO to the seed stage and the iterations."""
+    from spa.training import LossSettings
+
+    tc = cfg.train
+    kind = tc.loss
+    if kind in ("dro", "sr+dro") and t == 0 and not tc.dro.seed_stage:
+        kind = "dpo"
+    return LossSettings(kind, tc.rpo.tau, tc.dro.eps, tc.dro.xi_min)
+
+
+def training_set_path(cfg: SPAConfig, t: int) -> Path:
+    return RunLayout(Path(cfg.run_dir)).iteration(t) / "train_pairs.parquet"
+
+
+def needs_training_set(cfg: SPAConfig, t: int) -> bool:
+    """Replay (iterations) and RPO's prompt embeddings are materialised in ``iter_t/train_pairs.parquet``."""
+    return (t > 0 and cfg.train.replay_fraction > 0) or cfg.train.loss == "rpo"
+
+
+def build_training_set(cfg: SPAConfig, t: int) -> dict[str, Any]:
+    """Write ``iter_t/train_pairs.parquet``: the pairs this stage trains on, with a ``source`` column
+    (``seed``, ``judged``, ``replay``) and, for RPO, ``prompt_emb`` (computed once per prompt)."""
+    import numpy as np
+    import pyarrow as pa
+
+    pairs = _training_pairs(cfg, t)
+    n = len(pairs["prompt"])
+    for side in ("chosen_finished", "rejected_finished"):
+        if pairs.get(side) is None:
+            pairs[side] = [True] * n
+    pairs["source"] = ["seed" if t == 0 else "judged"] * n
+    replayed = 0
+    gamma = cfg.train.replay_fraction
+    if t > 0 and gamma > 0:
+        # DICE: n_offline = gamma * n_generated / (1 - gamma) gold pairs, the offline share of the mix is gamma
+        seed = read_table(RunLayout(Path(cfg.run_dir)).seed, "seed")
+        want = int(round(gamma * n / (1 - gamma)))
+        rng = np.random.default_rng([cfg.train.seed, t, 0x5EED])
+        if want <= seed.num_rows:
+            idx = rng.choice(seed.num_rows, size=want, replace=False)
+        else:  # more than the seed holds: every pair once, the rest drawn again
+            idx = np.concatenate([rng.permutation(seed.num_rows), rng.choice(seed.num_rows, want - seed.num_rows)])
+        picked = seed.take(pa.array(np.sort(idx) if want <= seed.num_rows else idx))
+        for k in ("prompt_id", "prompt", "chosen", "rejected"):
+            pairs[k] = pairs[k] + picked.column(k).to_pylist()
+        pairs["chosen_finished"] += [True] * want
+        pairs["rejected_finished"] += [True] * want
+        pairs["source"] += ["replay"] * want
+        replayed = want
+    columns: dict[str, Any] = dict(pairs)
+    if cfg.train.loss == "rpo":
+        from spa.embeddings import embed_texts
+
+        unique = sorted(set(pairs["prompt"]))
+        emb = embed_texts(unique, cfg.train.rpo.embedding_model)
+        index = {p: i for i, p in enumerate(unique)}
+        columns["prompt_emb"] = pa.array([emb[index[p]].tolist() for p in pairs["prompt"]], pa.list_(pa.float32()))
+    write_table(pa.table(columns), training_set_path(cfg, t))
+    return {"replayed_pairs": replayed, "training_pairs": len(columns["prompt"])}
 
 
 def _training_pairs(cfg: SPAConfig, t: int) -> dict[str, list]:
@@ -94,11 +157,18 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tok = load_tokenizer(start_dir, cfg.model.trust_remote_code)
-    pairs = _training_pairs(cfg, t)
+    if needs_training_set(cfg, t):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(training_set_path(cfg, t))  # written by this stage's own body just before
+        pairs = {k: table.column(k).to_pylist() for k in table.column_names if k != "prompt_emb"}
+        emb = table.column("prompt_emb").to_pylist() if "prompt_emb" in table.column_names else None
+    else:
+        pairs, emb = _training_pairs(cfg, t), None
     if not pairs["prompt"]:
         raise ValueError(f"iteration {t}: no training pairs (all ties or dropped)")
     dataset = PairDataset(tok, pairs["prompt"], pairs["chosen"], pairs["rejected"], cfg.model.max_length,
-                          pairs.get("chosen_finished"), pairs.get("rejected_finished"))
+                          pairs.get("chosen_finished"), pairs.get("rejected_finished"), prompt_emb=emb)
     device = "cpu" if not torch.cuda.is_available() else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     policy = load_causal_lm(start_dir, "float32", device, cfg.model.trust_remote_code)
     disable_dropout(policy)
@@ -153,6 +223,7 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
     trainer = RefinedDPOTrainer(
         model=policy, args=args, train_dataset=dataset, data_collator=PairCollator(tok.pad_token_id),
         ref_model=ref_model, beta=tc.beta, refine=refine_settings(cfg, t), resume_state=resume_state,
+        loss=loss_settings(cfg, t),
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.accelerator.wait_for_everyone()
@@ -211,13 +282,16 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
     start = Path(cfg.model.pi_init) if t == 0 else require(model_dir(cfg, t - 1), f"pi_{t-1}", "spa train" if t > 1 else "spa seed")
     data = require(layout.seed, "the seed set", "spa prepare") if t == 0 else require(layout.judgments(t), "judgments", f"spa judge --iteration {t}")
     outputs = [layout.model(t), layout.train_log(t)]
-    if t > 0 and cfg.train.refinement.self_refine:
+    if refine_settings(cfg, t) is not None:
         outputs.append(layout.iteration(t) / "refinement.parquet")
+    if needs_training_set(cfg, t):
+        outputs.append(training_set_path(cfg, t))
     inputs = [start, data]
     key = "seed" if t == 0 else f"train/{t}"
     extra = {"iteration": t}
 
     def body() -> dict[str, Any]:
+        extra_summary = build_training_set(cfg, t) if needs_training_set(cfg, t) else {}
         run_key = hashlib.sha256(json.dumps(
             {k: content_hash(p) for k, p in (("start", start), ("data", data))} | {"cfg": cfg.section_hash(*SECTIONS), "t": t},
             sort_keys=True).encode()).hexdigest()
@@ -231,7 +305,8 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
         return {
             "steps": log.num_rows, "first_loss": losses[0], "final_loss": losses[-1],
             "mean_refined_fraction": float(pc.mean(log.column("refined_fraction")).as_py()),
-            "device": _device_name(), "processes": cfg.train.num_processes,
+            "device": _device_name(), "processes": cfg.train.num_processes, "loss": loss_settings(cfg, t).kind,
+            **extra_summary,
         }
 
     return run_stage(cfg, key, inputs, SECTIONS, outputs, body, extra_key=extra, force=force, echo=echo)

@@ -1,0 +1,71 @@
+"""LLM-as-judge (SPA paper Table 2 and App. B.2; VARIANTS.md 6).
+
+A causal LM is asked Constitutional AI's pairwise comparison question; the preference is the softmax
+of the log-probabilities of the two answer tokens, averaged over both presentation orders to cancel
+position bias: ``p(y1 > y2) = (P(A | y1 as A) + P(B | y1 as B)) / 2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from spa.rendering import prompt_ids
+
+TEMPLATE = ("Consider the following conversation between a human and an assistant:\n"
+            "Human: {prompt}\n\n"
+            "Please choose the response that is the most helpful, honest, and harmless.\n"
+            "Options:\n(A) {a}\n(B) {b}\n"
+            "Answer with A or B.")
+ANSWERS = ("A", "B")
+
+
+def answer_token_ids(tok) -> tuple[int, int]:
+    ids = []
+    for text in ANSWERS:
+        enc = tok(text, add_special_tokens=False)["input_ids"]
+        if not enc:
+            raise ValueError(f"the LLM judge's tokenizer has no token for {text!r}")
+        ids.append(enc[0])
+    if ids[0] == ids[1]:
+        raise ValueError("the LLM judge's tokenizer cannot tell 'A' from 'B' (same first token)")
+    return ids[0], ids[1]
+
+
+@torch.no_grad()
+def _p_first_option(model, tok, questions: list[str], batch_size: int, max_length: int | None) -> np.ndarray:
+    a_id, b_id = answer_token_ids(tok)
+    device = next(model.parameters()).device
+    out = np.zeros(len(questions))
+    encoded = [prompt_ids(tok, q) for q in questions]
+    if max_length is not None:
+        for i, ids in enumerate(encoded):
+            if len(ids) > max_length:
+                raise ValueError(f"row {i}: the judge prompt has {len(ids)} tokens > model.max_length={max_length}")
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(c) for c in chunk)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, c in enumerate(chunk):  # left padding: the next-token logits sit at the last position
+            ids[r, width - len(c):] = torch.tensor(c)
+            attn[r, width - len(c):] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, -1].float()
+        pair = torch.log_softmax(logits, dim=-1)[:, [a_id, b_id]]
+        out[start : start + len(chunk)] = torch.softmax(pair, dim=-1)[:, 0].cpu().numpy()
+    return out
+
+
+def pairwise_preference(model, tok, prompts: Sequence[str], y1: Sequence[str], y2: Sequence[str],
+                        batch_size: int = 8, max_length: int | None = None) -> np.ndarray:
+    """``p(y1 > y2)`` per prompt, averaged over both presentation orders (float64)."""
+    first = [TEMPLATE.format(prompt=p, a=a, b=b) for p, a, b in zip(prompts, y1, y2, strict=True)]
+    swapped = [TEMPLATE.format(prompt=p, a=b, b=a) for p, a, b in zip(prompts, y1, y2, strict=True)]
+    p_a = _p_first_option(model, tok, first, batch_size, max_length)
+    p_b = 1.0 - _p_first_option(model, tok, swapped, batch_size, max_length)
+    p = (p_a + p_b) / 2
+    same = np.array([a == b for a, b in zip(y1, y2, strict=True)])
+    return np.where(same, 0.5, p)
