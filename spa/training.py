@@ -31,9 +31,11 @@ from spa.losses import (
     refined_dpo_loss,
     rpo_loss,
 )
+from spa.spo import SPOHeads, SPOSettings, aux_loss, step_generator
 
 log = logging.getLogger(__name__)
 STATE_FILE = "spa_state.json"
+SPO_HEADS = "spo_heads.safetensors"  # SPO's heads, beside (not inside) the policy weights
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,25 @@ class LossSettings:
     rpo_tau: float = 0.5
     dro_eps: float = 0.01
     dro_xi_min: float = 0.1
+    spo: SPOSettings | None = None  # SPO: refined DPO + gamma * (CE_pref + CE_dispref)
+    seed: int = 0
 
 
 class PairDataset(Dataset):
     """Rendered (chosen, rejected) pairs; rendering goes through :mod:`spa.rendering`."""
 
     def __init__(self, tok: PreTrainedTokenizerBase, prompts, chosen, rejected, max_length: int,
-                 chosen_finished=None, rejected_finished=None, prompt_emb=None):
+                 chosen_finished=None, rejected_finished=None, prompt_emb=None, key_phrases: bool = False):
         n = len(prompts)
         self.prompt_emb = torch.as_tensor(prompt_emb, dtype=torch.float32) if prompt_emb is not None else None
+        self.spans = None
+        if key_phrases:  # SPO: RAKE key phrases as response-token indices, once per run (VARIANTS.md 1.3)
+            from spa.rake import key_phrase_token_spans
+
+            def info(text: str) -> tuple[list[list[int]], int]:
+                return key_phrase_token_spans(tok, text), len(tok(text, add_special_tokens=False)["input_ids"])
+
+            self.spans = [(info(c), info(r)) for c, r in zip(chosen, rejected, strict=True)]
         cf = chosen_finished if chosen_finished is not None else [True] * n
         rf = rejected_finished if rejected_finished is not None else [True] * n
         self.items = [
@@ -78,6 +90,8 @@ class PairDataset(Dataset):
         item = {"chosen": self.items[i][0], "rejected": self.items[i][1], "row": i}
         if self.prompt_emb is not None:
             item["prompt_emb"] = self.prompt_emb[i]
+        if self.spans is not None:
+            item["spo"] = self.spans[i]
         return item
 
 
@@ -99,6 +113,11 @@ class PairCollator:
         }
         if "prompt_emb" in features[0]:
             out["prompt_emb"] = torch.stack([f["prompt_emb"] for f in features])
+        if "spo" in features[0]:
+            seqs_info = [f["spo"][0] for f in features] + [f["spo"][1] for f in features]
+            out["spo_prompt_lens"] = torch.tensor([e.response_start for e in seqs])
+            out["spo_text_lens"] = torch.tensor([info[1] for info in seqs_info])
+            out["spo_spans"] = [info[0] for info in seqs_info]
         return out
 
 
@@ -125,8 +144,14 @@ class RefinedDPOTrainer(Trainer):
 
     def __init__(self, *args, ref_model: torch.nn.Module | None, beta: float, refine: RefineSettings | None,
                  resume_state: dict | None = None, loss: LossSettings | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
         self.loss_settings = loss or LossSettings()
+        self.spo_heads = None
+        spo = self.loss_settings.spo
+        if spo is not None:
+            model = kwargs.get("model") if "model" in kwargs else args[0]
+            self.spo_heads = SPOHeads(model.config.hidden_size, spo).to(next(model.parameters()).device)
+        super().__init__(*args, **kwargs)
+        self.spo_counts = [0, 0, 0, 0]  # correct / counted, preferred head then dispreferred head
         self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: Trainer divides by GA
         self.ref_model = ref_model
         self.beta = beta
@@ -149,6 +174,30 @@ class RefinedDPOTrainer(Trainer):
             self.samples = resume_state.get("samples", []) if is_main else []
         self.add_callback(_SPACallback(self))
 
+    def create_optimizer(self):
+        """Trainer's optimizer, plus SPO's heads as their own parameter group (own learning rate)."""
+        opt = super().create_optimizer()
+        if self.spo_heads is not None and not getattr(self, "_spo_group_added", False):
+            opt.add_param_group({"params": list(self.spo_heads.parameters()), "lr": self.loss_settings.spo.head_lr,
+                                 "weight_decay": 0.0})
+            self._spo_group_added = True
+        return opt
+
+    def _spo_loss(self, hidden: torch.Tensor, inputs) -> torch.Tensor:
+        """gamma * (CE_pref + CE_dispref) of SPO Eq. 7 on this micro-batch."""
+        spo = self.loss_settings.spo
+        half = hidden.shape[0] // 2
+        starts, lens, spans = inputs["spo_prompt_lens"].tolist(), inputs["spo_text_lens"].tolist(), inputs["spo_spans"]
+        gen = step_generator(self.loss_settings.seed, self.state.global_step, int(inputs["row_ids"][0]))
+        total = hidden.new_zeros(())
+        for k, (head, rows) in enumerate(((self.spo_heads.pref, slice(0, half)), (self.spo_heads.dispref, slice(half, None)))):
+            loss, correct, count = aux_loss(head, hidden[rows], starts[rows], lens[rows], spans[rows], spo.n_classes, gen,
+                                          spo.draw)
+            total = total + loss
+            self.spo_counts[2 * k] += correct
+            self.spo_counts[2 * k + 1] += count
+        return spo.gamma * total
+
     def _reference_logits(self, model, input_ids, attention_mask) -> torch.Tensor:
         with torch.no_grad():
             if self.ref_model is not None:
@@ -160,7 +209,9 @@ class RefinedDPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, attn = inputs["input_ids"], inputs["attention_mask"]
         targets, mask = inputs["target_ids"], inputs["loss_mask"]
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        spo = self.spo_heads is not None
+        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=spo)
+        logits = out.logits[:, :-1]
         ref_logits = self._reference_logits(model, ids, attn)[:, :-1]
         policy_logps = gather_logps(logits, targets, mask)
         with torch.no_grad():
@@ -193,6 +244,8 @@ class RefinedDPOTrainer(Trainer):
                                          bool(z_sr[i]), bool(z_used[i]) if self.refine.lam > 0 else False])
         alpha = self.refine.alpha if self.refine is not None else 0.0
         loss = self._pair_loss(margin, z, alpha, pc, pr, rc, rr, inputs)
+        if spo:  # SPO Eq. 7: hidden states of the same forward pass, no extra pass
+            loss = loss + self._spo_loss(out.hidden_states[-1], inputs)
 
         with torch.no_grad():
             chosen_reward = self.beta * (pc - rc)
@@ -244,6 +297,14 @@ class RefinedDPOTrainer(Trainer):
             "rewards_accuracies": sums[7].item() / n,
             **self.stats.variant,
         }
+        if self.spo_heads is not None:
+            counts = torch.tensor(self.spo_counts, dtype=torch.float64, device=self.accelerator.device)
+            if self.accelerator.num_processes > 1:
+                counts = self.accelerator.reduce(counts, reduction="sum")
+            c = counts.cpu().tolist()
+            row["spo_acc_pref"] = c[0] / c[1] if c[1] else None
+            row["spo_acc_dispref"] = c[2] / c[3] if c[3] else None
+            self.spo_counts = [0, 0, 0, 0]
         if step == 1 and abs(row["margin_mean"]) > 1e-2:
             log.warning("step 1 margin %.4f: policy and reference differ at the start (mismatched reference?)",
                         row["margin_mean"])
@@ -265,8 +326,25 @@ class _SPACallback(TrainerCallback):
             "refined_fraction": row["refined_fraction"],
         })
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        heads = self.trainer.spo_heads
+        if heads is None or self.trainer.accelerator.num_processes < 2:
+            return
+        import torch.distributed as dist
+
+        # the heads live outside the DDP wrapper: average their gradients like DDP does for the policy
+        for p in heads.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
     def on_save(self, args, state, control, **kwargs):
         tr = self.trainer
+        if tr.spo_heads is not None and state.is_world_process_zero:
+            from safetensors.torch import save_file
+
+            save_file(tr.spo_heads.state_dict(), str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / SPO_HEADS))
         samples = gather_samples(tr.samples)
         if not state.is_world_process_zero:
             return
@@ -297,6 +375,7 @@ TRAIN_LOG_SCHEMA = pa.schema([
     ("logps_rejected", pa.float64()), ("rewards_chosen", pa.float64()), ("rewards_accuracies", pa.float64()),
     ("rpo_diag_weight", pa.float64()),  # RPO: mean weight of a pair's own entry (VARIANTS.md 2.6, item 2)
     ("dro_max_weight", pa.float64()),  # DRO: the largest pair weight of the step (VARIANTS.md 3.3, item 7)
+    ("spo_acc_pref", pa.float64()), ("spo_acc_dispref", pa.float64()),  # SPO heads' accuracy (paper: > 90%)
 ])
 
 

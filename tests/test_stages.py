@@ -176,16 +176,14 @@ def test_ties_are_kept_out_of_training(tmp_path, chained):
     """Identical responses are a tie (p = 0.5) and never reach the optimiser."""
     import pyarrow as pa
 
-    from spa.stages.judge import judge_rows
+    from spa.stages.judge import Judges, judge_rows
     from spa.stages.train import _training_pairs
 
     cfg, _, _ = chained
     lay = RunLayout(cfg.run_dir)
-    policy = load_causal_lm(lay.model(0), "float32", "cpu")
-    ref = load_causal_lm(cfg.model.pi_init, "float32", "cpu")
     rows = pa.table({"prompt_id": ["a", "b"], "prompt": ["q1", "q2"], "responses": [["same", "same"], ["x", "y z"]],
                      "finish_reasons": [["stop", "stop"], ["stop", "length"]]})
-    out = judge_rows(rows, policy, ref, load_tokenizer(lay.model(0)), cfg).to_pylist()
+    out = judge_rows(rows, Judges(cfg, 1), cfg, 1).to_pylist()
     assert out[0]["tie"] and out[0]["p_chosen"] == 0.5
     assert not out[1]["tie"] and out[1]["p_chosen"] > 0.5
     judged = read_table(lay.judgments(1), "judgments")

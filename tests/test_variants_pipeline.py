@@ -150,14 +150,36 @@ VARIANT_RUNS = {
     }, ()),
     "rpo_llm_judge": ({"train": {"loss": "rpo", "micro_batch_size": 4}, "judge": {"type": "llm_judge"}}, ()),
     "dro_external_rm": ({"train": {"loss": "dro"}, "judge": {"type": "external_rm"}}, (("prepare",), ("train-rm",))),
+    "spo": ({"train": {"loss": "spo", "spo": {"width": 32, "draw": "available"}}}, ()),
+}
+# one variant per run (slow): the same checks, each variant alone
+SINGLE_VARIANT_RUNS = {
+    "rpo": ({"train": {"loss": "rpo", "micro_batch_size": 4}}, ()),
+    "spo_uniform": ({"train": {"loss": "spo", "spo": {"width": 32}}}, ()),
+    "dro": ({"train": {"loss": "dro"}}, ()),
+    "sr+dro": ({"train": {"loss": "sr+dro"}}, ()),
+    "best_worst_auto": ({"sample": {"n": 4}, "judge": {"select": "best_worst", "length_penalty": "auto"}}, ()),
+    "replay": ({"train": {"replay_fraction": 0.25}}, ()),
+    "flip": ({"judge": {"flip_fraction": 0.4}}, ()),
+    "external_rm": ({"judge": {"type": "external_rm"}}, (("prepare",), ("train-rm",))),
+    "llm_judge": ({"judge": {"type": "llm_judge"}}, ()),
 }
 
 
 @pytest.mark.parametrize("name", list(VARIANT_RUNS))
 def test_variants_run_end_to_end(tmp_path, tiny_model_dir, prefs_file, name):
-    sections, before = VARIANT_RUNS[name]
+    _check_variant_run(tmp_path, tiny_model_dir, prefs_file, name, *VARIANT_RUNS[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SINGLE_VARIANT_RUNS))
+def test_each_variant_alone_end_to_end(tmp_path, tiny_model_dir, prefs_file, name):
+    _check_variant_run(tmp_path, tiny_model_dir, prefs_file, name, *SINGLE_VARIANT_RUNS[name])
+
+
+def _check_variant_run(tmp_path, tiny_model_dir, prefs_file, name, sections, before):
     sections = json.loads(json.dumps(sections))
-    if sections["judge"].get("type") == "external_rm":
+    if sections.get("judge", {}).get("type") == "external_rm":
         sections["judge"]["reward_model"] = str(tmp_path / "rm")
     cfg, lay, stages = _spa_run(tmp_path, tiny_model_dir, prefs_file, name.replace("+", ""), before, **sections)
     assert {"seed", "judge/1", "train/1", "evaluate/1"} <= set(stages)
@@ -177,6 +199,10 @@ def test_variants_run_end_to_end(tmp_path, tiny_model_dir, prefs_file, name):
         assert stages["judge/1"]["summary"]["flipped"] == sum(r["flipped"] for r in judgments)
     if cfg.train.replay_fraction:
         assert stages["train/1"]["summary"]["replayed_pairs"] > 0
+    if cfg.train.loss == "spo":
+        assert all(r["spo_acc_pref"] is None or 0 <= r["spo_acc_pref"] <= 1 for r in log)
+        assert any(r["spo_acc_pref"] is not None for r in log)
+        assert (lay.iteration(1) / "spo_heads.safetensors").exists()
     if cfg.judge.type != "implicit":
         assert all(r["judge"].startswith(cfg.judge.type) for r in judgments)
         assert all(r["policy_logp_chosen"] is None or np.isnan(r["policy_logp_chosen"]) for r in judgments)

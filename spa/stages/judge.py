@@ -218,6 +218,13 @@ def label_rows(rows: pa.Table, scores: Scores, cands: list[list[str]], fins: lis
     })
 
 
+def judge_rows(rows: pa.Table, judges: Judges, cfg: SPAConfig, t: int, length_penalty: float | None = None) -> pa.Table:
+    """Judge one chunk of ``responses.parquet`` rows with a fixed length penalty (default: the config's number)."""
+    a = float(cfg.judge.length_penalty) if length_penalty is None else length_penalty
+    prompts, cands, fins = candidates(rows, cfg)
+    return label_rows(rows, judges.score(prompts, cands, fins), cands, fins, cfg, t, a)
+
+
 def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[int, int] | None = None,
                progress: bool = True) -> float:
     """Stream (a chunk-aligned shard of) ``responses`` through the judge into ``out`` (atomic).

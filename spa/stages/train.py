@@ -53,7 +53,12 @@ def loss_settings(cfg: SPAConfig, t: int):
     kind = tc.loss
     if kind in ("dro", "sr+dro") and t == 0 and not tc.dro.seed_stage:
         kind = "dpo"
-    return LossSettings(kind, tc.rpo.tau, tc.dro.eps, tc.dro.xi_min)
+    spo = None
+    if kind == "spo":
+        from spa.spo import SPOSettings
+
+        spo = SPOSettings(tc.spo.n_classes, tc.spo.gamma, tc.spo.head_lr, tc.spo.width, tc.spo.draw)
+    return LossSettings(kind, tc.rpo.tau, tc.dro.eps, tc.dro.xi_min, spo=spo, seed=tc.seed)
 
 
 def training_set_path(cfg: SPAConfig, t: int) -> Path:
@@ -139,6 +144,7 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
     from spa.models import load_causal_lm
     from spa.rendering import load_tokenizer
     from spa.training import (
+        SPO_HEADS,
         STATE_FILE,
         PairCollator,
         PairDataset,
@@ -168,7 +174,8 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
     if not pairs["prompt"]:
         raise ValueError(f"iteration {t}: no training pairs (all ties or dropped)")
     dataset = PairDataset(tok, pairs["prompt"], pairs["chosen"], pairs["rejected"], cfg.model.max_length,
-                          pairs.get("chosen_finished"), pairs.get("rejected_finished"), prompt_emb=emb)
+                          pairs.get("chosen_finished"), pairs.get("rejected_finished"), prompt_emb=emb,
+                          key_phrases=cfg.train.loss == "spo")
     device = "cpu" if not torch.cuda.is_available() else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     policy = load_causal_lm(start_dir, "float32", device, cfg.model.trust_remote_code)
     disable_dropout(policy)
@@ -225,6 +232,10 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
         ref_model=ref_model, beta=tc.beta, refine=refine_settings(cfg, t), resume_state=resume_state,
         loss=loss_settings(cfg, t),
     )
+    if trainer.spo_heads is not None and resume is not None and (resume / SPO_HEADS).exists():
+        from safetensors.torch import load_file
+
+        trainer.spo_heads.load_state_dict(load_file(str(resume / SPO_HEADS)))
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.accelerator.wait_for_everyone()
     samples = gather_samples(trainer.samples)
@@ -233,6 +244,10 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
         if trainer.refine is not None:
             write_table(samples_to_table(samples, pairs["prompt_id"]), layout.iteration(t) / "refinement.parquet")
         write_table(rows_to_table(trainer.rows), layout.train_log(t), "train_log")
+        if trainer.spo_heads is not None:
+            from safetensors.torch import save_file
+
+            save_file(trainer.spo_heads.state_dict(), str(layout.iteration(t) / SPO_HEADS))
     trainer.accelerator.wait_for_everyone()
 
 
@@ -286,6 +301,8 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
         outputs.append(layout.iteration(t) / "refinement.parquet")
     if needs_training_set(cfg, t):
         outputs.append(training_set_path(cfg, t))
+    if cfg.train.loss == "spo":
+        outputs.append(layout.iteration(t) / "spo_heads.safetensors")
     inputs = [start, data]
     key = "seed" if t == 0 else f"train/{t}"
     extra = {"iteration": t}
