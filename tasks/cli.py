@@ -86,7 +86,7 @@ def sample(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = For
 @app.command()
 def judge(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
            overrides: list[str] = SetOpt, shard: str = ShardOpt, merge: int = MergeOpt) -> None:
-    """Label response pairs with the implicit reward (Eq. 7-8) -> iter_t/judgments.parquet."""
+    """Label response pairs (implicit reward Eq. 7-8, or the configured judge variant) -> iter_t/judgments.parquet."""
     from spa.stages import judge as stage
 
     _run(stage.run, config, overrides, iteration, force=force, shard=shard, merge=merge)
@@ -115,7 +115,7 @@ def train_rm(config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[s
 def evaluate(config: Path = ConfigOpt,
              iteration: int = typer.Option(..., "--iteration", "-t", min=0, help="0 evaluates pi_0"),
              force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
-    """Held-out gold agreement and response lengths of pi_t -> iter_t/eval.parquet, eval.json."""
+    """Answer the eval set with pi_t, score it (win rate, LC win rate, MT-Bench), gold agreement -> iter_t/eval.*"""
     from spa.stages import evaluate as stage
 
     _run(stage.run, config, overrides, iteration, force=force)
