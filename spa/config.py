@@ -166,6 +166,8 @@ class TrainConfig(_Section):
     rpo: RPOConfig = Field(default_factory=lambda: RPOConfig())
     dro: DROConfig = Field(default_factory=lambda: DROConfig())
     spo: SPOConfig = Field(default_factory=lambda: SPOConfig())
+    group_by_length: bool = Field(False, description="length-grouped micro-batches (less padding; bench P4) "
+                                                     "instead of Trainer's uniformly random order")
     replay_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.0, description="experience replay (DICE): gold seed pairs make up this share of each iteration's training set")
 

@@ -88,7 +88,9 @@ def extrapolated_logps(
     total = torch.zeros(batch, dtype=torch.float32, device=policy_logits.device)
     for start in range(0, seq, step):
         stop = min(seq, start + step)
-        h = (1.0 + lam) * policy_logits[:, start:stop].float() - lam * ref_logits[:, start:stop].float()
+        # one new chunk tensor, updated in place (no second temporary for lam * h_ref)
+        h = policy_logits[:, start:stop].float().mul(1.0 + lam)
+        h.sub_(ref_logits[:, start:stop].float(), alpha=lam)
         token_logp = h.gather(-1, safe_labels[:, start:stop, None]).squeeze(-1) - torch.logsumexp(h, dim=-1)
         total += (token_logp * mask[:, start:stop]).sum(-1)
         del h

@@ -86,6 +86,10 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def lengths(self) -> list[int]:
+        """Padded width each pair needs (its longer sequence): the key of length-grouped sampling."""
+        return [max(len(c.input_ids), len(r.input_ids)) for c, r in self.items]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = {"chosen": self.items[i][0], "rejected": self.items[i][1], "row": i}
         if self.prompt_emb is not None:
@@ -143,8 +147,10 @@ class RefinedDPOTrainer(Trainer):
     """``Trainer`` whose loss is the refined DPO loss of Eq. 10 (plain DPO when refinement is off)."""
 
     def __init__(self, *args, ref_model: torch.nn.Module | None, beta: float, refine: RefineSettings | None,
-                 resume_state: dict | None = None, loss: LossSettings | None = None, **kwargs):
+                 resume_state: dict | None = None, loss: LossSettings | None = None, group_by_length: bool = False,
+                 **kwargs):
         self.loss_settings = loss or LossSettings()
+        self.group_by_length = group_by_length
         self.spo_heads = None
         spo = self.loss_settings.spo
         if spo is not None:
@@ -173,6 +179,18 @@ class RefinedDPOTrainer(Trainer):
             is_main = int(__import__("os").environ.get("RANK", "0")) == 0
             self.samples = resume_state.get("samples", []) if is_main else []
         self.add_callback(_SPACallback(self))
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Trainer's random order, or (``train.group_by_length``) transformers' ``LengthGroupedSampler`` over
+        the optimiser batch: similar lengths share a micro-batch, less padding (bench P4: ~2.5x tokens/s on a
+        long-tailed length distribution)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or not hasattr(dataset, "lengths"):
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=dataset.lengths())
 
     def create_optimizer(self):
         """Trainer's optimizer, plus SPO's heads as their own parameter group (own learning rate)."""

@@ -118,3 +118,33 @@ def test_lora_training_merges_the_adapter(tmp_path, tiny_model_dir, prefs_file):
     base = load_causal_lm(tiny_model_dir, "float32", "cpu").state_dict()
     changed = [k for k in base if not torch.equal(base[k], merged[k])]
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+
+def test_group_by_length_puts_similar_lengths_in_a_micro_batch(tmp_path, tiny_model_dir, prefs_file):
+    """train.group_by_length: the sampler groups pairs by padded width within each optimiser batch, the
+    stage trains as usual; off by default (Trainer's random order)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from spa.rendering import load_tokenizer
+    from spa.training import PairDataset, RefinedDPOTrainer
+
+    cfg, log = _seed_run(tmp_path, "grouped", tiny_model_dir, prefs_file, group_by_length=True)
+    assert len(log) > 0 and log[-1]["loss"] < log[0]["loss"] + 0.05
+    tok = load_tokenizer(tiny_model_dir)
+    texts = ["a", "a b c d e f g h i j k l", "b", "c d e f g h i j k l m n"] * 4
+    ds = PairDataset(tok, ["q"] * 16, texts, ["x"] * 16, 256)
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=2,
+                             gradient_accumulation_steps=4, report_to=[], use_cpu=True)
+    model = load_causal_lm(tiny_model_dir, "float32", "cpu")
+    grouped = RefinedDPOTrainer(model=model, args=args, train_dataset=ds, ref_model=model, beta=0.1, refine=None,
+                                group_by_length=True)
+    sampler = grouped._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+    order = list(iter(sampler))
+    widths = ds.lengths()
+    pairs = [order[i:i + 2] for i in range(0, len(order), 2)]
+    assert sum(widths[a] == widths[b] for a, b in pairs) >= 6  # long with long, short with short
+    plain = RefinedDPOTrainer(model=model, args=args, train_dataset=ds, ref_model=model, beta=0.1, refine=None)
+    assert not isinstance(plain._get_train_sampler(), LengthGroupedSampler)

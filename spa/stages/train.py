@@ -230,7 +230,7 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
     trainer = RefinedDPOTrainer(
         model=policy, args=args, train_dataset=dataset, data_collator=PairCollator(tok.pad_token_id),
         ref_model=ref_model, beta=tc.beta, refine=refine_settings(cfg, t), resume_state=resume_state,
-        loss=loss_settings(cfg, t),
+        loss=loss_settings(cfg, t), group_by_length=tc.group_by_length,
     )
     if trainer.spo_heads is not None and resume is not None and (resume / SPO_HEADS).exists():
         from safetensors.torch import load_file
