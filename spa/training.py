@@ -219,16 +219,16 @@ class RefinedDPOTrainer(Trainer):
     def _reference_logits(self, model, input_ids, attention_mask) -> torch.Tensor:
         with torch.no_grad():
             if self.ref_model is not None:
-                return self.ref_model(input_ids=input_ids, attention_mask=attention_mask).logits
+                return self.ref_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             unwrapped = self.accelerator.unwrap_model(model)
             with unwrapped.disable_adapter():  # LoRA: the reference is the base weights
-                return unwrapped(input_ids=input_ids, attention_mask=attention_mask).logits
+                return unwrapped(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, attn = inputs["input_ids"], inputs["attention_mask"]
         targets, mask = inputs["target_ids"], inputs["loss_mask"]
         spo = self.spo_heads is not None
-        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=spo)
+        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=spo, use_cache=False)
         logits = out.logits[:, :-1]
         ref_logits = self._reference_logits(model, ids, attn)[:, :-1]
         policy_logps = gather_logps(logits, targets, mask)

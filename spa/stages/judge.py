@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spa.artifacts import atomic_path, conform, iter_chunks, merge_parquet, num_rows, read_table
+from spa.artifacts import atomic_path, conform, iter_chunks, merge_parquet, num_rows
 from spa.config import SPAConfig
 from spa.layout import RunLayout, model_dir
 from spa.schemas import JUDGMENTS
@@ -268,16 +268,21 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
 
 
 def _summary(path: Path) -> dict[str, Any]:
-    table = read_table(path, "judgments")
-    finished = zip(table.column("chosen_finished").to_pylist(), table.column("rejected_finished").to_pylist(), strict=True)
+    """Counts over the written judgments, reading only their small columns (never the texts: bench P6)."""
+    names = set(pq.read_schema(path).names)
+    cols = [c for c in ("chosen_finished", "rejected_finished", "p_chosen", "tie", "dropped", "flipped") if c in names]
+    table = pq.read_table(path, columns=cols)
+    both = np.asarray(table.column("chosen_finished").to_numpy(zero_copy_only=False), dtype=bool) & np.asarray(
+        table.column("rejected_finished").to_numpy(zero_copy_only=False), dtype=bool)
     p = table.column("p_chosen").to_numpy()
+    count = lambda c: int(np.sum(table.column(c).to_numpy(zero_copy_only=False))) if c in cols else 0  # noqa: E731
     return {
         "pairs": table.num_rows,
-        "ties": int(np.sum(table.column("tie").to_numpy())),
-        "truncated_pairs": sum(not (a and b) for a, b in finished),
-        "dropped": int(np.sum(table.column("dropped").to_numpy())),
+        "ties": count("tie"),
+        "truncated_pairs": int(np.sum(~both)),
+        "dropped": count("dropped"),
         "mean_p_chosen": round(float(np.mean(p)), 4) if table.num_rows else None,
-        "flipped": int(np.sum(table.column("flipped").to_numpy())) if "flipped" in table.column_names else 0,
+        "flipped": count("flipped"),
     }
 
 
