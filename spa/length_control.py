@@ -66,11 +66,12 @@ def lc_win_rate(instructions: Sequence[str], reference: Sequence[str], outputs: 
         note = f"HF_HUB_OFFLINE is set: {V1} needs df_gamed.csv from the hub; used {OFFLINE}"
     else:
         note = f"custom instruction set: {V1}'s instruction difficulty is defined on AlpacaEval only; used {OFFLINE}"
-    rate, sem = _offline_lc(df)
-    return {"lc_win_rate": rate, "lc_standard_error": sem, "lc_model": OFFLINE, "lc_note": note}
+    rate = _offline_lc(df)
+    # the minimal GLM predicts one probability for every row at equal length: no per-row spread, no standard error
+    return {"lc_win_rate": rate, "lc_standard_error": None, "lc_model": OFFLINE, "lc_note": note}
 
 
-def _offline_lc(df) -> tuple[float | None, float | None]:
+def _offline_lc(df) -> float:
     """alpaca-eval's GLM with the ``length_controlled_minimal`` formula, featurised without the hub."""
     import numpy as np
     import pandas as pd
@@ -95,4 +96,4 @@ def _offline_lc(df) -> tuple[float | None, float | None]:
         warnings.simplefilter("ignore")
         model = fit_LogisticRegressionCV(train, "preference", is_ytrue_proba=True, **info["kwargs"])
     predicted = model.predict_proba(x_test)[:, 1]
-    return float(np.mean(predicted) * 100), float(pd.Series(predicted).sem() * 100)
+    return float(np.mean(predicted) * 100)
