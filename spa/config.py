@@ -79,6 +79,10 @@ class JudgeConfig(_Section):
     reward_model: str | None = Field(None, description="judge.type external_rm: AutoModelForSequenceClassification dir")
     llm_judge_model: str | None = Field(None, description="judge.type llm_judge: causal LM dir (default pi_init)")
     drop_truncated: bool = Field(False, description="drop pairs with a response cut at max_new_tokens (SPA.md)")
+    policy_logps: str = Field(
+        "rescore", pattern="^(rescore|from_sampling)$",
+        description="log pi_{t-1}(y|x) of Eq. 7: rescore both models (paper), or reuse the raw log-probs the "
+                    "sampler recorded (only the reference is run; refused where those numbers cannot be trusted)")
     batch_size: PositiveInt = 16
     chunk_rows: PositiveInt = Field(1024, description="prompts per chunk (the unit of streaming and sharding)")
 
@@ -269,6 +273,9 @@ class SPAConfig(_Section):
             raise ValueError("judge.type llm_judge compares two responses: use judge.select: first_two")
         if j.type == "external_rm" and not j.reward_model:
             raise ValueError("judge.type external_rm needs judge.reward_model (e.g. the output of `spa train-rm`)")
+        if j.policy_logps == "from_sampling" and j.type != "implicit":
+            raise ValueError("judge.policy_logps: from_sampling reuses pi_{t-1}'s sampling log-probs, which only the "
+                             "implicit-reward judge uses: set judge.type: implicit or policy_logps: rescore")
         return self
 
     @model_validator(mode="after")

@@ -107,12 +107,20 @@ def sequence_logps(
         encode_pair(tok, p, r, f, max_length, row=i)
         for i, (p, r, f) in enumerate(zip(prompts, responses, finished, strict=True))
     ]
+    return encoded_logps(model, encoded, tok.pad_token_id, batch_size, progress)
+
+
+@torch.no_grad()
+def encoded_logps(
+    model: torch.nn.Module, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 8, progress: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sequence_logps` on pairs already turned into ids (e.g. the exact ids a sampler drew)."""
     logps = np.zeros(len(encoded), dtype=np.float64)
     counts = np.array([e.num_response_tokens for e in encoded], dtype=np.int32)
     device = next(model.parameters()).device
     batches = length_sorted_batches([len(e.input_ids) for e in encoded], batch_size)
     for idx in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
-        batch = collate([encoded[i] for i in idx], tok.pad_token_id)
+        batch = collate([encoded[i] for i in idx], pad_id)
         out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         values = gather_logps(out.logits[:, :-1], batch["labels"].to(device), batch["loss_mask"].to(device))
         logps[idx] = values.double().cpu().numpy()

@@ -47,6 +47,11 @@ class Samples:
     responses: list[str]
     finish_reasons: list[str]
     num_tokens: list[int]
+    # the sampled ids (the stop token included when the response finished) and the sum of their raw
+    # (pre-temperature, pre-top-p) log-probabilities under the sampling model: the judge's
+    # ``policy_logps: from_sampling`` reuses them as log pi_{t-1}(y|x) (issue P3)
+    token_ids: list[list[int]] = dataclasses.field(default_factory=list)
+    logps: list[float] = dataclasses.field(default_factory=list)
 
 
 def prompt_seed(seed: int, prompt) -> int:
@@ -93,6 +98,34 @@ def _split_generation(tokens: list[int], stops: set[int]) -> tuple[list[int], st
     return tokens, "length"
 
 
+class RawLogpRecorder:
+    """A logits processor that records the raw log-probability of every sampled token.
+
+    ``generate`` calls custom processors before its temperature/top-p warpers, so the scores seen here
+    are the model's own (float32) logits. The token sampled at step ``s`` only shows at step ``s + 1``
+    (as the last input id), so the previous step's log-softmax is kept and gathered then;
+    :meth:`finish` gathers the last step's. Memory: one ``[rows, vocab]`` tensor, not one per step.
+    """
+
+    def __init__(self) -> None:
+        self.prev: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_ids: torch.Tensor) -> list[list[float]]:
+        """Per-row log-probs of the generated tokens; ``last_ids`` is the final column of the output."""
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, last_ids.unsqueeze(-1).to(self.prev.device)).squeeze(-1))
+        table = torch.stack(self.steps, dim=1).double().cpu().tolist() if self.steps else []
+        self.prev, self.steps = None, []
+        return table
+
+
 class TransformersSampler:
     """``spec.n`` samples per prompt with ``model.generate`` (left-padded, length-sorted batches).
 
@@ -109,6 +142,7 @@ class TransformersSampler:
         self.tok = load_tokenizer(model_dir, spec.trust_remote_code)
         self.model = load_causal_lm(model_dir, spec.dtype, trust_remote_code=spec.trust_remote_code)
         self.stops = set(stop_token_ids(self.tok))
+        self.logp_dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.gen = GenerationConfig(
             do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
             max_new_tokens=spec.max_new_tokens, num_return_sequences=spec.n, eos_token_id=sorted(self.stops),
@@ -138,10 +172,14 @@ class TransformersSampler:
             for row, i in enumerate(idx):
                 ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
                 attn[row, width - len(encoded[i]) :] = 1
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen)
+            recorder = RawLogpRecorder()
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen,
+                                      logits_processor=[recorder])
             new = out[:, width:].cpu().tolist()
+            logps = recorder.finish(out[:, -1])
             for row, i in enumerate(idx):
-                results[i] = _samples(tok, [new[row * spec.n + k] for k in range(spec.n)], self.stops)
+                rows = [row * spec.n + k for k in range(spec.n)]
+                results[i] = _samples(tok, [new[r] for r in rows], self.stops, token_logps=[logps[r] for r in rows])
         return results  # type: ignore[return-value]
 
 
@@ -160,7 +198,9 @@ class VLLMSampler:
             gpu_memory_utilization=spec.gpu_memory_utilization, max_model_len=spec.max_length,
             trust_remote_code=spec.trust_remote_code,
             generation_config="vllm",  # ignore the model's generation_config.json: our parameters only
+            logprobs_mode="raw_logprobs",  # the model's own log-probs, before temperature/top-p (P3 reuse)
         )
+        self.logp_dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
 
     def __call__(self, prompts: Sequence, progress: str | None = None, max_new_tokens: int | None = None) -> list[Samples]:
         """Samples for ``prompts`` (texts or conversations); ``max_new_tokens`` overrides the spec's."""
@@ -176,7 +216,7 @@ class VLLMSampler:
             SamplingParams(
                 n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=0, max_tokens=spec.max_new_tokens,
                 seed=prompt_seed(spec.seed, p), stop_token_ids=self.stops, skip_special_tokens=True,
-                repetition_penalty=1.0,
+                repetition_penalty=1.0, logprobs=0,  # 0: the sampled token's log-prob only
             )
             for p in prompts
         ]
@@ -186,20 +226,31 @@ class VLLMSampler:
         results = []
         for out in outputs:
             comps = sorted(out.outputs, key=lambda c: c.index)
+            token_logps = [[pos[tid].logprob for pos, tid in zip(c.logprobs or [], c.token_ids, strict=False)]
+                           for c in comps]
             results.append(_samples(self.tok, [list(c.token_ids) for c in comps], stop_set,
-                                    ["stop" if c.finish_reason == "stop" else None for c in comps]))
+                                    ["stop" if c.finish_reason == "stop" else None for c in comps], token_logps))
         return results
 
 
-def _samples(tok, generations: list[list[int]], stops: set[int], reasons_given: list | None = None) -> Samples:
-    texts, reasons, counts = [], [], []
+def _samples(tok, generations: list[list[int]], stops: set[int], reasons_given: list | None = None,
+             token_logps: list[list[float]] | None = None) -> Samples:
+    """Split each generation at its first stop token; ``token_logps[k][i]`` is the raw log-prob of token ``i``."""
+    texts, reasons, counts, ids, sums = [], [], [], [], []
     for k, tokens in enumerate(generations):
         kept, reason = _split_generation(tokens, stops)
         reason = (reasons_given[k] if reasons_given else None) or reason
         texts.append(tok.decode(kept, skip_special_tokens=True))
         reasons.append(reason)
         counts.append(len(kept))
-    return Samples(texts, reasons, counts)
+        # the stop token belongs to the response's probability (the rendering path scores it too)
+        sampled = tokens[: len(kept) + 1] if reason == "stop" and len(tokens) > len(kept) else kept
+        ids.append(list(sampled))
+        if token_logps is not None and len(token_logps[k]) >= len(sampled):
+            sums.append(float(sum(token_logps[k][: len(sampled)])))
+        else:
+            sums.append(float("nan"))
+    return Samples(texts, reasons, counts, ids, sums)
 
 
 def make_sampler(backend: str, model_dir: str | Path, spec: SamplingSpec):

@@ -189,3 +189,133 @@ def test_ties_are_kept_out_of_training(tmp_path, chained):
     judged = read_table(lay.judgments(1), "judgments")
     n_train = len(_training_pairs(cfg, 1)["prompt"])
     assert n_train == judged.num_rows - int(np.sum(judged.column("tie").to_numpy()))
+
+
+# --- judge reuse of the sampler's log-probs (issue 9, P3) ---
+
+def test_sampler_records_raw_logps_of_the_sampled_ids(chained):
+    """``sampled_logps`` is log pi_{t-1} of the exact sampled ids, before temperature (T = 0.7 here): a dense
+    rescoring of those ids with pi_0 gives the same number, and the stop token is among the ids."""
+    cfg, _, _ = chained
+    lay = RunLayout(cfg.run_dir)
+    rows = read_table(lay.responses(1), "responses").to_pylist()
+    policy, tok = load_causal_lm(lay.model(0), "float32", "cpu"), load_tokenizer(lay.model(0))
+    end = response_ids(tok, "", True)[-1]
+    checked = 0
+    for row in rows[:6]:
+        assert row["logp_dtype"] == "float32"
+        for ids, logp, reason, n in zip(row["token_ids"], row["sampled_logps"], row["finish_reasons"],
+                                        row["num_tokens"], strict=True):
+            assert len(ids) == n + (reason == "stop")
+            if reason == "stop":
+                assert ids[-1] == end
+            p = prompt_ids(tok, row["prompt"])
+            with torch.no_grad():
+                logits = policy(input_ids=torch.tensor([p + ids])).logits[0, :-1].double()
+            dense = sum(torch.log_softmax(logits, -1)[len(p) - 1 + i, t].item() for i, t in enumerate(ids))
+            assert logp == pytest.approx(dense, abs=1e-3)
+            checked += 1
+    assert checked >= 12
+
+
+def test_a_finished_sample_keeps_its_stop_token_and_its_log_prob():
+    from spa.sampling import _samples
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    out = _samples(Tok(), [[7, 8, 2, 0, 0], [7, 8, 9]], {2}, token_logps=[[-1.0, -2.0, -0.5, -9.0, -9.0],
+                                                                           [-1.0, -1.0, -1.0]])
+    assert out.finish_reasons == ["stop", "length"] and out.num_tokens == [2, 3]
+    assert out.token_ids == [[7, 8, 2], [7, 8, 9]]
+    assert out.logps == [-3.5, -3.0]
+
+
+def _judge_with(cfg, tmp_path, responses, **judge):
+    from spa.stages.judge import judge_file
+
+    cfg2 = cfg.model_copy(update={"judge": cfg.judge.model_copy(update=judge)})
+    out = tmp_path / f"judgments_{len(list(tmp_path.glob('*')))}.parquet"
+    judge_file(cfg2, 1, responses, out, progress=False)
+    return read_table(out, "judgments")
+
+
+def test_judge_reusing_sampled_logps_agrees_with_rescoring(chained, tmp_path):
+    """Given the log-probs an exact sampler records for the rendered ids, the reusing judge (which runs only the
+    reference) writes the same labels and numbers as rescoring with both models. (The tiny model emits partial
+    UTF-8 bytes, so its own sampled ids rarely survive a decode/encode round trip; bench P3 measures agreement on
+    real samples.)"""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg, _, _ = chained
+    lay = RunLayout(cfg.run_dir)
+    full = read_table(lay.judgments(1), "judgments").to_pylist()
+    table = pq.read_table(lay.responses(1))
+    policy, tok = load_causal_lm(lay.model(0), "float32", "cpu"), load_tokenizer(lay.model(0))
+    ids_col, logp_col = [], []
+    for row in table.to_pylist():
+        fins = [r == "stop" for r in row["finish_reasons"]]
+        ids_col.append([response_ids(tok, y, f) for y, f in zip(row["responses"], fins, strict=True)])
+        logp_col.append([_dense_logp(policy, tok, row["prompt"], y, f) for y, f in zip(row["responses"], fins,
+                                                                                        strict=True)])
+    table = table.set_column(table.schema.get_field_index("token_ids"), "token_ids",
+                             pa.array(ids_col, table.schema.field("token_ids").type))
+    table = table.set_column(table.schema.get_field_index("sampled_logps"), "sampled_logps",
+                             pa.array(logp_col, pa.list_(pa.float64())))
+    exact = tmp_path / "exact_responses.parquet"
+    pq.write_table(table, exact)
+    reused = _judge_with(cfg, tmp_path, exact, policy_logps="from_sampling").to_pylist()
+    assert len(reused) == len(full) and "policy_logps=from_sampling" in reused[0]["judge"]
+    for f, r in zip(full, reused, strict=True):
+        assert (r["chosen"], r["rejected"], r["tie"]) == (f["chosen"], f["rejected"], f["tie"])
+        assert (r["chosen_tokens"], r["rejected_tokens"]) == (f["chosen_tokens"], f["rejected_tokens"])
+        assert r["p_chosen"] == pytest.approx(f["p_chosen"], abs=1e-5)
+        for col in ("policy_logp_chosen", "policy_logp_rejected", "ref_logp_chosen", "ref_logp_rejected"):
+            assert r[col] == pytest.approx(f[col], abs=1e-3), col
+
+
+def test_judge_reuse_refuses_untrusted_logps(chained, tmp_path):
+    """Missing columns, another precision, or a stop token that is not the template's end-of-turn: refused,
+    naming file and row; through the CLI that is exit code 2 and no judgments file."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spa.stages.judge import UntrustedSampledLogps
+
+    cfg, _, _ = chained
+    lay = RunLayout(cfg.run_dir)
+    table = pq.read_table(lay.responses(1))
+    bad = {}
+    bad["missing"] = table.drop_columns(["token_ids", "sampled_logps", "logp_dtype"])
+    bad["precision"] = table.set_column(table.schema.get_field_index("logp_dtype"), "logp_dtype",
+                                        pa.array(["bfloat16"] * table.num_rows, pa.string()))
+    # a finished response whose last sampled token is an ordinary one, not the template's end-of-turn
+    k, j = 3, 1
+    reasons = table.column("finish_reasons").to_pylist()
+    reasons[k][j] = "stop"
+    bad["end_token"] = table.set_column(table.schema.get_field_index("finish_reasons"), "finish_reasons",
+                                        pa.array(reasons, pa.list_(pa.string())))
+    expected = {"missing": "columns", "precision": "bfloat16", "end_token": f"row {k} response {j}: the sampler stopped"}
+    for name, t in bad.items():
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(t, path)
+        with pytest.raises(UntrustedSampledLogps, match=expected[name]):
+            _judge_with(cfg, tmp_path, path, policy_logps="from_sampling")
+    # the CLI: one clear line, exit 2, nothing written
+    run = tmp_path / "cli"
+    (run / "iter_1").mkdir(parents=True)
+    cfg_cli = cfg.model_copy(update={"run_dir": str(run)})
+    lay_cli = RunLayout(run)
+    pq.write_table(bad["precision"], lay_cli.responses(1))
+    shutil.copytree(lay.model(0), lay_cli.model(0))
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump(cfg_cli.model_dump(mode="json")))
+    res = spa("judge", "-c", str(path), "-t", "1", "--set", "judge.policy_logps=from_sampling", check=False)
+    assert res.returncode == 2, res.stderr
+    assert "bfloat16" in res.stderr and "policy_logps: rescore" in res.stderr
+    assert not lay_cli.judgments(1).exists()
+

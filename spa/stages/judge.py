@@ -25,7 +25,7 @@ from spa.config import SPAConfig
 from spa.layout import RunLayout, model_dir
 from spa.schemas import JUDGMENTS
 from spa.sharding import parse_shard, shard_bounds, shard_key, shard_path
-from spa.stages.runner import StageResult, require, run_stage
+from spa.stages.runner import StageInputError, StageResult, require, run_stage
 
 SECTIONS = ["model", "judge"]
 
@@ -53,6 +53,8 @@ def judge_name(cfg: SPAConfig, length_penalty: float | None = None) -> str:
     a_text = f"{a:.6g}" if isinstance(a, float | int) else str(a)
     if j.type == "implicit":
         base = f"implicit(ref={j.reference},beta={j.beta},length_penalty={a_text})"
+        if j.policy_logps == "from_sampling":
+            base = base[:-1] + ",policy_logps=from_sampling)"
     elif j.type == "external_rm":
         base = f"external_rm({Path(j.reward_model or '').name},length_penalty={a_text})"
     else:
@@ -75,6 +77,62 @@ class Scores:
     p_first: np.ndarray | None = None  # pairwise judges (LLM judge): p(y1 > y2) directly
 
 
+class UntrustedSampledLogps(StageInputError):
+    """``judge.policy_logps: from_sampling`` cannot use these responses' recorded log-probs."""
+
+
+@dataclass
+class Sampled:
+    """What the sampler recorded for the candidates (``[P][k]``): the exact token ids it drew (the stop token
+    included when the response finished) and the sum of their raw log-probs under pi_{t-1}."""
+
+    token_ids: list[list[list[int]]]
+    logps: np.ndarray
+
+
+SAMPLED_COLUMNS = ("token_ids", "sampled_logps", "logp_dtype")
+
+
+def sampled_candidates(rows: pa.Table, k: int, tok, judge_dtype: str, where: str, first_row: int = 0) -> Sampled:
+    """The recorded sampling log-probs of the first ``k`` responses per row, refused (one clear error naming the
+    file and row) wherever they cannot stand in for rescoring pi_{t-1} (issue P3):
+
+    - not recorded (responses from a sampler that did not keep them);
+    - a different precision from the judge's (``logp_dtype`` vs the reference model's dtype);
+    - a finished response whose last sampled token is not the chat template's end-of-turn token (e.g. the model
+      stopped on EOS where the template closes turns with ``<|im_end|>``): the rendering path would score
+      another token than the one sampled.
+    """
+    from spa.rendering import eot_id
+
+    missing = [c for c in SAMPLED_COLUMNS if c not in rows.column_names]
+    if missing:
+        raise UntrustedSampledLogps(
+            f"{where}: no sampled log-probs (columns {missing} missing): these responses were written by a sampler "
+            "that did not record them; sample again, or set judge.policy_logps: rescore")
+    end = eot_id(tok)
+    ids_col, logp_col = rows.column("token_ids").to_pylist(), rows.column("sampled_logps").to_pylist()
+    dtypes, reasons = rows.column("logp_dtype").to_pylist(), rows.column("finish_reasons").to_pylist()
+    for i, (ids, logps, dtype, fin) in enumerate(zip(ids_col, logp_col, dtypes, reasons, strict=True)):
+        row = f"{where} row {first_row + i}"
+        if dtype != judge_dtype:
+            raise UntrustedSampledLogps(
+                f"{row}: sampled log-probs were computed in {dtype}, the judge runs in {judge_dtype}; mixing "
+                "precisions shifts Eq. 7's margins. Set model.dtype so both match, or judge.policy_logps: rescore")
+        if ids is None or logps is None or len(ids) < k or len(logps) < k or any(
+                x is None or x != x for x in logps[:k]):
+            raise UntrustedSampledLogps(f"{row}: sampled log-probs are missing for some responses; sample again "
+                                        "or set judge.policy_logps: rescore")
+        for j in range(k):
+            if fin[j] == "stop" and (not ids[j] or ids[j][-1] != end):
+                last = ids[j][-1] if ids[j] else None
+                raise UntrustedSampledLogps(
+                    f"{row} response {j}: the sampler stopped on token {last} ({tok.convert_ids_to_tokens(last)!r}) "
+                    f"but the chat template closes a turn with {end} ({tok.convert_ids_to_tokens(end)!r}), so the "
+                    "recorded log-prob is not the one the judge would score; set judge.policy_logps: rescore")
+    return Sampled([row[:k] for row in ids_col], np.array([row[:k] for row in logp_col], dtype=np.float64))
+
+
 class Judges:
     """The models a judge needs, loaded once per file: the implicit reward's policy and reference, an
     external reward model, or an LLM judge (VARIANTS.md 6)."""
@@ -88,8 +146,10 @@ class Judges:
         policy_dir = model_dir(cfg, t - 1)
         self.tok = load_tokenizer(policy_dir, trc)
         self.policy = self.ref = self.rm = self.llm = None
+        self.reuse = cfg.judge.type == "implicit" and cfg.judge.policy_logps == "from_sampling"
         if cfg.judge.type == "implicit":
-            self.policy = load_causal_lm(policy_dir, dtype, trust_remote_code=trc)
+            # with reuse, pi_{t-1}'s half of Eq. 7 comes from sampling: only the reference runs
+            self.policy = None if self.reuse else load_causal_lm(policy_dir, dtype, trust_remote_code=trc)
             ref_dir = reference_dir(cfg, t)
             self.ref = load_causal_lm(ref_dir, dtype, trust_remote_code=trc) if ref_dir is not None else None
         elif cfg.judge.type == "external_rm":
@@ -100,7 +160,26 @@ class Judges:
             path = cfg.judge.llm_judge_model or cfg.model.pi_init
             self.llm, self.llm_tok = load_causal_lm(path, dtype, trust_remote_code=trc), load_tokenizer(path, trc)
 
-    def score(self, prompts: list[str], cands: list[list[str]], fins: list[list[bool]]) -> Scores:
+    @property
+    def dtype(self) -> str:
+        """The precision the judge's models compute in (what recorded sampling log-probs must match)."""
+        from spa.models import default_device, resolve_dtype
+
+        model = self.ref if self.ref is not None else self.policy
+        dtype = next(model.parameters()).dtype if model is not None else resolve_dtype(self.cfg.model.dtype,
+                                                                                       default_device())
+        return str(dtype).removeprefix("torch.")
+
+    def inputs(self, rows: pa.Table, where: str, first_row: int = 0):
+        """``(prompts, candidates, finished, sampled)`` of one chunk; ``sampled`` only when reusing."""
+        prompts, cands, fins = candidates(rows, self.cfg)
+        sampled = None
+        if self.reuse:
+            sampled = sampled_candidates(rows, len(cands[0]) if cands else 2, self.tok, self.dtype, where, first_row)
+        return prompts, cands, fins, sampled
+
+    def score(self, prompts: list[str], cands: list[list[str]], fins: list[list[bool]],
+              sampled: Sampled | None = None) -> Scores:
         from spa.logprobs import sequence_logps
 
         cfg = self.cfg
@@ -110,6 +189,10 @@ class Judges:
         flat_f = [f for row in fins for f in row]
         bs, ml = cfg.judge.batch_size, cfg.model.max_length
         nan = np.full(n * k, np.nan)
+        if self.reuse:
+            if sampled is None:
+                raise ValueError("judge.policy_logps: from_sampling needs the sampled log-probs of each chunk")
+            return self._score_reused(flat_p, sampled, n, k)
         if self.policy is not None:
             pol, lens = sequence_logps(self.policy, self.tok, flat_p, flat_y, flat_f, bs, ml)
             ref = sequence_logps(self.ref, self.tok, flat_p, flat_y, flat_f, bs, ml)[0] if self.ref is not None else nan
@@ -126,6 +209,29 @@ class Judges:
         p1 = pairwise_preference(self.llm, self.llm_tok, prompts, [c[0] for c in cands], [c[1] for c in cands],
                                  bs, ml)
         return Scores(nan.reshape(n, k), nan.reshape(n, k), nan.reshape(n, k), lens.reshape(n, k), p_first=p1)
+
+    def _score_reused(self, flat_p: list[str], sampled: Sampled, n: int, k: int) -> Scores:
+        """Eq. 7 with log pi_{t-1} from sampling; the reference scores the very ids that were sampled."""
+        from spa.logprobs import Encoded, SequenceTooLongError, encoded_logps
+        from spa.rendering import prompt_ids
+
+        cfg = self.cfg
+        pol = sampled.logps.reshape(-1)
+        flat_ids = [ids for row in sampled.token_ids for ids in row]
+        encoded = []
+        for i, (p, ids) in enumerate(zip(flat_p, flat_ids, strict=True)):
+            p_ids = prompt_ids(self.tok, p)
+            if len(p_ids) + len(ids) > cfg.model.max_length:
+                raise SequenceTooLongError(f"row {i // k}: prompt + response exceed max_length={cfg.model.max_length}")
+            encoded.append(Encoded(p_ids + list(ids), len(p_ids)))
+        lens = np.array([e.num_response_tokens for e in encoded], dtype=np.int32)
+        if self.ref is None:
+            ref = np.full(n * k, np.nan)
+            reward = cfg.judge.beta * pol
+        else:
+            ref = encoded_logps(self.ref, encoded, self.tok.pad_token_id, cfg.judge.batch_size)[0]
+            reward = cfg.judge.beta * (pol - ref)
+        return Scores(reward.reshape(n, k), pol.reshape(n, k), ref.reshape(n, k), lens.reshape(n, k))
 
 
 def candidates(rows: pa.Table, cfg: SPAConfig) -> tuple[list[str], list[list[str]], list[list[bool]]]:
@@ -221,8 +327,8 @@ def label_rows(rows: pa.Table, scores: Scores, cands: list[list[str]], fins: lis
 def judge_rows(rows: pa.Table, judges: Judges, cfg: SPAConfig, t: int, length_penalty: float | None = None) -> pa.Table:
     """Judge one chunk of ``responses.parquet`` rows with a fixed length penalty (default: the config's number)."""
     a = float(cfg.judge.length_penalty) if length_penalty is None else length_penalty
-    prompts, cands, fins = candidates(rows, cfg)
-    return label_rows(rows, judges.score(prompts, cands, fins), cands, fins, cfg, t, a)
+    prompts, cands, fins, sampled = judges.inputs(rows, "responses")
+    return label_rows(rows, judges.score(prompts, cands, fins, sampled), cands, fins, cfg, t, a)
 
 
 def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[int, int] | None = None,
@@ -248,8 +354,8 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
     a = 0.0 if auto else float(cfg.judge.length_penalty)
     if auto:
         with tqdm(total=stop - start, desc=f"judge iter {t} (scoring)", unit="prompt", disable=not progress) as bar:
-            for _, rows in chunks():
-                stored.append(judges.score(*candidates(rows, cfg)))
+            for first, rows in chunks():
+                stored.append(judges.score(*judges.inputs(rows, str(responses), first)))
                 bar.update(rows.num_rows)
         if stored:
             a = auto_length_penalty(torch.from_numpy(np.concatenate([s.reward for s in stored])),
@@ -258,8 +364,8 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
     with atomic_path(out) as tmp:
         with pq.ParquetWriter(tmp, JUDGMENT_SCHEMA) as writer:
             for k, (first, rows) in enumerate(chunks()):
-                prompts, cands, fins = candidates(rows, cfg)
-                scores = stored[k] if auto else judges.score(prompts, cands, fins)
+                prompts, cands, fins, sampled = judges.inputs(rows, str(responses), first)
+                scores = stored[k] if auto else judges.score(prompts, cands, fins, sampled)
                 table = conform(label_rows(rows, scores, cands, fins, cfg, t, a), JUDGMENTS, str(out), first)
                 writer.write_table(table.cast(JUDGMENT_SCHEMA))
                 bar.update(table.num_rows)

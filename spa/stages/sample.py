@@ -27,7 +27,14 @@ from spa.sharding import parse_shard, shard_bounds, shard_key, shard_path
 from spa.stages.runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "sample"]
-RESPONSES_SCHEMA = pa.schema(list(RESPONSES.schema) + [pa.field("backend", pa.string())])
+RESPONSES_SCHEMA = pa.schema(list(RESPONSES.schema) + [
+    pa.field("backend", pa.string()),
+    # what the judge's ``policy_logps: from_sampling`` reuses (issue P3): the sampled ids (stop token included
+    # when finished), the sum of their raw log-probs under pi_{t-1}, and the precision they were computed in
+    pa.field("token_ids", pa.list_(pa.list_(pa.int32()))),
+    pa.field("sampled_logps", pa.list_(pa.float64())),
+    pa.field("logp_dtype", pa.string()),
+])
 
 
 def spec_from(cfg: SPAConfig):
@@ -66,6 +73,9 @@ def sample_worker(cfg: SPAConfig, t: int, shard: tuple[int, int] | None = None) 
                 "num_tokens": pa.array([s.num_tokens for s in samples], pa.list_(pa.int32())),
                 "model": pa.array([model_id] * len(samples), pa.string()),
                 "backend": pa.array([backend] * len(samples), pa.string()),
+                "token_ids": pa.array([s.token_ids for s in samples], pa.list_(pa.list_(pa.int32()))),
+                "sampled_logps": pa.array([s.logps for s in samples], pa.list_(pa.float64()), from_pandas=True),
+                "logp_dtype": pa.array([sampler.logp_dtype] * len(samples), pa.string()),
             }, schema=RESPONSES_SCHEMA))
             bar.update(chunk.num_rows)
     bar.close()
