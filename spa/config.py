@@ -58,6 +58,8 @@ class SampleConfig(_Section):
     seed: int = 0
     batch_size: PositiveInt = 16
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    max_num_batched_tokens: PositiveInt | None = Field(
+        None, description="vLLM's token budget per engine step (default: vLLM's; on CPU at least model.max_length)")
     chunk_rows: PositiveInt = Field(256, description="prompts per chunk (the unit of sharding and seeding)")
     python: str | None = Field(None, description="interpreter of a separate environment for this stage (e.g. a vLLM venv)")
 

@@ -36,6 +36,7 @@ class SamplingSpec:
     batch_size: int = 16
     max_length: int = 1024
     gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int | None = None
     dtype: str = "auto"
     trust_remote_code: bool = False
 
@@ -199,6 +200,7 @@ class VLLMSampler:
             trust_remote_code=spec.trust_remote_code,
             generation_config="vllm",  # ignore the model's generation_config.json: our parameters only
             logprobs_mode="raw_logprobs",  # the model's own log-probs, before temperature/top-p (P3 reuse)
+            **_engine_budget(spec),
         )
         self.logp_dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
 
@@ -231,6 +233,20 @@ class VLLMSampler:
             results.append(_samples(self.tok, [list(c.token_ids) for c in comps], stop_set,
                                     ["stop" if c.finish_reason == "stop" else None for c in comps], token_logps))
         return results
+
+
+def _engine_budget(spec: SamplingSpec) -> dict:
+    """vLLM scheduler settings. On CPU, chunked prefill is switched off: when a step's token budget splits a
+    prompt's prefill, vLLM rewinds that request's seeded generator (``gen.set_offset``), which CPU generators do
+    not support ('CPU Generator does not use offset'); it crashed sampling as soon as one step's prompts exceeded
+    the budget (~100+ prompts). Whole prompts per step need a budget of at least ``max_length``."""
+    kwargs: dict = {}
+    if spec.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
+    if not torch.cuda.is_available():
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(spec.max_length, spec.max_num_batched_tokens or 4096)
+    return kwargs
 
 
 def _samples(tok, generations: list[list[int]], stops: set[int], reasons_given: list | None = None,

@@ -64,7 +64,11 @@ def test_vllm_backend_matches_transformers_schema_and_finish_reasons(tmp_path, t
 
 def test_vllm_records_raw_logps_that_match_transformers_rescoring(tmp_path, tiny_model_dir, prefs_file):
     """vLLM's per-token log-probs (``logprobs_mode=raw_logprobs``) of the sampled ids equal a transformers
-    rescoring of those ids: what the judge's ``policy_logps: from_sampling`` relies on (issue 9, P3)."""
+    rescoring of those ids: what the judge's ``policy_logps: from_sampling`` relies on (issue 9, P3).
+
+    The engine's token budget (256) is below the 16 prompts' total length, so a step cannot take every
+    prompt whole: with vLLM's chunked prefill on, the CPU engine crashed here ('CPU Generator does not use
+    offset' when rewinding a split request's seeded generator)."""
     import torch
 
     from spa.models import load_causal_lm
@@ -72,7 +76,8 @@ def test_vllm_records_raw_logps_that_match_transformers_rescoring(tmp_path, tiny
 
     cfg = tiny_config(tmp_path, tiny_model_dir, prefs_file,
                       sample={"backend": "vllm", "python": VLLM_PYTHON, "gpu_memory_utilization": 0.3,
-                              "max_new_tokens": 12}, model={"dtype": "float32"})
+                              "max_new_tokens": 12, "max_num_batched_tokens": 256},
+                      model={"dtype": "float32", "max_length": 256})
     prepare.run(cfg)
     lay = RunLayout(cfg.run_dir)
     shutil.copytree(tiny_model_dir, lay.model(0))

@@ -44,7 +44,8 @@ def spec_from(cfg: SPAConfig):
     return SamplingSpec(
         n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=s.seed,
         batch_size=s.batch_size, max_length=cfg.model.max_length, gpu_memory_utilization=s.gpu_memory_utilization,
-        dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+        max_num_batched_tokens=s.max_num_batched_tokens, dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
 
 
