@@ -8,8 +8,9 @@ Two settings, each sampled once and judged both ways on the same responses file:
 
 - ``demo``: the demo world's trained pi_init and its seed-DPO pi_0 (word-level tokenizer, ~24-token answers):
   realistic labels, but a 0.4M-parameter model, so fixed costs weigh more than on a real model;
-- ``wide``: a 25M-parameter Llama shape (hidden 512, 8 layers) over the same tokenizer, pi_0 = pi_init plus
-  small weight noise, 64 new tokens: compute-bound, the share a real model would see.
+- ``wide``: a 31M-parameter Llama shape (hidden 512, 8 layers, 20K-word vocabulary: the world's words plus
+  made-up ones), random pi_init, pi_0 = pi_init plus small weight noise, 64 new tokens: compute-bound, the
+  share a real model would see.
 
 Each is sampled with the transformers backend and, when ``--vllm-python`` names a vLLM environment (``bash
 install.sh --vllm`` makes ``.venv-vllm``), with the real vLLM CPU engine. Timings are the best of 3 runs,
@@ -52,14 +53,15 @@ def time_judge(cfg, responses: Path, out: Path) -> dict[str, float]:
     from spa.artifacts import iter_chunks
     from spa.stages.judge import Judges, judge_file
 
+    stats: dict[str, int] = {}
     start = time.perf_counter()
-    judge_file(cfg, 1, responses, out, progress=False)
+    judge_file(cfg, 1, responses, out, progress=False, stats=stats)
     total = time.perf_counter() - start
     judges = Judges(cfg, 1)
     start = time.perf_counter()
     for first, rows in iter_chunks(responses, "responses", cfg.judge.chunk_rows):
         judges.score(*judges.inputs(rows, str(responses), first))
-    return {"total": total, "scoring": time.perf_counter() - start}
+    return {"total": total, "scoring": time.perf_counter() - start, **stats}
 
 
 def compare(full: Path, reused: Path, responses: Path, tok) -> dict:
@@ -94,7 +96,7 @@ def make_wide(world: Path, out: Path) -> tuple[Path, Path]:
     from spa.demo.policy import world_tokenizer
     from spa.tiny import tiny_llama_config
 
-    tok = world_tokenizer()
+    tok = world_tokenizer(extra_words=20_000)  # a real-sized vocabulary: specials are rarely sampled
     paths = []
     for name, noise in (("pi_init", 0.0), ("pi_0", 0.02)):
         torch.manual_seed(0)
@@ -152,6 +154,8 @@ def setting(name: str, ns, world: Path) -> dict:
             times["rescore"].append(time_judge(full_cfg, responses, base / f"judged_full_{backend}.parquet"))
             times["from_sampling"].append(time_judge(reuse_cfg, responses, base / f"judged_reuse_{backend}.parquet"))
         best = {mode: {k: min(x[k] for x in runs) for k in ("total", "scoring")} for mode, runs in times.items()}
+        rescored = times["from_sampling"][0].get("policy_rescored", 0)
+        reused_share = 1 - rescored / max(1, times["from_sampling"][0].get("responses", 1))
         agreement = compare(base / f"judged_full_{backend}.parquet", base / f"judged_reuse_{backend}.parquet",
                             responses, tok)
         results[backend] = {
@@ -159,13 +163,14 @@ def setting(name: str, ns, world: Path) -> dict:
             "judge_s": best,
             "ratio_total": best["from_sampling"]["total"] / best["rescore"]["total"],
             "ratio_scoring": best["from_sampling"]["scoring"] / best["rescore"]["scoring"],
+            "responses_rescored_with_policy": rescored, "share_of_responses_reused": reused_share,
             **agreement,
         }
         print(name, backend, json.dumps({k: v for k, v in results[backend].items() if k != "disagreements"}),
               flush=True)
     return {"prompts": ns.prompts, "max_new_tokens": cfg.sample.max_new_tokens,
             "model": "demo pi_init (0.4M params) / seed-DPO pi_0" if name == "demo"
-            else "Llama hidden 512, 8 layers (25M params), random pi_init, pi_0 = pi_init + N(0, 0.02^2)",
+            else "Llama hidden 512, 8 layers, vocab 20K (31M params), random pi_init, pi_0 = pi_init + N(0, 0.02^2)",
             "backends": results}
 
 

@@ -84,3 +84,37 @@ def test_rerun_is_a_no_op_and_changed_config_reruns(tmp_path, tiny_model_dir, pr
     # a damaged output makes the stage run again
     (RunLayout(cfg2.run_dir).seed).write_bytes(b"broken")
     assert not prepare.run(cfg2).skipped
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_streamed_batches_do_not_change_the_splits(tmp_path, tiny_model_dir, prefs_file, monkeypatch, suffix):
+    """prepare streams the source twice (index, then write); batch boundaries must not matter."""
+    rows = [json.loads(line) for line in prefs_file.read_text().splitlines()]
+    rows += [rows[3] | {"prompt": rows[3]["prompt"].upper()}, {"prompt": "", "chosen": "a", "rejected": "b"}]
+    src = tmp_path / f"src{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), src)
+    else:
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    outputs = []
+    for batch in (4096, 3):
+        monkeypatch.setattr(prepare, "BATCH_ROWS", batch)
+        cfg = tiny_config(tmp_path / f"run{batch}", tiny_model_dir, src, iterations=2, data={"prompt_sizes": [10, 7]})
+        res = prepare.run(cfg)
+        assert (res.summary["duplicate_prompts"], res.summary["empty_prompts"]) == (1, 1)
+        lay = RunLayout(cfg.run_dir)
+        outputs.append([read_table(p, k).to_pylist() for p, k in ((lay.seed, "seed"), (lay.heldout, "heldout"),
+                                                                  (lay.prompts(1), "prompts"),
+                                                                  (lay.prompts(2), "prompts"))])
+    assert outputs[0] == outputs[1]
+    assert [len(x) for x in outputs[0]] == [16, 8, 10, 7]
+
+
+def test_one_prompt_id_for_two_prompts_is_an_error(tmp_path, tiny_model_dir, prefs_file):
+    rows = [json.loads(line) | {"prompt_id": f"id{i % 30}"} for i, line in enumerate(prefs_file.read_text().splitlines())]
+    src = tmp_path / "ids.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, src)
+    with pytest.raises(StageInputError, match=r"rows 0 and 30 have different prompts but the same prompt_id"):
+        prepare.run(cfg)
+    assert not (tmp_path / "run" / "data").exists() or not list((tmp_path / "run" / "data").iterdir())

@@ -232,20 +232,29 @@ def test_a_finished_sample_keeps_its_stop_token_and_its_log_prob():
     assert out.logps == [-3.5, -3.0]
 
 
-def _judge_with(cfg, tmp_path, responses, **judge):
+def _judge_with(cfg, tmp_path, responses, stats=None, **judge):
     from spa.stages.judge import judge_file
 
     cfg2 = cfg.model_copy(update={"judge": cfg.judge.model_copy(update=judge)})
     out = tmp_path / f"judgments_{len(list(tmp_path.glob('*')))}.parquet"
-    judge_file(cfg2, 1, responses, out, progress=False)
+    judge_file(cfg2, 1, responses, out, progress=False, stats=stats)
     return read_table(out, "judgments")
 
 
+def _assert_same_judgments(full, reused):
+    assert len(reused) == len(full) and "policy_logps=from_sampling" in reused[0]["judge"]
+    for f, r in zip(full, reused, strict=True):
+        assert (r["chosen"], r["rejected"], r["tie"]) == (f["chosen"], f["rejected"], f["tie"])
+        assert (r["chosen_tokens"], r["rejected_tokens"]) == (f["chosen_tokens"], f["rejected_tokens"])
+        assert r["p_chosen"] == pytest.approx(f["p_chosen"], abs=1e-5)
+        for col in ("policy_logp_chosen", "policy_logp_rejected", "ref_logp_chosen", "ref_logp_rejected"):
+            assert r[col] == pytest.approx(f[col], abs=1e-3), col
+
+
 def test_judge_reusing_sampled_logps_agrees_with_rescoring(chained, tmp_path):
-    """Given the log-probs an exact sampler records for the rendered ids, the reusing judge (which runs only the
-    reference) writes the same labels and numbers as rescoring with both models. (The tiny model emits partial
-    UTF-8 bytes, so its own sampled ids rarely survive a decode/encode round trip; bench P3 measures agreement on
-    real samples.)"""
+    """Where the sampled ids are the ids the response text renders to, the reusing judge takes pi_{t-1}'s
+    log-probs from sampling and runs only the reference; elsewhere it rescores with pi_{t-1}. Either way it writes
+    the labels and numbers of full rescoring."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -254,8 +263,17 @@ def test_judge_reusing_sampled_logps_agrees_with_rescoring(chained, tmp_path):
     full = read_table(lay.judgments(1), "judgments").to_pylist()
     table = pq.read_table(lay.responses(1))
     policy, tok = load_causal_lm(lay.model(0), "float32", "cpu"), load_tokenizer(lay.model(0))
+    # (1) the tiny model's own samples: partial UTF-8 bytes, which rarely survive decode + encode
+    rows = table.to_pylist()
+    expected = sum(response_ids(tok, y, why == "stop") != ids for row in rows for y, why, ids in
+                   zip(row["responses"], row["finish_reasons"], row["token_ids"], strict=True))
+    stats = {}
+    _assert_same_judgments(full, _judge_with(cfg, tmp_path, lay.responses(1), stats, policy_logps="from_sampling")
+                           .to_pylist())
+    assert stats == {"responses": 2 * len(rows), "policy_rescored": expected}
+    # (2) what an exact sampler records for the rendered ids: nothing is rescored with pi_{t-1}
     ids_col, logp_col = [], []
-    for row in table.to_pylist():
+    for row in rows:
         fins = [r == "stop" for r in row["finish_reasons"]]
         ids_col.append([response_ids(tok, y, f) for y, f in zip(row["responses"], fins, strict=True)])
         logp_col.append([_dense_logp(policy, tok, row["prompt"], y, f) for y, f in zip(row["responses"], fins,
@@ -266,19 +284,14 @@ def test_judge_reusing_sampled_logps_agrees_with_rescoring(chained, tmp_path):
                              pa.array(logp_col, pa.list_(pa.float64())))
     exact = tmp_path / "exact_responses.parquet"
     pq.write_table(table, exact)
-    reused = _judge_with(cfg, tmp_path, exact, policy_logps="from_sampling").to_pylist()
-    assert len(reused) == len(full) and "policy_logps=from_sampling" in reused[0]["judge"]
-    for f, r in zip(full, reused, strict=True):
-        assert (r["chosen"], r["rejected"], r["tie"]) == (f["chosen"], f["rejected"], f["tie"])
-        assert (r["chosen_tokens"], r["rejected_tokens"]) == (f["chosen_tokens"], f["rejected_tokens"])
-        assert r["p_chosen"] == pytest.approx(f["p_chosen"], abs=1e-5)
-        for col in ("policy_logp_chosen", "policy_logp_rejected", "ref_logp_chosen", "ref_logp_rejected"):
-            assert r[col] == pytest.approx(f[col], abs=1e-3), col
+    stats = {}
+    _assert_same_judgments(full, _judge_with(cfg, tmp_path, exact, stats, policy_logps="from_sampling").to_pylist())
+    assert stats == {"responses": 2 * len(rows), "policy_rescored": 0}
 
 
 def test_judge_reuse_refuses_untrusted_logps(chained, tmp_path):
-    """Missing columns, another precision, or a stop token that is not the template's end-of-turn: refused,
-    naming file and row; through the CLI that is exit code 2 and no judgments file."""
+    """Missing columns or another precision: refused, naming file and row; through the CLI that is exit code 2
+    and no judgments file."""
     import shutil
 
     import pyarrow as pa
@@ -293,18 +306,12 @@ def test_judge_reuse_refuses_untrusted_logps(chained, tmp_path):
     bad["missing"] = table.drop_columns(["token_ids", "sampled_logps", "logp_dtype"])
     bad["precision"] = table.set_column(table.schema.get_field_index("logp_dtype"), "logp_dtype",
                                         pa.array(["bfloat16"] * table.num_rows, pa.string()))
-    # a finished response whose last sampled token is an ordinary one, not the template's end-of-turn
-    k, j = 3, 1
-    reasons = table.column("finish_reasons").to_pylist()
-    reasons[k][j] = "stop"
-    bad["end_token"] = table.set_column(table.schema.get_field_index("finish_reasons"), "finish_reasons",
-                                        pa.array(reasons, pa.list_(pa.string())))
-    expected = {"missing": "columns", "precision": "bfloat16", "end_token": f"row {k} response {j}: the sampler stopped"}
+    expected = {"missing": "columns", "precision": "row 0: sampled log-probs were computed in bfloat16"}
     for name, t in bad.items():
         path = tmp_path / f"{name}.parquet"
         pq.write_table(t, path)
         with pytest.raises(UntrustedSampledLogps, match=expected[name]):
-            _judge_with(cfg, tmp_path, path, policy_logps="from_sampling")
+            _judge_with(cfg, tmp_path, path, None, policy_logps="from_sampling")
     # the CLI: one clear line, exit 2, nothing written
     run = tmp_path / "cli"
     (run / "iter_1").mkdir(parents=True)

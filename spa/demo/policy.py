@@ -21,10 +21,12 @@ from spa.tiny import BOS, CHAT_TEMPLATE, EOS, IM_START, PAD, tiny_llama_config
 UNK = "<unk>"
 
 
-def world_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the world's vocabulary, ChatML template, one BOS."""
+def world_tokenizer(extra_words: int = 0) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the world's vocabulary, ChatML template, one BOS.
+
+    ``extra_words`` adds made-up words ``w0, w1, ...`` (benchmarks that want a realistic vocabulary size)."""
     specials = [PAD, BOS, IM_START, EOS, UNK]
-    vocab = {tok: i for i, tok in enumerate(specials + vocabulary())}
+    vocab = {tok: i for i, tok in enumerate(specials + vocabulary() + [f"w{i}" for i in range(extra_words)])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces

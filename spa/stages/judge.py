@@ -93,27 +93,24 @@ class Sampled:
 SAMPLED_COLUMNS = ("token_ids", "sampled_logps", "logp_dtype")
 
 
-def sampled_candidates(rows: pa.Table, k: int, tok, judge_dtype: str, where: str, first_row: int = 0) -> Sampled:
+def sampled_candidates(rows: pa.Table, k: int, judge_dtype: str, where: str, first_row: int = 0) -> Sampled:
     """The recorded sampling log-probs of the first ``k`` responses per row, refused (one clear error naming the
-    file and row) wherever they cannot stand in for rescoring pi_{t-1} (issue P3):
+    file and row) where they cannot stand in for rescoring pi_{t-1} (issue P3): not recorded (responses from a
+    sampler that did not keep them), or computed in another precision than the judge's (``logp_dtype`` vs the
+    judge's model dtype: mixing precisions shifts Eq. 7's margins).
 
-    - not recorded (responses from a sampler that did not keep them);
-    - a different precision from the judge's (``logp_dtype`` vs the reference model's dtype);
-    - a finished response whose last sampled token is not the chat template's end-of-turn token (e.g. the model
-      stopped on EOS where the template closes turns with ``<|im_end|>``): the rendering path would score
-      another token than the one sampled.
+    Responses whose sampled ids are not what the rendering path gives for their text (a non-canonical
+    tokenization, a special token dropped by decoding, a stop on EOS where the template closes turns with another
+    token) are not refused: :meth:`Judges.score` rescores those with pi_{t-1}.
     """
-    from spa.rendering import eot_id
-
     missing = [c for c in SAMPLED_COLUMNS if c not in rows.column_names]
     if missing:
         raise UntrustedSampledLogps(
             f"{where}: no sampled log-probs (columns {missing} missing): these responses were written by a sampler "
             "that did not record them; sample again, or set judge.policy_logps: rescore")
-    end = eot_id(tok)
     ids_col, logp_col = rows.column("token_ids").to_pylist(), rows.column("sampled_logps").to_pylist()
-    dtypes, reasons = rows.column("logp_dtype").to_pylist(), rows.column("finish_reasons").to_pylist()
-    for i, (ids, logps, dtype, fin) in enumerate(zip(ids_col, logp_col, dtypes, reasons, strict=True)):
+    for i, (ids, logps, dtype) in enumerate(zip(ids_col, logp_col, rows.column("logp_dtype").to_pylist(),
+                                                strict=True)):
         row = f"{where} row {first_row + i}"
         if dtype != judge_dtype:
             raise UntrustedSampledLogps(
@@ -123,13 +120,6 @@ def sampled_candidates(rows: pa.Table, k: int, tok, judge_dtype: str, where: str
                 x is None or x != x for x in logps[:k]):
             raise UntrustedSampledLogps(f"{row}: sampled log-probs are missing for some responses; sample again "
                                         "or set judge.policy_logps: rescore")
-        for j in range(k):
-            if fin[j] == "stop" and (not ids[j] or ids[j][-1] != end):
-                last = ids[j][-1] if ids[j] else None
-                raise UntrustedSampledLogps(
-                    f"{row} response {j}: the sampler stopped on token {last} ({tok.convert_ids_to_tokens(last)!r}) "
-                    f"but the chat template closes a turn with {end} ({tok.convert_ids_to_tokens(end)!r}), so the "
-                    "recorded log-prob is not the one the judge would score; set judge.policy_logps: rescore")
     return Sampled([row[:k] for row in ids_col], np.array([row[:k] for row in logp_col], dtype=np.float64))
 
 
@@ -147,6 +137,8 @@ class Judges:
         self.tok = load_tokenizer(policy_dir, trc)
         self.policy = self.ref = self.rm = self.llm = None
         self.reuse = cfg.judge.type == "implicit" and cfg.judge.policy_logps == "from_sampling"
+        self.policy_dir = policy_dir
+        self.stats = {"responses": 0, "policy_rescored": 0}  # with reuse: responses pi_{t-1} had to rescore
         if cfg.judge.type == "implicit":
             # with reuse, pi_{t-1}'s half of Eq. 7 comes from sampling: only the reference runs
             self.policy = None if self.reuse else load_causal_lm(policy_dir, dtype, trust_remote_code=trc)
@@ -175,7 +167,7 @@ class Judges:
         prompts, cands, fins = candidates(rows, self.cfg)
         sampled = None
         if self.reuse:
-            sampled = sampled_candidates(rows, len(cands[0]) if cands else 2, self.tok, self.dtype, where, first_row)
+            sampled = sampled_candidates(rows, len(cands[0]) if cands else 2, self.dtype, where, first_row)
         return prompts, cands, fins, sampled
 
     def score(self, prompts: list[str], cands: list[list[str]], fins: list[list[bool]],
@@ -192,7 +184,7 @@ class Judges:
         if self.reuse:
             if sampled is None:
                 raise ValueError("judge.policy_logps: from_sampling needs the sampled log-probs of each chunk")
-            return self._score_reused(flat_p, sampled, n, k)
+            return self._score_reused(flat_p, flat_y, flat_f, sampled, n, k)
         if self.policy is not None:
             pol, lens = sequence_logps(self.policy, self.tok, flat_p, flat_y, flat_f, bs, ml)
             ref = sequence_logps(self.ref, self.tok, flat_p, flat_y, flat_f, bs, ml)[0] if self.ref is not None else nan
@@ -210,20 +202,29 @@ class Judges:
                                  bs, ml)
         return Scores(nan.reshape(n, k), nan.reshape(n, k), nan.reshape(n, k), lens.reshape(n, k), p_first=p1)
 
-    def _score_reused(self, flat_p: list[str], sampled: Sampled, n: int, k: int) -> Scores:
-        """Eq. 7 with log pi_{t-1} from sampling; the reference scores the very ids that were sampled."""
-        from spa.logprobs import Encoded, SequenceTooLongError, encoded_logps
-        from spa.rendering import prompt_ids
+    def _score_reused(self, flat_p: list[str], flat_y: list[str], flat_f: list[bool], sampled: Sampled, n: int,
+                      k: int) -> Scores:
+        """Eq. 7 with log pi_{t-1} taken from sampling wherever the sampled ids are exactly the ids the rendering
+        path gives the response text (the ids every later stage uses); the other responses are rescored with
+        pi_{t-1} (loaded on first need). The reference always scores the rendered ids, as in full rescoring."""
+        from spa.logprobs import encode_pair, encoded_logps
+        from spa.models import load_causal_lm
 
         cfg = self.cfg
-        pol = sampled.logps.reshape(-1)
+        encoded = [encode_pair(self.tok, p, y, f, cfg.model.max_length, row=i // k)
+                   for i, (p, y, f) in enumerate(zip(flat_p, flat_y, flat_f, strict=True))]
         flat_ids = [ids for row in sampled.token_ids for ids in row]
-        encoded = []
-        for i, (p, ids) in enumerate(zip(flat_p, flat_ids, strict=True)):
-            p_ids = prompt_ids(self.tok, p)
-            if len(p_ids) + len(ids) > cfg.model.max_length:
-                raise SequenceTooLongError(f"row {i // k}: prompt + response exceed max_length={cfg.model.max_length}")
-            encoded.append(Encoded(p_ids + list(ids), len(p_ids)))
+        pol = sampled.logps.reshape(-1).copy()
+        redo = [i for i, (e, ids) in enumerate(zip(encoded, flat_ids, strict=True))
+                if e.input_ids[e.response_start:] != list(ids)]
+        if redo:
+            if self.policy is None:
+                self.policy = load_causal_lm(self.policy_dir, cfg.model.dtype,
+                                             trust_remote_code=cfg.model.trust_remote_code)
+            pol[redo] = encoded_logps(self.policy, [encoded[i] for i in redo], self.tok.pad_token_id,
+                                      cfg.judge.batch_size)[0]
+        self.stats["responses"] += len(encoded)
+        self.stats["policy_rescored"] += len(redo)
         lens = np.array([e.num_response_tokens for e in encoded], dtype=np.int32)
         if self.ref is None:
             ref = np.full(n * k, np.nan)
@@ -332,7 +333,7 @@ def judge_rows(rows: pa.Table, judges: Judges, cfg: SPAConfig, t: int, length_pe
 
 
 def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[int, int] | None = None,
-               progress: bool = True) -> float:
+               progress: bool = True, stats: dict | None = None) -> float:
     """Stream (a chunk-aligned shard of) ``responses`` through the judge into ``out`` (atomic).
 
     With ``judge.length_penalty: auto`` a first pass scores every chunk and keeps only the numbers
@@ -370,6 +371,8 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
                 writer.write_table(table.cast(JUDGMENT_SCHEMA))
                 bar.update(table.num_rows)
     bar.close()
+    if stats is not None and judges.reuse:
+        stats.update(judges.stats)
     return a
 
 
@@ -414,8 +417,17 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
             return _summary(final) | {"shards": merge}
     else:
         def body() -> dict[str, Any]:
-            a = judge_file(cfg, t, responses, output, part)
-            return _summary(output) | {"length_penalty": a}
+            stats: dict[str, int] = {}
+            a = judge_file(cfg, t, responses, output, part, stats=stats)
+            if stats.get("policy_rescored"):
+                share = stats["policy_rescored"] / max(1, stats["responses"])
+                echo(f"[judge/{t}] policy_logps from_sampling: {stats['policy_rescored']} of {stats['responses']} "
+                     f"responses ({share:.1%}) were rescored with pi_{t-1}: their sampled ids are not the ids their "
+                     "text renders to (special tokens dropped by decoding, a stop on EOS instead of the template's "
+                     "end-of-turn token, or a non-canonical tokenization)")
+            return _summary(output) | {"length_penalty": a} | (
+                {"policy_logps_reused": stats["responses"] - stats["policy_rescored"],
+                 "policy_logps_rescored": stats["policy_rescored"]} if stats else {})
 
     key = f"judge/{t}" if part is None else shard_key(f"judge/{t}", part)
     return run_stage(cfg, key, inputs, SECTIONS, [output], body, extra_key={"iteration": t}, force=force, echo=echo)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spa.artifacts import write_table
+from spa.artifacts import atomic_path, conform, write_table
 from spa.config import SPAConfig
 from spa.layout import RunLayout
 from spa.stages.runner import StageInputError, StageResult, run_stage
@@ -57,26 +59,64 @@ def _prompt_of(row: dict[str, Any], i: int, source: str) -> str:
     raise StageInputError(f"{source}: row {i}: no 'prompt' column and no user turn in 'chosen'")
 
 
-def load_source(source: str) -> list[dict[str, Any]]:
-    """Rows of a local Parquet/JSONL file (or a Hugging Face dataset name when online)."""
+def _source_kind(source: str) -> str:
     path = Path(source)
     if path.is_file():
         if path.suffix == ".parquet":
-            return pq.read_table(path).to_pylist()
+            return "parquet"
         if path.suffix in (".jsonl", ".json"):
-            text = path.read_text(encoding="utf-8")
-            if path.suffix == ".json" and text.lstrip().startswith("["):
-                return json.loads(text)
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+            with open(path, encoding="utf-8") as fh:
+                head = fh.read(4096).lstrip()
+            return "json_array" if path.suffix == ".json" and head.startswith("[") else "jsonl"
         raise StageInputError(f"{path}: unsupported file type {path.suffix!r}; give .parquet, .jsonl or .json")
     if path.exists() or "/" not in source or source.startswith((".", "/")):
         raise StageInputError(f"{source}: no such data file")
-    try:
-        import datasets
-    except ImportError:
-        raise StageInputError(f"{source}: not a local file; loading a hub dataset needs `pip install datasets`") from None
-    name, _, split = source.partition(":")
-    return datasets.load_dataset(name, split=split or "train").to_list()
+    return "hub"
+
+
+BATCH_ROWS = 4096  # rows per streamed batch of the source
+
+
+def iter_source(source: str, batch_rows: int | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Rows of a local Parquet/JSONL file (or a Hugging Face dataset name when online), in batches.
+
+    Parquet and JSONL are streamed (memory does not grow with the file: bench P6); a JSON array file and a hub
+    dataset are loaded whole, then batched.
+    """
+    kind = _source_kind(source)
+    batch_rows = batch_rows or BATCH_ROWS
+    if kind == "parquet":
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
+            yield batch.to_pylist()
+        return
+    if kind == "jsonl":
+        rows: list[dict[str, Any]] = []
+        with open(source, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    rows.append(json.loads(line))
+                    if len(rows) == batch_rows:
+                        yield rows
+                        rows = []
+        if rows:
+            yield rows
+        return
+    if kind == "json_array":
+        everything = json.loads(Path(source).read_text(encoding="utf-8"))
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise StageInputError(f"{source}: not a local file; loading a hub dataset needs `pip install datasets`") from None
+        name, _, split = source.partition(":")
+        everything = datasets.load_dataset(name, split=split or "train").to_list()
+    for start in range(0, len(everything), batch_rows):
+        yield everything[start : start + batch_rows]
+
+
+def load_source(source: str) -> list[dict[str, Any]]:
+    """All rows of a source (small files: incoming prompt batches)."""
+    return [row for batch in iter_source(source) for row in batch]
 
 
 def _resolve_size(size: float, total: int, what: str) -> int:
@@ -87,62 +127,160 @@ def _resolve_size(size: float, total: int, what: str) -> int:
     return int(size)
 
 
-def split_rows(rows: list[dict[str, Any]], cfg: SPAConfig, source: str) -> tuple[dict[str, list[dict]], dict[str, int]]:
-    """Normalise, deduplicate and split the rows; returns the splits and the counts report."""
-    clean: list[dict[str, str]] = []
-    seen: set[str] = set()
-    report = {"rows_in": len(rows), "empty_prompts": 0, "duplicate_prompts": 0, "unusable_pairs": 0}
-    for i, row in enumerate(rows):
-        prompt = _prompt_of(row, i, source)
-        if not prompt.strip():
-            report["empty_prompts"] += 1
-            continue
-        chosen = _last_assistant(row.get("chosen"), "chosen", i, source)
-        rejected = _last_assistant(row.get("rejected"), "rejected", i, source)
-        key = prompt_hash(prompt)
-        if key in seen:
-            report["duplicate_prompts"] += 1
-            continue
-        seen.add(key)
-        usable = bool(chosen.strip()) and bool(rejected.strip()) and chosen != rejected
-        report["unusable_pairs"] += not usable
-        pid = str(row["prompt_id"]) if row.get("prompt_id") else key
-        clean.append({"prompt_id": pid, "prompt": prompt, "chosen": chosen, "rejected": rejected, "_pair_ok": usable})
-    total = len(clean)
-    rng = np.random.default_rng(cfg.data.shuffle_seed)
-    order = rng.permutation(total)
-    clean = [clean[i] for i in order]
-    # pairs for the seed and held-out sets must be usable; prompt sets only need the prompt
-    pairs = [r for r in clean if r["_pair_ok"]]
+def _u64(hex16: str) -> int:
+    return int(hex16, 16)
+
+
+@dataclass
+class SourceIndex:
+    """Pass 1 over the source: per row only small numbers (no texts), so memory stays ~20 bytes per row."""
+
+    keys: np.ndarray  # uint64 normalised-prompt hash; 0 for an empty prompt
+    usable: np.ndarray  # bool: chosen and rejected present and different
+    id_hashes: np.ndarray  # uint64 hash of the row's prompt_id (given, or the prompt hash)
+    empty: np.ndarray  # bool
+
+
+def _row_record(row: dict[str, Any], i: int, source: str) -> tuple[str, str, str, str] | None:
+    """(prompt_id, prompt, chosen, rejected) of one source row, or None for an empty prompt."""
+    prompt = _prompt_of(row, i, source)
+    if not prompt.strip():
+        return None
+    chosen = _last_assistant(row.get("chosen"), "chosen", i, source)
+    rejected = _last_assistant(row.get("rejected"), "rejected", i, source)
+    pid = str(row["prompt_id"]) if row.get("prompt_id") else prompt_hash(prompt)
+    return pid, prompt, chosen, rejected
+
+
+def index_source(source: str, progress: bool = False) -> SourceIndex:
+    """Pass 1: hash every row's normalised prompt and note whether its pair is usable."""
+    from tqdm.auto import tqdm
+
+    keys, usable, ids, empty = [], [], [], []
+    i = 0
+    with tqdm(desc="prepare (index)", unit="row", disable=not progress) as bar:
+        for batch in iter_source(source):
+            k, u, d, e = (np.zeros(len(batch), np.uint64), np.zeros(len(batch), bool), np.zeros(len(batch), np.uint64),
+                          np.zeros(len(batch), bool))
+            for j, row in enumerate(batch):
+                rec = _row_record(row, i + j, source)
+                if rec is None:
+                    e[j] = True
+                    continue
+                pid, prompt, chosen, rejected = rec
+                k[j] = _u64(prompt_hash(prompt)) or 1  # 0 marks an empty prompt
+                u[j] = bool(chosen.strip()) and bool(rejected.strip()) and chosen != rejected
+                d[j] = _u64(hashlib.sha256(pid.encode("utf-8")).hexdigest()[:16])
+            keys.append(k), usable.append(u), ids.append(d), empty.append(e)
+            i += len(batch)
+            bar.update(len(batch))
+    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    return SourceIndex(cat(keys, np.uint64), cat(usable, bool), cat(ids, np.uint64), cat(empty, bool))
+
+
+SEED, HELDOUT = -2, -3  # split codes besides prompt set t (1..T); -1: unused
+
+
+def assign_splits(index: SourceIndex, cfg: SPAConfig, source: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Deduplicate (first occurrence of each normalised prompt wins), shuffle with ``data.shuffle_seed``, and
+    assign every source row a split: returns ``(split code per row, rank within seed/held-out, report)``."""
+    rows_in = len(index.keys)
+    nonempty = np.flatnonzero(~index.empty)
+    _, first = np.unique(index.keys[nonempty], return_index=True)  # index of each key's first occurrence
+    distinct = np.sort(nonempty[first])  # source order of first occurrences
+    report = {"rows_in": rows_in, "empty_prompts": int(index.empty.sum()),
+              "duplicate_prompts": int(len(nonempty) - len(distinct)),
+              "unusable_pairs": int((~index.usable[distinct]).sum())}
+    ids = index.id_hashes[distinct]
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        clash = np.flatnonzero(ids == uniq[counts > 1][0])[:2]
+        raise StageInputError(f"{source}: rows {distinct[clash[0]]} and {distinct[clash[1]]} have different prompts "
+                              "but the same prompt_id")
+    total = len(distinct)
+    order = distinct[np.random.default_rng(cfg.data.shuffle_seed).permutation(total)]
     n_seed = _resolve_size(cfg.data.seed_size, total, "data.seed_size")
     n_held = _resolve_size(cfg.data.heldout_size, total, "data.heldout_size")
     n_prompts = [_resolve_size(s, total, f"data.prompt_sizes[{k}]") for k, s in enumerate(cfg.data.prompt_sizes[: cfg.iterations])]
+    # pairs for the seed and held-out sets must be usable; prompt sets only need the prompt
+    pairs = order[index.usable[order]]
     need_pairs = n_seed + n_held
     if len(pairs) < need_pairs:
         raise StageInputError(f"{source}: {len(pairs)} usable gold pairs, but seed ({n_seed}) + held-out ({n_held}) need {need_pairs}")
-    seed_rows, held_rows = pairs[:n_seed], pairs[n_seed:need_pairs]
-    used = {r["prompt_id"] for r in seed_rows + held_rows}
-    rest = [r for r in clean if r["prompt_id"] not in used]
+    split = np.full(rows_in, -1, dtype=np.int32)
+    rank = np.full(rows_in, -1, dtype=np.int64)
+    split[pairs[:n_seed]], rank[pairs[:n_seed]] = SEED, np.arange(n_seed)
+    split[pairs[n_seed:need_pairs]], rank[pairs[n_seed:need_pairs]] = HELDOUT, np.arange(n_held)
+    rest = order[split[order] == -1]
     if len(rest) < sum(n_prompts):
         raise StageInputError(
             f"{source}: {total} distinct prompts; seed {n_seed} + held-out {n_held} + prompt sets {n_prompts} "
             f"need {need_pairs + sum(n_prompts)}"
         )
-    splits = {"seed": seed_rows, "heldout": held_rows}
     start = 0
     for t, n in enumerate(n_prompts, start=1):
-        splits[f"prompts_{t}"] = rest[start : start + n]
+        split[rest[start : start + n]] = t
         start += n
-    report.update({"distinct_prompts": total, **{k: len(v) for k, v in splits.items()}})
-    return splits, report
+    report.update({"distinct_prompts": total, "seed": n_seed, "heldout": n_held,
+                   **{f"prompts_{t}": n for t, n in enumerate(n_prompts, start=1)}})
+    return split, rank, report
 
 
-def _pairs_table(rows: list[dict]) -> pa.Table:
-    return pa.table({k: [r[k] for r in rows] for k in ("prompt_id", "prompt", "chosen", "rejected")})
+PAIRS_SCHEMA = pa.schema([(k, pa.string()) for k in ("prompt_id", "prompt", "chosen", "rejected")])
+PROMPTS_SCHEMA = pa.schema([(k, pa.string()) for k in ("prompt_id", "prompt")])
 
 
-def _prompts_table(rows: list[dict]) -> pa.Table:
-    return pa.table({k: [r[k] for r in rows] for k in ("prompt_id", "prompt")})
+def write_splits(source: str, split: np.ndarray, rank: np.ndarray, layout: RunLayout, iterations: int,
+                 progress: bool = False, flush_rows: int = 8192) -> None:
+    """Pass 2: stream the source again and write every split (atomically, each file validated).
+
+    Prompt sets keep the source order of their (randomly selected) rows and are written as they stream by;
+    the seed and held-out pairs (sized in counts, small) are kept in their shuffled order.
+    """
+    from contextlib import ExitStack
+
+    from tqdm.auto import tqdm
+
+    from spa.schemas import KINDS
+
+    pairs: dict[int, list[tuple[int, tuple]]] = {SEED: [], HELDOUT: []}
+    with ExitStack() as stack:
+        paths = {t: stack.enter_context(atomic_path(layout.prompts(t))) for t in range(1, iterations + 1)}
+        writers = {t: stack.enter_context(pq.ParquetWriter(p, PROMPTS_SCHEMA)) for t, p in paths.items()}
+        buffers: dict[int, list[tuple[str, str]]] = {t: [] for t in writers}
+        written = dict.fromkeys(writers, 0)
+
+        def flush(t: int) -> None:
+            if buffers[t]:
+                pid, prompt = zip(*buffers[t], strict=True)
+                table = pa.table({"prompt_id": list(pid), "prompt": list(prompt)}, schema=PROMPTS_SCHEMA)
+                conform(table, KINDS["prompts"], str(layout.prompts(t)), written[t])
+                writers[t].write_table(table)
+                written[t] += table.num_rows
+                buffers[t] = []
+
+        i = 0
+        with tqdm(total=len(split), desc="prepare (write)", unit="row", disable=not progress) as bar:
+            for batch in iter_source(source):
+                for j, row in enumerate(batch):
+                    code = int(split[i + j])
+                    if code == -1:
+                        continue
+                    pid, prompt, chosen, rejected = _row_record(row, i + j, source)  # type: ignore[misc]
+                    if code > 0:
+                        buffers[code].append((pid, prompt))
+                        if len(buffers[code]) >= flush_rows:
+                            flush(code)
+                    else:
+                        pairs[code].append((int(rank[i + j]), (pid, prompt, chosen, rejected)))
+                i += len(batch)
+                bar.update(len(batch))
+        for t in writers:
+            flush(t)
+        for code, target, kind in ((SEED, layout.seed, "seed"), (HELDOUT, layout.heldout, "heldout")):
+            rows = [r for _, r in sorted(pairs[code])]
+            table = pa.table({k: [r[n] for r in rows] for n, k in enumerate(PAIRS_SCHEMA.names)}, schema=PAIRS_SCHEMA)
+            write_table(table, target, kind)
 
 
 def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
@@ -154,12 +292,11 @@ def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
     outputs = [layout.seed, layout.heldout] + [layout.prompts(t) for t in range(1, cfg.iterations + 1)]
 
     def body() -> dict[str, Any]:
-        rows = load_source(cfg.data.source)
-        splits, report = split_rows(rows, cfg, cfg.data.source)
-        write_table(_pairs_table(splits["seed"]), layout.seed, "seed")
-        write_table(_pairs_table(splits["heldout"]), layout.heldout, "heldout")
-        for t in range(1, cfg.iterations + 1):
-            write_table(_prompts_table(splits[f"prompts_{t}"]), layout.prompts(t), "prompts")
+        # two streaming passes (bench P6): index and split on hashes only, then write the selected rows
+        index = index_source(cfg.data.source)
+        split, rank, report = assign_splits(index, cfg, cfg.data.source)
+        del index
+        write_splits(cfg.data.source, split, rank, layout, cfg.iterations)
         if report["duplicate_prompts"] or report["empty_prompts"]:
             echo(f"[prepare] dropped {report['duplicate_prompts']} duplicate and {report['empty_prompts']} empty prompts")
         return report
