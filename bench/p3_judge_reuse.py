@@ -120,7 +120,8 @@ def setting(name: str, ns, world: Path) -> dict:
 
     base = ns.out / name
     shutil.rmtree(base, ignore_errors=True)
-    sizes = WorldSizes(prompts_per_iteration=ns.prompts, iterations=1)
+    prompts = ns.prompts if name == "demo" else ns.wide_prompts
+    sizes = WorldSizes(prompts_per_iteration=prompts, iterations=1)
     raw = demo_config(world, base / "run", sizes, iterations=1)
     raw["judge"] |= {"chunk_rows": 256}
     if name == "wide":
@@ -128,6 +129,7 @@ def setting(name: str, ns, world: Path) -> dict:
         raw["model"]["pi_init"] = str(pi_init)
         raw["sample"]["max_new_tokens"] = 64
         raw["model"]["max_length"] = 256
+        raw["judge"]["batch_size"] = 16  # [16, ~90, 20K] logits per forward
     cfg = parse_config(raw)
     quiet = lambda _m: None  # noqa: E731
     prepare.run(cfg, echo=quiet)
@@ -168,7 +170,7 @@ def setting(name: str, ns, world: Path) -> dict:
         }
         print(name, backend, json.dumps({k: v for k, v in results[backend].items() if k != "disagreements"}),
               flush=True)
-    return {"prompts": ns.prompts, "max_new_tokens": cfg.sample.max_new_tokens,
+    return {"prompts": prompts, "max_new_tokens": cfg.sample.max_new_tokens,
             "model": "demo pi_init (0.4M params) / seed-DPO pi_0" if name == "demo"
             else "Llama hidden 512, 8 layers, vocab 20K (31M params), random pi_init, pi_0 = pi_init + N(0, 0.02^2)",
             "backends": results}
@@ -176,7 +178,8 @@ def setting(name: str, ns, world: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=800)
+    parser.add_argument("--prompts", type=int, default=800, help="prompts of the demo setting")
+    parser.add_argument("--wide-prompts", type=int, default=200, help="prompts of the wide setting")
     parser.add_argument("--vllm-python", default=None, help="interpreter of a vLLM environment (.venv-vllm/bin/python)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/spa-p3"))
     ns = parser.parse_args()

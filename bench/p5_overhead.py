@@ -1,11 +1,12 @@
 """P5 (issue: performance): orchestration overhead of the demo pipeline. Goal: everything that is not a
 stage's own work (Prefect, process starts, imports, hashing) <= 3% of the demo's wall time.
 
-The same demo-world run twice, side by side: (a) ``spa run`` (the Prefect flow, one process per
-stage task) and (b) the same stages called in this process one after another (no Prefect, one import
-of torch/transformers). Per stage, the manifest records the stage's own wall time (its body: model
-loading, compute, artifact I/O, output hashing). Overhead of (a) = its wall time minus the sum of its
-stages' own times; (b) bounds what orchestration could save at best.
+The same demo-world run three times, side by side: (a) ``spa run`` with ``stage_processes: separate`` (the
+Prefect flow, one process per stage task), (b) ``spa run`` with ``stage_processes: inline`` (the same flow,
+stages in the flow's process; what ``spa demo`` uses), and (c) the same stages called in this process one
+after another (no Prefect, one import of torch/transformers). Per stage, the manifest records the stage's own
+wall time (its body: model loading, compute, artifact I/O, output hashing). Overhead of a flow = its wall
+time minus the sum of its stages' own times; (c) bounds what orchestration could save at best.
 
     python bench/p5_overhead.py [--small]     # writes bench/results/p5_overhead.json
 """
@@ -61,29 +62,37 @@ def main() -> None:
     world = build_world(ns.out / "world", seed=0, sizes=sizes)
     import shutil
 
-    shutil.rmtree(ns.out / "flow", ignore_errors=True)
+    result: dict = {}
+    per_stage: dict = {}
+    for mode in ("separate", "inline"):
+        shutil.rmtree(ns.out / mode, ignore_errors=True)
+        raw = demo_config(world, ns.out / mode / "run", sizes) | {"stage_processes": mode}
+        flow_cfg = write_config(raw, ns.out / mode / "config.yaml")
+        start = time.perf_counter()
+        subprocess.run([str(Path(sys.executable).parent / "spa"), "run", str(flow_cfg)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        stages = stage_times(ns.out / mode / "run")
+        own = sum(stages.values())
+        result[f"flow_{mode}"] = {"wall_s": round(wall, 1), "stage_time_s": round(own, 1),
+                                  "overhead_s": round(wall - own, 1), "overhead_share": round((wall - own) / wall, 3)}
+        for k, v in stages.items():
+            per_stage.setdefault(k, {})[f"flow_{mode}"] = v
+        print(mode, json.dumps(result[f"flow_{mode}"]), flush=True)
     shutil.rmtree(ns.out / "inproc", ignore_errors=True)
-    flow_cfg = write_config(demo_config(world, ns.out / "flow" / "run", sizes), ns.out / "flow" / "config.yaml")
-    start = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "spa"), "run", str(flow_cfg)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    flow_wall = time.perf_counter() - start
-    flow_stages = stage_times(ns.out / "flow" / "run")
     inproc_wall = in_process(parse_config(demo_config(world, ns.out / "inproc" / "run", sizes)))
     inproc_stages = stage_times(ns.out / "inproc" / "run")
-    own = sum(flow_stages.values())
-    result = {
-        "flow_wall_s": round(flow_wall, 1), "flow_stage_time_s": round(own, 1),
-        "flow_overhead_s": round(flow_wall - own, 1), "flow_overhead_share": round((flow_wall - own) / flow_wall, 3),
-        "in_process_wall_s": round(inproc_wall, 1), "in_process_stage_time_s": round(sum(inproc_stages.values()), 1),
-        "per_stage_s": {k: {"flow": flow_stages[k], "in_process": inproc_stages.get(k)} for k in flow_stages},
-    }
+    for k, v in inproc_stages.items():
+        per_stage.setdefault(k, {})["in_process"] = v
+    result["in_process"] = {"wall_s": round(inproc_wall, 1), "stage_time_s": round(sum(inproc_stages.values()), 1)}
+    result["per_stage_s"] = per_stage
     print(json.dumps(result, indent=1))
     import torch
 
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "p5_overhead.json").write_text(json.dumps({
-        "benchmark": "P5 orchestration overhead of the demo pipeline (spa run vs the same stages in one process)",
+        "benchmark": "P5 orchestration overhead of the demo pipeline (spa run, stages separate or inline, vs the "
+                     "same stages in one process)",
         "goal": {"overhead_share": 0.03},
         "command": "python bench/p5_overhead.py" + (" --small" if ns.small else ""),
         "sizes": sizes.__dict__,

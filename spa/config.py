@@ -257,6 +257,10 @@ class SPAConfig(_Section):
 
     run_dir: str
     iterations: Annotated[int, Field(ge=0)] = 3
+    stage_processes: str = Field(
+        "separate", pattern="^(separate|inline)$",
+        description="the flow runs each stage in its own process (GPU memory handed back between stages, torchrun) "
+                    "or inline in the flow's process (no per-stage interpreter start: CPU and small runs)")
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)

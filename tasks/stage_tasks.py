@@ -42,8 +42,57 @@ def stage_command(stage: str, config: str, iteration: int | None = None, *extra:
     return cmd + list(extra)
 
 
+def _inline(cmd: list[str]) -> bool:
+    """Whether the run's config asks for stages in the flow's own process (``stage_processes: inline``)."""
+    from spa.config import load_config
+
+    return load_config(cmd[cmd.index("-c") + 1]).stage_processes == "inline"
+
+
+def run_inline(cmd: list[str]) -> None:
+    """Run a stage command in this process (no interpreter start, no second import of torch/transformers:
+    bench P5). GPU memory is not handed back between stages, so this is for CPU and small runs."""
+    import contextlib
+    import io
+
+    import click
+    import typer
+
+    from spa_tasks.cli import app
+
+    class Tee(io.TextIOBase):
+        """stderr passed through, its last lines kept for the task's error message."""
+
+        def __init__(self, target):
+            self.target, self.text = target, ""
+
+        def write(self, s: str) -> int:
+            self.text = (self.text + s)[-4000:]
+            return self.target.write(s)
+
+        def flush(self) -> None:
+            self.target.flush()
+
+    get_run_logger().info("$ %s (in the flow's process)", " ".join(cmd[3:]))
+    tee = Tee(sys.stderr)
+    with contextlib.redirect_stderr(tee):
+        try:  # click returns the exit code of typer.Exit in non-standalone mode (older versions raise it)
+            rc = typer.main.get_command(app).main(args=cmd[3:], prog_name="spa", standalone_mode=False)
+        except click.exceptions.Exit as exc:
+            rc = exc.exit_code
+    rc = rc if isinstance(rc, int) else 0
+    tail = "\n".join(line for line in tee.text.splitlines() if line.strip() and "\r" not in line)
+    if rc == 2:
+        raise BadStageInput("\n".join(tail.splitlines()[-5:]))
+    if rc:
+        raise StageFailed(f"spa {' '.join(cmd[3:])} exited with {rc}:\n" + "\n".join(tail.splitlines()[-10:]))
+
+
 def run_command(cmd: list[str]) -> None:
-    """Run a stage process, streaming its output into the Prefect log."""
+    """Run a stage process, streaming its output into the Prefect log (or in this process: ``run_inline``)."""
+    if _inline(cmd):
+        run_inline(cmd)
+        return
     logger = get_run_logger()
     logger.info("$ %s", " ".join(cmd[1:]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)

