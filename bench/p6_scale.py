@@ -6,7 +6,8 @@ Each measurement runs in a fresh process and reports its peak RSS (``ru_maxrss``
 - ``prepare``: the prepare stage on a Parquet source of N synthetic preference pairs (1% duplicates);
 - ``judge``: the judge stage on N prompts with the tiny model (10K and 100K only: 1M would take hours on CPU).
 
-    python bench/p6_scale.py          # writes bench/results/p6_scale.json
+    python bench/p6_scale.py                  # writes bench/results/p6_scale.json
+    python bench/p6_scale.py --kinds prepare  # re-measure some kinds, keep the file's other results
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(child(sys.argv[2], int(sys.argv[3]))))
         return
+    kinds = ("reader", "prepare", "judge")
+    if len(sys.argv) > 2 and sys.argv[1] == "--kinds":
+        kinds = tuple(sys.argv[2].split(","))
+    target = ROOT / "bench" / "results" / "p6_scale.json"
     WORK.mkdir(parents=True, exist_ok=True)
     if not (WORK / "tiny").exists():
         from spa.tiny import build_tiny_model
@@ -110,10 +115,12 @@ def main() -> None:
         build_tiny_model(WORK / "tiny", seed=0)
     sizes = [10_000, 100_000, 1_000_000]
     results: dict[str, dict[str, dict]] = {"reader": {}, "prepare": {}, "judge": {}}
+    if target.exists() and len(kinds) < 3:
+        results |= {k: v for k, v in json.loads(target.read_text())["results"].items() if k not in kinds}
     for n in sizes:
         make_responses(n, WORK / f"responses_{n}.parquet")
         make_source(n, WORK / f"source_{n}.parquet")
-        for kind in ("reader", "prepare", "judge"):
+        for kind in kinds:
             if kind == "judge" and n > 100_000:
                 continue
             out = subprocess.run([sys.executable, __file__, "--child", kind, str(n)], capture_output=True, text=True,
@@ -126,7 +133,7 @@ def main() -> None:
     import torch
 
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "p6_scale.json").write_text(json.dumps({
+    target.write_text(json.dumps({
         "benchmark": "P6 peak RSS of prepare, judge and the artifact reader at 10K / 100K / 1M prompts",
         "goal": "flat peak RSS from 10K to 1M (streamed)",
         "command": "python bench/p6_scale.py",
