@@ -176,11 +176,14 @@ def merge_parquet(parts: list[str | os.PathLike], target: str | os.PathLike, kin
     return rows
 
 
+def _canonical_type(t: pa.DataType) -> pa.DataType:
+    return pa.list_(_canonical_type(t.value_type)) if pa.types.is_list(t) else t
+
+
 def _canonical(schema: pa.Schema) -> pa.Schema:
-    """List children named ``item`` as pyarrow writes them (Parquet reads them back as ``element``)."""
-    return pa.schema([
-        pa.field(f.name, pa.list_(f.type.value_type), f.nullable) if pa.types.is_list(f.type) else f for f in schema
-    ])
+    """List children (at every depth) named ``item`` as pyarrow writes them (Parquet reads them back as
+    ``element``)."""
+    return pa.schema([pa.field(f.name, _canonical_type(f.type), f.nullable) for f in schema])
 
 
 def num_rows(path: str | os.PathLike) -> int:

@@ -35,13 +35,25 @@ pytestmark = [
 
 
 def test_vllm_backend_matches_transformers_schema_and_finish_reasons(tmp_path, tiny_model_dir, prefs_file):
+    """Same schema and finish-reason semantics as the transformers backend, and vLLM's recorded per-token
+    log-probs (``logprobs_mode=raw_logprobs``) of the sampled ids equal a transformers rescoring of those ids:
+    what the judge's ``policy_logps: from_sampling`` relies on (issue 9, P3).
+
+    The engine's token budget (256) is below the 16 prompts' total length, so a step cannot take every
+    prompt whole: with vLLM's chunked prefill on, the CPU engine crashed here ('CPU Generator does not use
+    offset' when rewinding a split request's seeded generator)."""
+    import torch
+
+    from spa.models import load_causal_lm
+    from spa.rendering import load_tokenizer, prompt_ids
+
     tables = {}
     for backend in ("transformers", "vllm"):
         cfg = tiny_config(
             tmp_path / backend, tiny_model_dir, prefs_file,
             sample={"backend": backend, "python": VLLM_PYTHON if backend == "vllm" else None,
-                    "gpu_memory_utilization": 0.3, "max_new_tokens": 12},
-            model={"dtype": "float32"},
+                    "gpu_memory_utilization": 0.3, "max_new_tokens": 12, "max_num_batched_tokens": 256},
+            model={"dtype": "float32", "max_length": 256},
         )
         prepare.run(cfg)
         lay = RunLayout(cfg.run_dir)
@@ -60,32 +72,9 @@ def test_vllm_backend_matches_transformers_schema_and_finish_reasons(tmp_path, t
     assert RESPONSES.schema.names == vl.schema.names[: len(RESPONSES.schema.names)]
     assert vl.column("backend").unique().to_pylist() == ["vllm"]
     assert isinstance(vl.column("num_tokens").type, pa.ListType)
-
-
-def test_vllm_records_raw_logps_that_match_transformers_rescoring(tmp_path, tiny_model_dir, prefs_file):
-    """vLLM's per-token log-probs (``logprobs_mode=raw_logprobs``) of the sampled ids equal a transformers
-    rescoring of those ids: what the judge's ``policy_logps: from_sampling`` relies on (issue 9, P3).
-
-    The engine's token budget (256) is below the 16 prompts' total length, so a step cannot take every
-    prompt whole: with vLLM's chunked prefill on, the CPU engine crashed here ('CPU Generator does not use
-    offset' when rewinding a split request's seeded generator)."""
-    import torch
-
-    from spa.models import load_causal_lm
-    from spa.rendering import load_tokenizer, prompt_ids
-
-    cfg = tiny_config(tmp_path, tiny_model_dir, prefs_file,
-                      sample={"backend": "vllm", "python": VLLM_PYTHON, "gpu_memory_utilization": 0.3,
-                              "max_new_tokens": 12, "max_num_batched_tokens": 256},
-                      model={"dtype": "float32", "max_length": 256})
-    prepare.run(cfg)
-    lay = RunLayout(cfg.run_dir)
-    shutil.copytree(tiny_model_dir, lay.model(0))
-    sample.run(cfg, 1)
-    rows = read_table(lay.responses(1), "responses").to_pylist()
-    model, tok = load_causal_lm(lay.model(0), "float32", "cpu"), load_tokenizer(lay.model(0))
+    model, tok = load_causal_lm(tiny_model_dir, "float32", "cpu"), load_tokenizer(tiny_model_dir)
     gaps = []
-    for row in rows:
+    for row in vl.to_pylist():
         assert row["logp_dtype"] == "float32"
         p = prompt_ids(tok, row["prompt"])
         for ids, logp in zip(row["token_ids"], row["sampled_logps"], strict=True):
@@ -93,4 +82,4 @@ def test_vllm_records_raw_logps_that_match_transformers_rescoring(tmp_path, tiny
                 logits = model(input_ids=torch.tensor([p + ids])).logits[0, :-1].double()
             dense = sum(torch.log_softmax(logits, -1)[len(p) - 1 + i, t].item() for i, t in enumerate(ids))
             gaps.append(abs(logp - dense))
-    assert len(gaps) == 2 * len(rows) and max(gaps) < 1e-2, max(gaps)
+    assert len(gaps) == 2 * vl.num_rows and max(gaps) < 1e-2, max(gaps)

@@ -193,9 +193,10 @@ def assign_splits(index: SourceIndex, cfg: SPAConfig, source: str) -> tuple[np.n
               "unusable_pairs": int((~index.usable[distinct]).sum())}
     ids = index.id_hashes[distinct]
     uniq, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        clash = np.flatnonzero(ids == uniq[counts > 1][0])[:2]
-        raise StageInputError(f"{source}: rows {distinct[clash[0]]} and {distinct[clash[1]]} have different prompts "
+    if (counts > 1).any():  # name the earliest row whose prompt_id another prompt also has
+        first = int(np.flatnonzero(np.isin(ids, uniq[counts > 1]))[0])
+        second = int(np.flatnonzero(ids == ids[first])[1])
+        raise StageInputError(f"{source}: rows {distinct[first]} and {distinct[second]} have different prompts "
                               "but the same prompt_id")
     total = len(distinct)
     order = distinct[np.random.default_rng(cfg.data.shuffle_seed).permutation(total)]
