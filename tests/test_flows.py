@@ -142,8 +142,21 @@ def test_stage_task_raises_bad_input_for_exit_code_2(tmp_path, tiny_model_dir, p
     @flow
     def judge_only():
         state = stage_tasks.judge.with_options(retry_delay_seconds=0)(str(path), 1, return_state=True)
+        from prefect.exceptions import ObjectNotFound
+
+        # task-run records reach the API asynchronously (events): wait for the final one
+        deadline = time.time() + 30
         with get_client(sync_client=True) as client:
-            return state, client.read_task_run(state.state_details.task_run_id).run_count
+            while True:
+                try:
+                    run = client.read_task_run(state.state_details.task_run_id)
+                    if run.state is not None and run.state.is_failed():
+                        return state, run.run_count
+                except ObjectNotFound:
+                    pass
+                if time.time() > deadline:
+                    raise AssertionError("the failed task run never reached the API")
+                time.sleep(0.2)
 
     state, run_count = judge_only()
     assert state.is_failed() and run_count == 1  # retries=2 is declared, but bad input is not retried
