@@ -120,3 +120,13 @@ def copy_without_chat_template(src, dst):
     cfg.pop("chat_template", None)
     cfg_path.write_text(json.dumps(cfg))
     return dst
+
+
+def dense_logp_of_ids(model, prompt_ids, response_ids):
+    """Summed log-probs of ``response_ids`` after ``prompt_ids``: one plain forward, no batching (tests' oracle)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(prompt_ids) + list(response_ids)])).logits[0, :-1].double()
+    logp = torch.log_softmax(logits, -1)
+    return sum(logp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(response_ids))

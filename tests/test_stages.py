@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import copy_without_chat_template, tiny_config
+from conftest import copy_without_chat_template, dense_logp_of_ids, tiny_config
 
 from spa.artifacts import read_table
 from spa.layout import RunLayout
@@ -81,11 +81,7 @@ def test_responses_record_finish_reasons_and_counts(chained):
 
 
 def _dense_logp(model, tok, prompt, response, finished):
-    p, r = prompt_ids(tok, prompt), response_ids(tok, response, finished)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([p + r])).logits[0, :-1].double()
-    logp = torch.log_softmax(logits, -1)
-    return sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(r))
+    return dense_logp_of_ids(model, prompt_ids(tok, prompt), response_ids(tok, response, finished))
 
 
 def test_judge_p_chosen_recomputed_independently(chained):
@@ -209,10 +205,7 @@ def test_sampler_records_raw_logps_of_the_sampled_ids(chained):
             assert len(ids) == n + (reason == "stop")
             if reason == "stop":
                 assert ids[-1] == end
-            p = prompt_ids(tok, row["prompt"])
-            with torch.no_grad():
-                logits = policy(input_ids=torch.tensor([p + ids])).logits[0, :-1].double()
-            dense = sum(torch.log_softmax(logits, -1)[len(p) - 1 + i, t].item() for i, t in enumerate(ids))
+            dense = dense_logp_of_ids(policy, prompt_ids(tok, row["prompt"]), ids)
             assert logp == pytest.approx(dense, abs=1e-3)
             checked += 1
     assert checked >= 12

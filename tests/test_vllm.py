@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import tiny_config
+from conftest import dense_logp_of_ids, tiny_config
 
 from spa.artifacts import read_table
 from spa.layout import RunLayout
@@ -42,8 +42,6 @@ def test_vllm_backend_matches_transformers_schema_and_finish_reasons(tmp_path, t
     The engine's token budget (256) is below the 16 prompts' total length, so a step cannot take every
     prompt whole: with vLLM's chunked prefill on, the CPU engine crashed here ('CPU Generator does not use
     offset' when rewinding a split request's seeded generator)."""
-    import torch
-
     from spa.models import load_causal_lm
     from spa.rendering import load_tokenizer, prompt_ids
 
@@ -78,8 +76,5 @@ def test_vllm_backend_matches_transformers_schema_and_finish_reasons(tmp_path, t
         assert row["logp_dtype"] == "float32"
         p = prompt_ids(tok, row["prompt"])
         for ids, logp in zip(row["token_ids"], row["sampled_logps"], strict=True):
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([p + ids])).logits[0, :-1].double()
-            dense = sum(torch.log_softmax(logits, -1)[len(p) - 1 + i, t].item() for i, t in enumerate(ids))
-            gaps.append(abs(logp - dense))
+            gaps.append(abs(logp - dense_logp_of_ids(model, p, ids)))
     assert len(gaps) == 2 * vl.num_rows and max(gaps) < 1e-2, max(gaps)

@@ -52,9 +52,8 @@ def judge_name(cfg: SPAConfig, length_penalty: float | None = None) -> str:
     a = j.length_penalty if length_penalty is None else length_penalty
     a_text = f"{a:.6g}" if isinstance(a, float | int) else str(a)
     if j.type == "implicit":
-        base = f"implicit(ref={j.reference},beta={j.beta},length_penalty={a_text})"
-        if j.policy_logps == "from_sampling":
-            base = base[:-1] + ",policy_logps=from_sampling)"
+        reuse = ",policy_logps=from_sampling" if j.policy_logps == "from_sampling" else ""
+        base = f"implicit(ref={j.reference},beta={j.beta},length_penalty={a_text}{reuse})"
     elif j.type == "external_rm":
         base = f"external_rm({Path(j.reward_model or '').name},length_penalty={a_text})"
     else:
