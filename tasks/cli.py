@@ -209,6 +209,26 @@ def check_config(
         typer.echo(f"saved {save_resolved(cfg)}", err=True)
 
 
+@app.command("plan")
+def plan_command(
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),
+    overrides: list[str] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+) -> None:
+    """Print the resolved rounds (models, references, prompts, judge, loss, schedule) and what a rerun would
+    redo, before any heavy work. Loads no model."""
+    from spa.config import ConfigError
+    from spa.plan import format_plan, plan, plan_as_dict
+
+    try:
+        cfg = _load(config, overrides)
+        rounds = plan(cfg)
+    except (ConfigError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(plan_as_dict(rounds), indent=2) if as_json else format_plan(cfg, rounds))
+
+
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Path = typer.Argument(..., help="directory to write the model into"),

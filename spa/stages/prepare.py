@@ -23,6 +23,8 @@ from spa.config import SPAConfig
 from spa.layout import RunLayout
 from spa.stages.runner import StageInputError, StageResult, run_stage
 
+SECTIONS = ["data", "iterations"]  # config this stage's resume key covers
+
 _SPACE = re.compile(r"\s+")
 
 
@@ -303,5 +305,5 @@ def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
         return report
 
     inputs = [source] if source.exists() else []
-    return run_stage(cfg, "prepare", inputs, ["data", "iterations"], outputs, body,
+    return run_stage(cfg, "prepare", inputs, SECTIONS, outputs, body,
                      extra_key={"source": cfg.data.source}, force=force, echo=echo)

@@ -1,0 +1,199 @@
+"""The resolved rounds of a run, printed before any heavy work (``spa plan``).
+
+PITFALLS.md, "The recipe": which model each round samples from, which reference the judge and the
+trainer use, whether prompts are fresh, the pairing rule and the schedule (lambda per iteration,
+optimiser steps) are config; users see them resolved here, with what a rerun would redo, before
+they spend GPU hours. Reads only the config, the manifest and Parquet footers: no model is loaded,
+nothing is hashed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spa.config import SPAConfig
+from spa.layout import RunLayout
+from spa.manifest import Manifest, code_version
+
+
+def _stage_sections() -> dict[str, list[str]]:
+    """Config sections each stage's resume key covers: the stages' own ``SECTIONS``."""
+    from spa.stages import evaluate, judge, prepare, sample, train
+
+    return {"prepare": prepare.SECTIONS, "seed": train.SECTIONS, "sample": sample.SECTIONS, "judge": judge.SECTIONS,
+            "train": train.SECTIONS, "evaluate": evaluate.SECTIONS}
+
+
+@dataclass
+class Round:
+    """One round of Algorithm 1: the seed stage (``t = 0``) or an SPA iteration."""
+
+    t: int
+    lines: list[tuple[str, str]]  # (what, resolved description)
+    stages: dict[str, str] = field(default_factory=dict)  # stage key -> status
+
+
+def _rows(path: Path) -> int | None:
+    """Row count from a Parquet footer (None when the file is not there yet)."""
+    if not path.exists():
+        return None
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _size(size: float, rows: int | None, noun: str) -> str:
+    if rows is not None:
+        return f"{rows} {noun}"
+    if size < 1:
+        return f"{size:.0%} of the source's {noun} (resolved by prepare)"
+    return f"{int(size)} {noun}"
+
+
+def _steps(pairs: int | None, size: float, epochs: float, batch: int) -> str:
+    n = pairs if pairs is not None else (int(size) if size >= 1 else None)
+    if n is None:
+        return f"{epochs:g} epoch(s) of {batch}-pair steps"
+    return f"<= {math.ceil(n * epochs / batch)} optimiser steps ({n} pairs x {epochs:g} epoch(s) / batch {batch})"
+
+
+def _judge_text(cfg: SPAConfig, t: int) -> str:
+    j = cfg.judge
+    policy = f"pi_{t - 1}"
+    if j.type == "implicit":
+        ref = {"init": "pi_init", "none": "no reference"}.get(j.reference)
+        if j.reference == "previous":
+            ref = f"pi_{t - 2}" if t >= 2 else "pi_init"
+        text = f"implicit reward (Eq. 7) of {policy} against {ref}, beta {j.beta:g}"
+        if j.policy_logps == "from_sampling":
+            text += f", {policy}'s log-probs reused from sampling"
+    elif j.type == "external_rm":
+        text = f"external reward model {j.reward_model}"
+    else:
+        text = f"LLM judge {j.llm_judge_model or 'pi_init'} (both orders)"
+    if j.length_penalty not in (0, 0.0):
+        text += f", length penalty {j.length_penalty}"
+    text += "; pair: " + ("best vs worst of the samples" if j.select == "best_worst" else "the first two samples")
+    if j.flip_fraction:
+        text += f"; {j.flip_fraction:.0%} of labels flipped on purpose (noise injection)"
+    return text
+
+
+def _loss_text(cfg: SPAConfig, t: int) -> str:
+    # the trainer's own resolution (imports torch)
+    from spa.stages.train import loss_settings, refine_settings
+
+    tc = cfg.train
+    kind = loss_settings(cfg, t).kind
+    text = {"dpo": "DPO", "rpo": "RPO", "spo": "SPO", "dro": "DRO", "sr+dro": "SR+DRO"}[kind]
+    text += f", beta {tc.beta:g}, lr {tc.learning_rate:g} ({tc.lr_scheduler}, {tc.warmup_ratio:.0%} warm-up)"
+    refine = refine_settings(cfg, t)
+    if refine is not None:
+        text += (f"; SR: label smoothing {refine.alpha:g} on the {refine.k_percent:g}% least confident of the last "
+                 f"{refine.window} pairs after {refine.warmup_fraction:.0%} of the steps")
+        text += f"; DND lambda {refine.lam:g}" if refine.lam > 0 else "; DND off (pi_theta's own confidence)"
+    if tc.lora is not None:
+        text += f"; LoRA r {tc.lora.r}"
+    return text
+
+
+def stage_status(cfg: SPAConfig, keys: list[str]) -> dict[str, str]:
+    """What a rerun would do with each stage: ``done``, ``to run`` or ``reruns (why)``.
+
+    A stage reruns when it has no manifest entry, when its config sections or the code version changed
+    since it finished, when an output is gone, or when a stage it depends on reruns (every earlier
+    non-evaluation stage: each model feeds all later rounds). Outputs are checked for existence only:
+    ``spa plan`` never hashes weights.
+    """
+    layout = RunLayout(Path(cfg.run_dir))
+    entries = Manifest(layout.manifest).entries()
+    sections = _stage_sections()
+    status: dict[str, str] = {}
+    upstream = False
+    for key in keys:
+        entry = entries.get(key)
+        kind = key.split("/")[0]
+        reason = None
+        if entry is None:
+            reason = "to run"
+        elif entry.get("config_hash") != cfg.section_hash(*sections[kind]):
+            reason = "reruns (config changed)"
+        elif entry.get("code_version") != code_version():
+            reason = f"reruns (spa {entry.get('code_version')} -> {code_version()})"
+        elif any(not (layout.root / out).exists() for out in entry.get("outputs", {})):
+            reason = "reruns (an output is missing)"
+        elif upstream:
+            reason = "reruns (an earlier stage reruns)"
+        status[key] = reason or "done"
+        if reason and kind != "evaluate":
+            upstream = True
+    return status
+
+
+def plan(cfg: SPAConfig) -> list[Round]:
+    """The rounds of ``cfg`` resolved: seed (``t = 0``) then iterations ``1..T`` (Algorithm 1)."""
+    layout = RunLayout(Path(cfg.run_dir))
+    tc, sc, d = cfg.train, cfg.sample, cfg.data
+    rounds = []
+    seed_rows = _rows(layout.seed)
+    if cfg.model.pi_0:
+        seed_lines = [("train", f"skipped: pi_0 given ({cfg.model.pi_0}), no-seed mode")]
+    else:
+        seed_lines = [
+            ("data", f"D_0: {_size(d.seed_size, seed_rows, 'gold pairs')}"),
+            ("train", f"pi_init -> pi_0, reference pi_init, "
+                      f"{_steps(seed_rows, d.seed_size, tc.seed_epochs, tc.batch_size)}"),
+            ("loss", _loss_text(cfg, 0)),
+            ("evaluate", _eval_text(cfg, 0)),
+        ]
+    rounds.append(Round(0, seed_lines))
+    for t in range(1, cfg.iterations + 1):
+        n_prompts = _rows(layout.prompts(t))
+        size = d.prompt_sizes[t - 1]
+        pairs = _size(size, n_prompts, "prompts")
+        lines = [
+            ("sample", f"X_{t}: {pairs} (fresh: disjoint from every earlier set), {sc.n} responses each from "
+                       f"pi_{t - 1} (T {sc.temperature:g}, top_p {sc.top_p:g}, {sc.max_new_tokens} new tokens, "
+                       f"backend {sc.backend})"),
+            ("judge", _judge_text(cfg, t)),
+            ("train", f"pi_{t - 1} -> pi_{t}, reference pi_{t - 1}, "
+                      f"{_steps(n_prompts, size, tc.epochs, tc.batch_size)}"
+                      + (f", plus {tc.replay_fraction:.0%} replayed seed pairs" if tc.replay_fraction else "")),
+            ("loss", _loss_text(cfg, t)),
+            ("evaluate", _eval_text(cfg, t)),
+        ]
+        rounds.append(Round(t, lines))
+    keys = {0: ["prepare"] + ([] if cfg.model.pi_0 else ["seed", "evaluate/0"])}
+    for t in range(1, cfg.iterations + 1):
+        keys[t] = [f"sample/{t}", f"judge/{t}", f"train/{t}", f"evaluate/{t}"]
+    status = stage_status(cfg, [k for t in sorted(keys) for k in keys[t]])
+    for r in rounds:
+        r.stages = {k: status[k] for k in keys[r.t]}
+    return rounds
+
+
+def _eval_text(cfg: SPAConfig, t: int) -> str:
+    e = cfg.evaluate
+    what = e.eval_set if e.eval_set != "heldout" else f"{e.max_prompts} held-out prompts"
+    annotator = e.annotator or "none (outputs only, no win rate)"
+    return f"pi_{t} on {what}, annotator {annotator}; gold agreement on the held-out pairs"
+
+
+def format_plan(cfg: SPAConfig, rounds: list[Round]) -> str:
+    """The plan as text for a terminal."""
+    out = [f"run {cfg.run_dir}: pi_init {cfg.model.pi_init}, {cfg.iterations} iteration(s), spa {code_version()}"]
+    for r in rounds:
+        out.append("")
+        out.append("seed (t = 0)" if r.t == 0 else f"iteration {r.t}")
+        width = max(len(w) for w, _ in r.lines)
+        out += [f"  {w.ljust(width)}  {text}" for w, text in r.lines]
+        out.append("  " + "status".ljust(width) + "  " + ", ".join(f"{k} {s}" for k, s in r.stages.items()))
+    return "\n".join(out)
+
+
+def plan_as_dict(rounds: list[Round]) -> list[dict[str, Any]]:
+    """The plan as JSON-ready rows (``spa plan --json``)."""
+    return [{"t": r.t, "lines": dict(r.lines), "stages": r.stages} for r in rounds]

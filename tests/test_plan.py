@@ -1,0 +1,88 @@
+"""`spa plan`: the resolved rounds and what a rerun would redo, without loading a model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from spa.config import parse_config
+from spa.plan import format_plan, plan
+
+
+def _cfg(tmp_path, **over):
+    raw = {"run_dir": str(tmp_path / "run"), "model": {"pi_init": str(tmp_path / "init")},
+           "data": {"source": str(tmp_path / "prefs.jsonl")}}
+    for k, v in over.items():
+        raw.setdefault(k, {}).update(v) if isinstance(v, dict) else raw.__setitem__(k, v)
+    return parse_config(raw)
+
+
+def test_paper_defaults_resolved(tmp_path):
+    rounds = plan(_cfg(tmp_path))
+    assert [r.t for r in rounds] == [0, 1, 2, 3]
+    seed = dict(rounds[0].lines)
+    assert seed["data"] == "D_0: 2000 gold pairs"
+    assert "<= 188 optimiser steps (2000 pairs x 3 epoch(s) / batch 32)" in seed["train"]  # ceil(6000 / 32)
+    assert seed["loss"].startswith("DPO, beta 0.1, lr 5e-07") and "SR" not in seed["loss"]
+    for t, lam in ((1, "0.5"), (2, "0.25"), (3, "0.125")):
+        lines = dict(rounds[t].lines)
+        assert f"DND lambda {lam}" in lines["loss"]
+        assert "label smoothing 0.1 on the 10% least confident of the last 50 pairs after 20% of the steps" in lines["loss"]
+        assert lines["train"].startswith(f"pi_{t - 1} -> pi_{t}, reference pi_{t - 1}")
+        assert "against pi_init" in lines["judge"]
+        assert "2 responses each from pi_" + str(t - 1) in lines["sample"]
+    assert "<= 250 optimiser steps (8000 pairs" in dict(rounds[1].lines)["train"]
+    assert all(s == "to run" for r in rounds for s in r.stages.values())
+    assert list(rounds[0].stages) == ["prepare", "seed", "evaluate/0"]
+
+
+def test_reference_and_refinement_switches(tmp_path):
+    cfg = _cfg(tmp_path, judge={"reference": "previous", "select": "best_worst", "policy_logps": "from_sampling"},
+               sample={"n": 4}, train={"refinement": {"decoupled": False}})
+    rounds = plan(cfg)
+    judges = [dict(r.lines)["judge"] for r in rounds[1:]]
+    assert "of pi_0 against pi_init" in judges[0]
+    assert "of pi_1 against pi_0" in judges[1] and "of pi_2 against pi_1" in judges[2]
+    assert "pi_1's log-probs reused from sampling" in judges[1]
+    assert all("best vs worst" in j for j in judges)
+    assert "DND off" in dict(rounds[1].lines)["loss"]
+    text = format_plan(cfg, rounds)
+    assert "iteration 3" in text and "status" in text
+
+
+def test_no_seed_mode_skips_seed_and_its_evaluation(tmp_path):
+    rounds = plan(_cfg(tmp_path, model={"pi_0": str(tmp_path / "given")}))
+    assert list(rounds[0].stages) == ["prepare"]
+    assert dict(rounds[0].lines)["train"].startswith("skipped: pi_0 given")
+
+
+def test_status_of_a_finished_run_and_what_a_change_reruns(full_run):
+    cfg, path, _ = full_run
+    rounds = plan(cfg)
+    assert all(s == "done" for r in rounds for s in r.stages.values()), [r.stages for r in rounds]
+    assert "X_1: 12 prompts" in dict(rounds[1].lines)["sample"]  # the prepared count, from the Parquet footer
+    # evaluation settings: only the evaluations rerun
+    status = {k: v for r in plan(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
+        update={"max_prompts": 3})})) for k, v in r.stages.items()}
+    assert {k for k, v in status.items() if v != "done"} == {"evaluate/0", "evaluate/1", "evaluate/2"}
+    assert status["evaluate/1"] == "reruns (config changed)"
+    # sampling settings: iteration 1's sampling and everything after it
+    status = {k: v for r in plan(cfg.model_copy(update={"sample": cfg.sample.model_copy(
+        update={"temperature": 0.9})})) for k, v in r.stages.items()}
+    assert status["prepare"] == status["seed"] == status["evaluate/0"] == "done"
+    assert status["sample/1"] == "reruns (config changed)"
+    assert status["judge/1"] == status["train/1"] == "reruns (an earlier stage reruns)"
+    assert status["sample/2"] == "reruns (config changed)"
+
+
+def test_cli_prints_json_and_refuses_a_bad_config(tmp_path, full_run):
+    _, path, _ = full_run
+    spa = str(Path(sys.executable).parent / "spa")
+    res = subprocess.run([spa, "plan", str(path), "--json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert [r["t"] for r in rows] == [0, 1, 2] and rows[2]["stages"]["train/2"] == "done"
+    res = subprocess.run([spa, "plan", str(path), "-s", "train.beta=-1"], capture_output=True, text=True)
+    assert res.returncode == 2 and "beta" in res.stderr
