@@ -3,8 +3,8 @@
 PITFALLS.md, "The recipe": which model each round samples from, which reference the judge and the
 trainer use, whether prompts are fresh, the pairing rule and the schedule (lambda per iteration,
 optimiser steps) are config; users see them resolved here, with what a rerun would redo, before
-they spend GPU hours. Reads only the config, the manifest and Parquet footers: no model is loaded,
-nothing is hashed.
+they spend GPU hours. Reads the config, the manifest, Parquet footers and the source's hash: no model is
+loaded or hashed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from spa.config import SPAConfig
 from spa.layout import RunLayout
-from spa.manifest import Manifest, code_version
+from spa.manifest import Manifest, code_version, hash_inputs
 
 
 def _stage_sections() -> dict[str, list[str]]:
@@ -123,6 +123,8 @@ def stage_status(cfg: SPAConfig, keys: list[str]) -> dict[str, str]:
             reason = "reruns (config changed)"
         elif entry.get("code_version") != code_version():
             reason = f"reruns (spa {entry.get('code_version')} -> {code_version()})"
+        elif kind == "prepare" and not _same_source(cfg, entry, layout.root):
+            reason = "reruns (the source changed)"
         elif any(not (layout.root / out).exists() for out in entry.get("outputs", {})):
             reason = "reruns (an output is missing)"
         elif upstream:
@@ -131,6 +133,14 @@ def stage_status(cfg: SPAConfig, keys: list[str]) -> dict[str, str]:
         if reason and kind != "evaluate":
             upstream = True
     return status
+
+
+def _same_source(cfg: SPAConfig, entry: dict[str, Any], root: Path) -> bool:
+    """prepare's input is the preference source: hashed here (data, not weights; cheap next to a run)."""
+    source = Path(cfg.data.source) if cfg.data.source else None
+    if source is None or not source.exists():
+        return not entry.get("inputs")
+    return entry.get("inputs") == hash_inputs([source], root)
 
 
 def plan(cfg: SPAConfig) -> list[Round]:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import tiny_config
+
 from spa.config import parse_config
 from spa.plan import format_plan, plan
+from spa.stages import prepare
 
 
 def _cfg(tmp_path, **over):
@@ -86,3 +90,16 @@ def test_cli_prints_json_and_refuses_a_bad_config(tmp_path, full_run):
     assert [r["t"] for r in rows] == [0, 1, 2] and rows[2]["stages"]["train/2"] == "done"
     res = subprocess.run([spa, "plan", str(path), "-s", "train.beta=-1"], capture_output=True, text=True)
     assert res.returncode == 2 and "beta" in res.stderr
+
+
+def test_an_edited_source_reruns_prepare(tmp_path, prefs_file, tiny_model_dir):
+    source = tmp_path / "prefs.jsonl"
+    shutil.copy(prefs_file, source)
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, source)
+    prepare.run(cfg)
+    assert plan(cfg)[0].stages["prepare"] == "done"
+    text = source.read_text()
+    source.write_text(text + text.splitlines()[0] + "\n")  # one more row: same path and config, new content
+    status = {k: v for r in plan(cfg) for k, v in r.stages.items()}
+    assert status["prepare"] == "reruns (the source changed)"
+    assert status["seed"] == "to run"
