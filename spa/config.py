@@ -174,6 +174,10 @@ class TrainConfig(_Section):
     spo: SPOConfig = Field(default_factory=lambda: SPOConfig())
     group_by_length: bool = Field(False, description="length-grouped micro-batches (less padding; bench P4) "
                                                      "instead of Trainer's uniformly random order")
+    precompute_reference: bool = Field(
+        True, description="when no full-vocabulary reference logits are needed (no DND: the seed stage, lambda 0, "
+                          "SR off), compute the reference's sequence log-probs once before training (eval mode, "
+                          "iter_t/reference_logps.parquet) and train without a reference model in memory")
     replay_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.0, description="experience replay (DICE): gold seed pairs make up this share of each iteration's training set")
 

@@ -154,7 +154,7 @@ def plan(cfg: SPAConfig) -> list[Round]:
     else:
         seed_lines = [
             ("data", f"D_0: {_size(d.seed_size, seed_rows, 'gold pairs')}"),
-            ("train", f"pi_init -> pi_0, reference pi_init, "
+            ("train", f"pi_init -> pi_0, reference pi_init{_ref_mode(cfg, 0)}, "
                       f"{_steps(seed_rows, d.seed_size, tc.seed_epochs, tc.batch_size)}"),
             ("loss", _loss_text(cfg, 0)),
             ("evaluate", _eval_text(cfg, 0)),
@@ -169,7 +169,7 @@ def plan(cfg: SPAConfig) -> list[Round]:
                        f"pi_{t - 1} (T {sc.temperature:g}, top_p {sc.top_p:g}, {sc.max_new_tokens} new tokens, "
                        f"backend {sc.backend})"),
             ("judge", _judge_text(cfg, t)),
-            ("train", f"pi_{t - 1} -> pi_{t}, reference pi_{t - 1}, "
+            ("train", f"pi_{t - 1} -> pi_{t}, reference pi_{t - 1}{_ref_mode(cfg, t)}, "
                       f"{_steps(n_prompts, size, tc.epochs, tc.batch_size)}"
                       + (f", plus {tc.replay_fraction:.0%} replayed seed pairs" if tc.replay_fraction else "")),
             ("loss", _loss_text(cfg, t)),
@@ -183,6 +183,14 @@ def plan(cfg: SPAConfig) -> list[Round]:
     for r in rounds:
         r.stages = {k: status[k] for k in keys[r.t]}
     return rounds
+
+
+def _ref_mode(cfg: SPAConfig, t: int) -> str:
+    from spa.stages.train import precomputes_reference
+
+    if cfg.train.lora is not None:
+        return " (the base weights, adapter disabled)"
+    return " (log-probs computed once before training)" if precomputes_reference(cfg, t) else " (model in memory: DND)"
 
 
 def _eval_text(cfg: SPAConfig, t: int) -> str:

@@ -114,6 +114,18 @@ EVAL = ArtifactKind(
     nonempty=("instruction", "generator"),
 )
 
+REFERENCE_LOGPS = ArtifactKind(
+    name="reference log-probs",
+    schema=pa.schema(
+        [
+            ("row", pa.int32()),  # index into the stage's training pairs
+            ("ref_logp_chosen", pa.float64()),
+            ("ref_logp_rejected", pa.float64()),
+        ]
+    ),
+    unique="row",
+)
+
 FINISH_REASONS = frozenset({"stop", "length"})
 
 KINDS: dict[str, ArtifactKind] = {
@@ -123,6 +135,7 @@ KINDS: dict[str, ArtifactKind] = {
     "prompts": PROMPTS,
     "responses": RESPONSES,
     "judgments": JUDGMENTS,
+    "reference_logps": REFERENCE_LOGPS,
     "train_log": TRAIN_LOG,
     "eval": EVAL,
 }

@@ -82,6 +82,7 @@ class PairDataset(Dataset):
             (encode_pair(tok, p, c, fc, max_length, row=i), encode_pair(tok, p, r, fr, max_length, row=i))
             for i, (p, c, r, fc, fr) in enumerate(zip(prompts, chosen, rejected, cf, rf, strict=True))
         ]
+        self.ref_logps: torch.Tensor | None = None  # [n, 2] precomputed reference log-probs (chosen, rejected)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -96,6 +97,8 @@ class PairDataset(Dataset):
             item["prompt_emb"] = self.prompt_emb[i]
         if self.spans is not None:
             item["spo"] = self.spans[i]
+        if self.ref_logps is not None:
+            item["ref_logps"] = self.ref_logps[i]
         return item
 
 
@@ -117,12 +120,43 @@ class PairCollator:
         }
         if "prompt_emb" in features[0]:
             out["prompt_emb"] = torch.stack([f["prompt_emb"] for f in features])
+        if "ref_logps" in features[0]:  # in the order of the sequences: chosen ones, then rejected ones
+            ref = torch.stack([f["ref_logps"] for f in features])
+            out["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])
         if "spo" in features[0]:
             seqs_info = [f["spo"][0] for f in features] + [f["spo"][1] for f in features]
             out["spo_prompt_lens"] = torch.tensor([e.response_start for e in seqs])
             out["spo_text_lens"] = torch.tensor([info[1] for info in seqs_info])
             out["spo_spans"] = [info[0] for info in seqs_info]
         return out
+
+
+@torch.no_grad()
+def reference_logps(model: torch.nn.Module, dataset: PairDataset, pad_id: int, batch_size: int,
+                    bf16: bool = False) -> torch.Tensor:
+    """Summed log-probs of every pair's chosen and rejected response under ``model``: ``[n, 2]`` float64.
+
+    The reference terms of Eq. 5/6 (``log pi_ref(y|x)``) computed once, before training, in eval mode and in
+    length-sorted batches, with the precision the policy trains in (bf16 autocast or fp32). Hand-written
+    because ``Trainer`` has no reference pass; TRL's ``precompute_ref_log_probs`` is the same idea.
+    A peft model is scored with its adapter disabled (the base weights: the LoRA reference).
+    """
+    from contextlib import nullcontext
+
+    from spa.logprobs import encoded_logps
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    try:
+        with autocast, adapter_off:
+            chosen, _ = encoded_logps(model, [c for c, _ in dataset.items], pad_id, batch_size, "reference log-probs")
+            rejected, _ = encoded_logps(model, [r for _, r in dataset.items], pad_id, batch_size, "reference log-probs")
+    finally:
+        model.train(was_training)
+    return torch.stack([torch.from_numpy(chosen), torch.from_numpy(rejected)], dim=1)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -230,10 +264,14 @@ class RefinedDPOTrainer(Trainer):
         spo = self.spo_heads is not None
         out = model(input_ids=ids, attention_mask=attn, output_hidden_states=spo, use_cache=False)
         logits = out.logits[:, :-1]
-        ref_logits = self._reference_logits(model, ids, attn)[:, :-1]
         policy_logps = gather_logps(logits, targets, mask)
-        with torch.no_grad():
-            ref_logps = gather_logps(ref_logits, targets, mask)
+        needs_ref_logits = self.refine is not None and self.refine.lam > 0  # DND (Eq. 12) needs h_ref itself
+        if "ref_logps" in inputs and not needs_ref_logits:  # computed once before training (PITFALLS)
+            ref_logits, ref_logps = None, inputs["ref_logps"].to(policy_logps.dtype)
+        else:
+            ref_logits = self._reference_logits(model, ids, attn)[:, :-1]
+            with torch.no_grad():
+                ref_logps = gather_logps(ref_logits, targets, mask)
         half = ids.shape[0] // 2
         pc, pr, rc, rr = policy_logps[:half], policy_logps[half:], ref_logps[:half], ref_logps[half:]
         margin = dpo_margin(pc, pr, rc, rr, self.beta)  # Eq. 5

@@ -30,11 +30,12 @@ def test_paper_defaults_resolved(tmp_path):
     assert seed["data"] == "D_0: 2000 gold pairs"
     assert "<= 188 optimiser steps (2000 pairs x 3 epoch(s) / batch 32)" in seed["train"]  # ceil(6000 / 32)
     assert seed["loss"].startswith("DPO, beta 0.1, lr 5e-07") and "SR" not in seed["loss"]
+    assert "reference pi_init (log-probs computed once before training)" in seed["train"]
     for t, lam in ((1, "0.5"), (2, "0.25"), (3, "0.125")):
         lines = dict(rounds[t].lines)
         assert f"DND lambda {lam}" in lines["loss"]
         assert "label smoothing 0.1 on the 10% least confident of the last 50 pairs after 20% of the steps" in lines["loss"]
-        assert lines["train"].startswith(f"pi_{t - 1} -> pi_{t}, reference pi_{t - 1}")
+        assert lines["train"].startswith(f"pi_{t - 1} -> pi_{t}, reference pi_{t - 1} (model in memory: DND)")
         assert "against pi_init" in lines["judge"]
         assert "2 responses each from pi_" + str(t - 1) in lines["sample"]
     assert "<= 250 optimiser steps (8000 pairs" in dict(rounds[1].lines)["train"]
@@ -52,6 +53,7 @@ def test_reference_and_refinement_switches(tmp_path):
     assert "pi_1's log-probs reused from sampling" in judges[1]
     assert all("best vs worst" in j for j in judges)
     assert "DND off" in dict(rounds[1].lines)["loss"]
+    assert "reference pi_0 (log-probs computed once before training)" in dict(rounds[1].lines)["train"]
     text = format_plan(cfg, rounds)
     assert "iteration 3" in text and "status" in text
 

@@ -148,3 +148,40 @@ def test_group_by_length_puts_similar_lengths_in_a_micro_batch(tmp_path, tiny_mo
     assert sum(widths[a] == widths[b] for a, b in pairs) >= 6  # long with long, short with short
     plain = RefinedDPOTrainer(model=model, args=args, train_dataset=ds, ref_model=model, beta=0.1, refine=None)
     assert not isinstance(plain._get_train_sampler(), LengthGroupedSampler)
+
+
+def test_reference_logps_computed_once_and_no_reference_model_loaded(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+    """Without DND the reference enters only as sequence log-probs: they are computed once before training
+    (iter_t/reference_logps.parquet, values of pi_init), no second model is loaded, and training matches the
+    online reference to float noise."""
+    from conftest import dense_logp_of_ids
+
+    import spa.models
+    from spa.rendering import load_tokenizer, prompt_ids, response_ids
+
+    loads = []
+    real = spa.models.load_causal_lm
+    monkeypatch.setattr(spa.models, "load_causal_lm", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    cfg, pre = _seed_run(tmp_path, "pre", tiny_model_dir, prefs_file, seed_epochs=2)
+    assert len(loads) == 1  # the policy only
+    _, online = _seed_run(tmp_path, "online", tiny_model_dir, prefs_file, seed_epochs=2, precompute_reference=False)
+    assert len(loads) == 3  # policy + reference
+    for a, b in zip(pre, online, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+    lay = RunLayout(cfg.run_dir)
+    ref = read_table(lay.iteration(0) / train.REFERENCE_LOGPS, "reference_logps").to_pylist()
+    seed = read_table(lay.seed, "seed").to_pylist()
+    assert [r["row"] for r in ref] == list(range(len(seed)))
+    tok = load_tokenizer(tiny_model_dir)
+    model = real(tiny_model_dir, "float32", "cpu")
+    for r, pair in list(zip(ref, seed, strict=True))[:3]:
+        p = prompt_ids(tok, pair["prompt"])
+        assert r["ref_logp_chosen"] == pytest.approx(dense_logp_of_ids(model, p, response_ids(tok, pair["chosen"], True)), abs=1e-4)
+        assert r["ref_logp_rejected"] == pytest.approx(dense_logp_of_ids(model, p, response_ids(tok, pair["rejected"], True)), abs=1e-4)
+    assert not (RunLayout(tmp_path / "online").iteration(0) / train.REFERENCE_LOGPS).exists()
+    # DND needs the reference's full logits: iterations with lambda > 0 keep the reference model
+    assert train.precomputes_reference(cfg, 0) and not train.precomputes_reference(cfg, 1)
+    no_dnd = cfg.model_copy(update={"train": cfg.train.model_copy(update={"refinement": cfg.train.refinement.model_copy(
+        update={"decoupled": False})})})
+    assert train.precomputes_reference(no_dnd, 1)

@@ -65,6 +65,46 @@ def training_set_path(cfg: SPAConfig, t: int) -> Path:
     return RunLayout(Path(cfg.run_dir)).iteration(t) / "train_pairs.parquet"
 
 
+REFERENCE_LOGPS = "reference_logps.parquet"
+
+
+def precomputes_reference(cfg: SPAConfig, t: int) -> bool:
+    """The reference enters only through sequence log-probs (no DND, Eq. 12): compute them once, before
+    training, and keep no reference model in memory (``train.precompute_reference``)."""
+    refine = refine_settings(cfg, t)
+    return cfg.train.precompute_reference and (refine is None or refine.lam == 0)
+
+
+def _reference_logps(cfg: SPAConfig, t: int, run_key: str, policy, dataset, pad_id: int, bf16: bool):
+    """``iter_t/reference_logps.parquet`` (row, ref_logp_chosen, ref_logp_rejected), computed by rank 0 unless
+    a file with the same key (start model, data, config, precision) exists: a resumed stage reuses it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from spa.training import reference_logps
+
+    path = RunLayout(Path(cfg.run_dir)).iteration(t) / REFERENCE_LOGPS
+    key = f"{run_key}:{'bf16' if bf16 else 'fp32'}"
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+    def current() -> bool:
+        return path.exists() and (pq.read_schema(path).metadata or {}).get(b"spa_key") == key.encode()
+
+    if rank == 0 and not current():
+        values = reference_logps(policy, dataset, pad_id, cfg.judge.batch_size, bf16).numpy()
+        table = pa.table({"row": pa.array(range(len(dataset)), pa.int32()),
+                          "ref_logp_chosen": values[:, 0], "ref_logp_rejected": values[:, 1]})
+        write_table(table.replace_schema_metadata({"spa_key": key}), path, "reference_logps")
+    if world > 1:
+        torch.distributed.barrier()
+    table = read_table(path, "reference_logps")
+    if table.num_rows != len(dataset):
+        raise RuntimeError(f"{path}: {table.num_rows} rows for {len(dataset)} training pairs")
+    return torch.tensor([table.column("ref_logp_chosen").to_pylist(), table.column("ref_logp_rejected").to_pylist()],
+                        dtype=torch.float64).T.contiguous()
+
+
 def needs_training_set(cfg: SPAConfig, t: int) -> bool:
     """Replay (iterations) and RPO's prompt embeddings are materialised in ``iter_t/train_pairs.parquet``."""
     return (t > 0 and cfg.train.replay_fraction > 0) or cfg.train.loss == "rpo"
@@ -180,6 +220,7 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
     policy = load_causal_lm(start_dir, "float32", device, cfg.model.trust_remote_code)
     disable_dropout(policy)
     ref_model = None
+    precompute = precomputes_reference(cfg, t)
     if tc.lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -187,7 +228,7 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
             r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
             target_modules=tc.lora.target_modules, task_type="CAUSAL_LM",
         ))
-    else:
+    elif not precompute:
         ref_model = load_causal_lm(start_dir, "auto" if _precision(cfg) else "float32", device, cfg.model.trust_remote_code)
         disable_dropout(ref_model)
         ref_model.requires_grad_(False)
@@ -225,6 +266,8 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
         prepare_checkpoint_dir(ckpt_dir, run_key)
     if world > 1:
         torch.distributed.barrier()
+    if precompute:  # before any step: the policy still holds the reference's weights
+        dataset.ref_logps = _reference_logps(cfg, t, run_key, policy, dataset, tok.pad_token_id, _precision(cfg))
     resume = latest_checkpoint(ckpt_dir)
     resume_state = json.loads((resume / STATE_FILE).read_text()) if resume and (resume / STATE_FILE).exists() else None
     trainer = RefinedDPOTrainer(
@@ -301,6 +344,8 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
         outputs.append(layout.iteration(t) / "refinement.parquet")
     if needs_training_set(cfg, t):
         outputs.append(training_set_path(cfg, t))
+    if precomputes_reference(cfg, t):
+        outputs.append(layout.iteration(t) / REFERENCE_LOGPS)
     if cfg.train.loss == "spo":
         outputs.append(layout.iteration(t) / "spo_heads.safetensors")
     inputs = [start, data]
