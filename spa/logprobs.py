@@ -15,11 +15,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from spa.errors import SequenceTooLongError  # noqa: F401 - raised here, defined without torch for the CLI
 from spa.rendering import prompt_ids, response_ids
-
-
-class SequenceTooLongError(ValueError):
-    """A prompt (or prompt + response) does not fit the configured context length."""
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from spa.errors import ModelLoadError  # noqa: F401 - raised here, defined without torch for the CLI
+
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-class ModelLoadError(ValueError):
-    """A model directory is missing, incomplete or not loadable safely."""
 
 
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:

@@ -83,18 +83,16 @@ def _judge_text(cfg: SPAConfig, t: int) -> str:
 
 
 def _loss_text(cfg: SPAConfig, t: int) -> str:
-    # the trainer's own resolution (imports torch)
-    from spa.stages.train import loss_settings, refine_settings
+    from spa.stages.train import dnd_lambda_of, loss_kind, refines  # the trainer's own resolution
 
     tc = cfg.train
-    kind = loss_settings(cfg, t).kind
-    text = {"dpo": "DPO", "rpo": "RPO", "spo": "SPO", "dro": "DRO", "sr+dro": "SR+DRO"}[kind]
+    text = {"dpo": "DPO", "rpo": "RPO", "spo": "SPO", "dro": "DRO", "sr+dro": "SR+DRO"}[loss_kind(cfg, t)]
     text += f", beta {tc.beta:g}, lr {tc.learning_rate:g} ({tc.lr_scheduler}, {tc.warmup_ratio:.0%} warm-up)"
-    refine = refine_settings(cfg, t)
-    if refine is not None:
-        text += (f"; SR: label smoothing {refine.alpha:g} on the {refine.k_percent:g}% least confident of the last "
-                 f"{refine.window} pairs after {refine.warmup_fraction:.0%} of the steps")
-        text += f"; DND lambda {refine.lam:g}" if refine.lam > 0 else "; DND off (pi_theta's own confidence)"
+    if refines(cfg, t):
+        r, lam = tc.refinement, dnd_lambda_of(cfg, t)
+        text += (f"; SR: label smoothing {r.alpha:g} on the {r.k_percent:g}% least confident of the last "
+                 f"{r.window} pairs after {r.warmup_fraction:.0%} of the steps")
+        text += f"; DND lambda {lam:g}" if lam > 0 else "; DND off (pi_theta's own confidence)"
     if tc.lora is not None:
         text += f"; LoRA r {tc.lora.r}"
     return text

@@ -14,11 +14,9 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from spa.errors import RenderingError  # noqa: F401 - raised here, defined without torch for the CLI
+
 _MARKER = "\u2063SPA-RESPONSE\u2063"
-
-
-class RenderingError(ValueError):
-    """The tokenizer cannot render conversations as this pipeline needs."""
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -19,11 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from spa.errors import BackendUnavailable  # noqa: F401 - raised here, defined without torch for the CLI
 from spa.rendering import load_tokenizer, prompt_ids, stop_token_ids
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested sampling backend cannot run here; the message says how to get it."""
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,7 @@ def _run(fn, config: Path, overrides: list[str] | None, *args, **kwargs) -> None
     from spa.annotators import AnnotatorError
     from spa.artifacts import ArtifactError
     from spa.config import ConfigError
-    from spa.logprobs import SequenceTooLongError
-    from spa.models import ModelLoadError
-    from spa.rendering import RenderingError
-    from spa.sampling import BackendUnavailable
+    from spa.errors import BackendUnavailable, ModelLoadError, RenderingError, SequenceTooLongError
     from spa.stages.runner import StageInputError
 
     bad_input = (ConfigError, ArtifactError, StageInputError, ModelLoadError, RenderingError, SequenceTooLongError,

@@ -35,24 +35,43 @@ from spa.stages.runner import StageResult, require, run_stage
 SECTIONS = ["model", "train"]
 
 
+# The three functions below read only the config (no torch import): the command answers "up to date"
+# without loading torch, and `spa plan` shows the same resolution the trainer uses.
+def refines(cfg: SPAConfig, t: int) -> bool:
+    """Self-refinement (Eq. 9-10) applies: an iteration, SR on, and not the 'dro' variant (DRO without SR)."""
+    return t > 0 and cfg.train.refinement.self_refine and cfg.train.loss != "dro"
+
+
+def dnd_lambda_of(cfg: SPAConfig, t: int) -> float:
+    """lambda of Eq. 12 in iteration ``t`` (0: DND off, the confidence is pi_theta's own)."""
+    r = cfg.train.refinement
+    return r.lam(t) if refines(cfg, t) and r.decoupled else 0.0
+
+
+def loss_kind(cfg: SPAConfig, t: int) -> str:
+    """The pair loss of this stage: DRO applies to the self-labelled rounds (VARIANTS.md 3.3, item 9)
+    unless ``train.dro.seed_stage``; RPO to the seed stage and the iterations."""
+    kind = cfg.train.loss
+    if kind in ("dro", "sr+dro") and t == 0 and not cfg.train.dro.seed_stage:
+        return "dpo"
+    return kind
+
+
 def refine_settings(cfg: SPAConfig, t: int):
+    if not refines(cfg, t):
+        return None
     from spa.training import RefineSettings
 
     r = cfg.train.refinement
-    if t == 0 or not r.self_refine or cfg.train.loss == "dro":  # 'dro' is the variant without SR
-        return None
-    return RefineSettings(r.alpha, r.k_percent, r.window, r.warmup_fraction, r.lam(t) if r.decoupled else 0.0)
+    return RefineSettings(r.alpha, r.k_percent, r.window, r.warmup_fraction, dnd_lambda_of(cfg, t))
 
 
 def loss_settings(cfg: SPAConfig, t: int):
-    """The pair loss of this stage: DRO applies to the self-labelled rounds (VARIANTS.md 3.3, item 9)
-    unless ``train.dro.seed_stage``; RPO to the seed stage and the iterations."""
+    """:func:`loss_kind` with its parameters, as the trainer takes them."""
     from spa.training import LossSettings
 
     tc = cfg.train
-    kind = tc.loss
-    if kind in ("dro", "sr+dro") and t == 0 and not tc.dro.seed_stage:
-        kind = "dpo"
+    kind = loss_kind(cfg, t)
     spo = None
     if kind == "spo":
         from spa.spo import SPOSettings
@@ -71,8 +90,7 @@ REFERENCE_LOGPS = "reference_logps.parquet"
 def precomputes_reference(cfg: SPAConfig, t: int) -> bool:
     """The reference enters only through sequence log-probs (no DND, Eq. 12): compute them once, before
     training, and keep no reference model in memory (``train.precompute_reference``)."""
-    refine = refine_settings(cfg, t)
-    return cfg.train.precompute_reference and (refine is None or refine.lam == 0)
+    return cfg.train.precompute_reference and dnd_lambda_of(cfg, t) == 0
 
 
 def _reference_logps(cfg: SPAConfig, t: int, run_key: str, policy, dataset, pad_id: int, bf16: bool):
@@ -340,7 +358,7 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
     start = Path(cfg.model.pi_init) if t == 0 else require(model_dir(cfg, t - 1), f"pi_{t-1}", "spa train" if t > 1 else "spa seed")
     data = require(layout.seed, "the seed set", "spa prepare") if t == 0 else require(layout.judgments(t), "judgments", f"spa judge --iteration {t}")
     outputs = [layout.model(t), layout.train_log(t)]
-    if refine_settings(cfg, t) is not None:
+    if refines(cfg, t):
         outputs.append(layout.iteration(t) / "refinement.parquet")
     if needs_training_set(cfg, t):
         outputs.append(training_set_path(cfg, t))
@@ -367,7 +385,7 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
         return {
             "steps": log.num_rows, "first_loss": losses[0], "final_loss": losses[-1],
             "mean_refined_fraction": float(pc.mean(log.column("refined_fraction")).as_py()),
-            "device": _device_name(), "processes": cfg.train.num_processes, "loss": loss_settings(cfg, t).kind,
+            "device": _device_name(), "processes": cfg.train.num_processes, "loss": loss_kind(cfg, t),
             **extra_summary,
         }
 
