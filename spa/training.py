@@ -132,9 +132,9 @@ class PairCollator:
 
 
 @torch.no_grad()
-def reference_logps(model: torch.nn.Module, dataset: PairDataset, pad_id: int, batch_size: int,
+def reference_logps(model: torch.nn.Module, pairs: list[tuple[Encoded, Encoded]], pad_id: int, batch_size: int,
                     bf16: bool = False) -> torch.Tensor:
-    """Summed log-probs of every pair's chosen and rejected response under ``model``: ``[n, 2]`` float64.
+    """Summed log-probs of each pair's chosen and rejected response under ``model``: ``[n, 2]`` float64.
 
     The reference terms of Eq. 5/6 (``log pi_ref(y|x)``) computed once, before training, in eval mode and in
     length-sorted batches, with the precision the policy trains in (bf16 autocast or fp32). Hand-written
@@ -152,8 +152,8 @@ def reference_logps(model: torch.nn.Module, dataset: PairDataset, pad_id: int, b
     adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     try:
         with autocast, adapter_off:
-            chosen, _ = encoded_logps(model, [c for c, _ in dataset.items], pad_id, batch_size, "reference log-probs")
-            rejected, _ = encoded_logps(model, [r for _, r in dataset.items], pad_id, batch_size, "reference log-probs")
+            chosen, _ = encoded_logps(model, [c for c, _ in pairs], pad_id, batch_size, "reference log-probs")
+            rejected, _ = encoded_logps(model, [r for _, r in pairs], pad_id, batch_size, "reference log-probs")
     finally:
         model.train(was_training)
     return torch.stack([torch.from_numpy(chosen), torch.from_numpy(rejected)], dim=1)

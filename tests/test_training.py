@@ -32,6 +32,12 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, prefs_file):
     _, one = _seed_run(tmp_path, "one", tiny_model_dir, prefs_file, num_processes=1, seed_epochs=2)
     _, two = _seed_run(tmp_path, "two", tiny_model_dir, prefs_file, num_processes=2, seed_epochs=2)
     assert len(one) == len(two) == 8
+    # the reference log-probs, scored in two strided shares and gathered, are the single process's
+    refs = [read_table(RunLayout(tmp_path / n).iteration(0) / train.REFERENCE_LOGPS, "reference_logps").to_pylist()
+            for n in ("one", "two")]
+    for a, b in zip(*refs, strict=True):
+        assert a["row"] == b["row"] and a["ref_logp_chosen"] == pytest.approx(b["ref_logp_chosen"], abs=1e-4)
+        assert a["ref_logp_rejected"] == pytest.approx(b["ref_logp_rejected"], abs=1e-4)
     for a, b in zip(one, two, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["lr"] == pytest.approx(b["lr"])
