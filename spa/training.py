@@ -152,11 +152,12 @@ def reference_logps(model: torch.nn.Module, pairs: list[tuple[Encoded, Encoded]]
     adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     try:
         with autocast, adapter_off:
-            chosen, _ = encoded_logps(model, [c for c, _ in pairs], pad_id, batch_size, "reference log-probs")
-            rejected, _ = encoded_logps(model, [r for _, r in pairs], pad_id, batch_size, "reference log-probs")
+            # one length-sorted pass over all 2n sequences: chosen ones, then rejected ones
+            logps, _ = encoded_logps(model, [c for c, _ in pairs] + [r for _, r in pairs], pad_id, batch_size,
+                                     "reference log-probs")
     finally:
         model.train(was_training)
-    return torch.stack([torch.from_numpy(chosen), torch.from_numpy(rejected)], dim=1)
+    return torch.from_numpy(logps).view(2, len(pairs)).T.contiguous()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

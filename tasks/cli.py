@@ -214,13 +214,12 @@ def plan_command(
 ) -> None:
     """Print the resolved rounds (models, references, prompts, judge, loss, schedule) and what a rerun would
     redo, before any heavy work. Loads no model."""
-    from spa.config import ConfigError
     from spa.plan import format_plan, plan, plan_as_dict
 
     try:
         cfg = _load(config, overrides)
         rounds = plan(cfg)
-    except (ConfigError, ValueError) as exc:
+    except ValueError as exc:  # ConfigError, a corrupt manifest
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(plan_as_dict(rounds), indent=2) if as_json else format_plan(cfg, rounds))

@@ -96,7 +96,9 @@ def precomputes_reference(cfg: SPAConfig, t: int) -> bool:
 def _reference_logps(cfg: SPAConfig, t: int, run_key: str, policy, dataset, pad_id: int, bf16: bool):
     """``iter_t/reference_logps.parquet`` (row, ref_logp_chosen, ref_logp_rejected), unless a file with the
     same key (start model, data, config, precision) exists: a resumed stage reuses it. Under data
-    parallelism every rank scores a strided share of the pairs and rank 0 writes them all."""
+    parallelism every rank scores a strided share of the pairs, all ranks gather them, rank 0 writes them.
+    Every rank reads the key before the gather, so none can see rank 0's new file early."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -107,30 +109,25 @@ def _reference_logps(cfg: SPAConfig, t: int, run_key: str, policy, dataset, pad_
     key = f"{run_key}:{'bf16' if bf16 else 'fp32'}"
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     n = len(dataset)
-    # every rank decides before the collective below, so no rank can see rank 0's new file early
-    current = path.exists() and (pq.read_schema(path).metadata or {}).get(b"spa_key") == key.encode()
-    if not current:
-        mine = list(range(rank, n, world))
-        part = reference_logps(policy, [dataset.items[i] for i in mine], pad_id, cfg.judge.batch_size, bf16)
+    if path.exists() and (pq.read_schema(path).metadata or {}).get(b"spa_key") == key.encode():
+        table = read_table(path, "reference_logps")
+        if table.num_rows != n:
+            raise RuntimeError(f"{path}: {table.num_rows} rows for {n} training pairs")
+        return torch.from_numpy(np.stack([table.column("ref_logp_chosen").to_numpy(),
+                                          table.column("ref_logp_rejected").to_numpy()], axis=1))
+    mine = list(range(rank, n, world))
+    values = reference_logps(policy, [dataset.items[i] for i in mine], pad_id, cfg.judge.batch_size, bf16)
+    if world > 1:  # every rank ends up with all values; only rank 0 writes them
+        shares: list = [None] * world
+        torch.distributed.all_gather_object(shares, (mine, values.tolist()))
         values = torch.zeros(n, 2, dtype=torch.float64)
-        if world > 1:
-            shares: list = [None] * world
-            torch.distributed.all_gather_object(shares, (mine, part.tolist()))
-            for rows, vals in shares:
-                values[rows] = torch.tensor(vals, dtype=torch.float64)
-        else:
-            values = part
-        if rank == 0:
-            table = pa.table({"row": pa.array(range(n), pa.int32()),
-                              "ref_logp_chosen": values[:, 0].numpy(), "ref_logp_rejected": values[:, 1].numpy()})
-            write_table(table.replace_schema_metadata({"spa_key": key}), path, "reference_logps")
-    if world > 1:
-        torch.distributed.barrier()
-    table = read_table(path, "reference_logps")
-    if table.num_rows != n:
-        raise RuntimeError(f"{path}: {table.num_rows} rows for {n} training pairs")
-    return torch.tensor([table.column("ref_logp_chosen").to_pylist(), table.column("ref_logp_rejected").to_pylist()],
-                        dtype=torch.float64).T.contiguous()
+        for rows, vals in shares:
+            values[rows] = torch.tensor(vals, dtype=torch.float64)
+    if rank == 0:
+        table = pa.table({"row": pa.array(range(n), pa.int32()),
+                          "ref_logp_chosen": values[:, 0].numpy(), "ref_logp_rejected": values[:, 1].numpy()})
+        write_table(table.replace_schema_metadata({"spa_key": key}), path, "reference_logps")
+    return values
 
 
 def needs_training_set(cfg: SPAConfig, t: int) -> bool:
