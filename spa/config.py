@@ -72,14 +72,23 @@ class JudgeConfig(_Section):
     reference: str = Field("init", pattern="^(init|previous|none)$", description="pi_init (paper), pi_{t-2}, or none")
     beta: Annotated[float, Field(gt=0)] = 0.1
     length_penalty: Annotated[float, Field(ge=0)] | str = Field(
-        0.0, description="a >= 0 of Eq. 13 (reward - a*|y| in tokens), or 'auto' (DICE: the a that zeroes the mean "
-                         "length gap of the selected pairs; needs judge.select: best_worst)")
+        0.0, description="a >= 0 of Eq. 13 (reward - a*|y| in tokens), or 'auto' (DICE: the a that brings the mean "
+                         "length gap of the selected pairs closest to 0)")
+    length_penalty_sign: str = Field(
+        "nonnegative", pattern="^(nonnegative|signed)$",
+        description="the range 'auto' solves in: nonnegative is Eq. 13 as the paper writes it (a >= 0, can only "
+                    "penalise long answers; the default for real runs); signed also allows a < 0, a bonus per "
+                    "token that corrects a judge which favours short answers")
     select: str = Field("first_two", pattern="^(first_two|best_worst)$",
                         description="first_two: the paper's pair; best_worst: DICE's argmax/argmin of n samples")
     flip_fraction: Fraction = Field(0.0, description="label-noise injection: each label flips with this probability "
                                                      "(seeded per prompt, recorded in the 'flipped' column)")
     reward_model: str | None = Field(None, description="judge.type external_rm: AutoModelForSequenceClassification dir")
     llm_judge_model: str | None = Field(None, description="judge.type llm_judge: causal LM dir (default pi_init)")
+    oracle: str | None = Field(
+        None, description="diagnostics only, never used for labels: python:module:function giving alpaca-eval's "
+                          "preference (1, 2, 1.5) on (prompt, chosen, rejected); the judge summary then reports "
+                          "self-label accuracy and the oracle's length preference (the demo world's oracle)")
     drop_truncated: bool = Field(False, description="drop pairs with a response cut at max_new_tokens (SPA.md)")
     policy_logps: str = Field(
         "rescore", pattern="^(rescore|from_sampling)$",
@@ -275,8 +284,10 @@ class SPAConfig(_Section):
     @model_validator(mode="after")
     def _labelling_consistent(self) -> SPAConfig:
         j = self.judge
-        if isinstance(j.length_penalty, str) and (j.length_penalty != "auto" or j.select != "best_worst"):
-            raise ValueError("judge.length_penalty must be a number >= 0, or 'auto' with judge.select: best_worst")
+        if isinstance(j.length_penalty, str) and j.length_penalty != "auto":
+            raise ValueError("judge.length_penalty must be a number >= 0, or 'auto'")
+        if j.length_penalty == "auto" and j.type == "llm_judge":
+            raise ValueError("judge.length_penalty 'auto' needs a judge with rewards (implicit or external_rm)")
         if self.sample.n > 2 and j.select != "best_worst":
             raise ValueError(f"sample.n = {self.sample.n} needs judge.select: best_worst (first_two judges 2 samples)")
         if j.type == "llm_judge" and j.select != "first_two":

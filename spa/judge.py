@@ -77,28 +77,43 @@ def _mean_length_gap(rewards: torch.Tensor, lengths: torch.Tensor, a: float) -> 
     return float((lengths[rows, c].double() - lengths[rows, r].double()).mean())
 
 
-def auto_length_penalty(rewards: torch.Tensor, lengths: torch.Tensor, tol: float = 1e-6) -> float:
-    """The ``a >= 0`` that makes the mean length gap (chosen - rejected) of :func:`select_pairs` closest to 0.
+def _solve_nonnegative(gap, tol: float) -> float:
+    """The ``a >= 0`` whose gap ``gap(a)`` (non-increasing, piecewise constant) is closest to 0.
 
-    DICE scans a grid from 0 in steps of 1e-3. The gap is non-increasing in ``a`` (the argmax of
-    ``r - a*len`` moves to shorter responses, the argmin to longer ones) and piecewise constant, so a
-    bisection finds the jump across 0 to ``tol``; of its two sides the one with the smaller absolute
-    gap wins (the smaller ``a`` on a tie): at least as close to 0 as the best value of DICE's grid.
-    """
-    gap0 = _mean_length_gap(rewards, lengths, 0.0)
-    if gap0 <= 0:
+    A bisection finds the jump across 0 to ``tol``; of its two sides the one with the smaller
+    absolute gap wins (the smaller ``a`` on a tie)."""
+    if gap(0.0) <= 0:
         return 0.0
     hi = 1e-3
-    while _mean_length_gap(rewards, lengths, hi) > 0:
+    while gap(hi) > 0:
         hi *= 2
         if hi > 1e9:  # the gap never reaches 0 (e.g. equal lengths within every prompt): no penalty helps
             return 0.0
     lo = 0.0
     while hi - lo > tol:
         mid = (lo + hi) / 2
-        if _mean_length_gap(rewards, lengths, mid) > 0:
+        if gap(mid) > 0:
             lo = mid
         else:
             hi = mid
-    g_lo, g_hi = abs(_mean_length_gap(rewards, lengths, lo)), abs(_mean_length_gap(rewards, lengths, hi))
-    return lo if g_lo <= g_hi else hi
+    return lo if abs(gap(lo)) <= abs(gap(hi)) else hi
+
+
+def auto_length_penalty(rewards: torch.Tensor, lengths: torch.Tensor, tol: float = 1e-6,
+                        signed: bool = False) -> float:
+    """The ``a`` that makes the mean length gap (chosen - rejected) of :func:`select_pairs` closest to 0.
+
+    ``signed=False`` is Eq. 13 as the paper writes it, ``a >= 0``: it can only penalise long answers,
+    so a judge that already favours short ones gets ``a = 0``. ``signed=True`` also allows ``a < 0``
+    (a bonus per token), which corrects a judge that favours short answers: the gap is closest to 0
+    whichever way it leans. DICE scans a grid from 0 in steps of 1e-3; the gap is non-increasing in
+    ``a`` (the argmax of ``r - a*len`` moves to shorter responses, the argmin to longer ones) and
+    piecewise constant, so a bisection is at least as close to 0 as the best value of that grid.
+    For ``a < 0`` the same search runs on the mirrored gap ``-gap(-b)``, again non-increasing in ``b``.
+    """
+    def gap(a: float) -> float:
+        return _mean_length_gap(rewards, lengths, a)
+
+    if signed and gap(0.0) < 0:
+        return -_solve_nonnegative(lambda b: -gap(-b), tol)
+    return _solve_nonnegative(gap, tol)
