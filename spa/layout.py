@@ -54,6 +54,18 @@ class RunLayout:
     def judgments(self, t: int) -> Path:
         return self.iteration(t) / "judgments.parquet"
 
+    def judge_summary(self, t: int) -> Path:
+        """The judge stage's counts and label diagnostics (``spa.diagnostics``)."""
+        return self.iteration(t) / "judge_summary.json"
+
+    def oracle_verdicts(self, t: int) -> Path:
+        """Per judged pair, the oracle's verdict on its label (only with ``judge.oracle``)."""
+        return self.iteration(t) / "oracle_verdicts.parquet"
+
+    def refinement(self, t: int) -> Path:
+        """Per training sample, both detectors' confidences and flags (SR on)."""
+        return self.iteration(t) / "refinement.parquet"
+
     def train_log(self, t: int) -> Path:
         return self.iteration(t) / "train_log.parquet"
 

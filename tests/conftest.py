@@ -130,3 +130,8 @@ def dense_logp_of_ids(model, prompt_ids, response_ids):
         logits = model(input_ids=torch.tensor([list(prompt_ids) + list(response_ids)])).logits[0, :-1].double()
     logp = torch.log_softmax(logits, -1)
     return sum(logp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(response_ids))
+
+
+def oracle_prefers_shorter(prompt, output_1, output_2):
+    """A test oracle (alpaca-eval encoding): the shorter text wins, equal lengths tie."""
+    return 1.0 if len(output_1) < len(output_2) else 2.0 if len(output_2) < len(output_1) else 1.5

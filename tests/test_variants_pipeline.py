@@ -82,6 +82,52 @@ def test_flipped_labels_are_swapped_seeded_and_recorded(tmp_path, tiny_model_dir
     assert [r["flipped"] for r in pq.read_table(lay.judgments(1)).to_pylist()] == flipped
 
 
+def test_judge_and_train_summaries_report_label_and_flag_diagnostics(tmp_path, tiny_model_dir, prefs_file):
+    """judge.oracle: its verdicts are written, never used for labels, and the summaries count by hand."""
+    from spa.diagnostics import refinement_diagnostics
+
+    cfg, lay = _staged(tmp_path, tiny_model_dir, prefs_file, "diag", iterations=1,
+                       judge={"flip_fraction": 0.3, "oracle": "python:conftest:oracle_prefers_shorter"},
+                       data={"prompt_sizes": [32]})
+    plain = cfg.model_copy(update={"judge": cfg.judge.model_copy(update={"oracle": None}), "run_dir": str(tmp_path / "p")})
+    summary = judge.run(cfg, 1).summary
+    rows = pq.read_table(lay.judgments(1)).to_pylist()
+    on_disk = json.loads(lay.judge_summary(1).read_text())
+    assert on_disk == summary
+    labelled = [r for r in rows if not r["tie"]]
+    verdicts = pq.read_table(lay.oracle_verdicts(1)).to_pylist()
+    assert [v["prompt_id"] for v in verdicts] == [r["prompt_id"] for r in labelled]
+    by_hand = [1.0 if len(r["chosen"]) < len(r["rejected"]) else 2.0 if len(r["rejected"]) < len(r["chosen"]) else 1.5
+               for r in labelled]
+    assert [v["oracle_verdict"] for v in verdicts] == by_hand
+    decided = [v for v in by_hand if v != 1.5]
+    assert summary["self_label_accuracy"] == pytest.approx(decided.count(1.0) / len(decided))
+    unequal = [r for r in labelled if r["chosen_tokens"] != r["rejected_tokens"]]
+    assert summary["judge_shorter_wins"] == pytest.approx(
+        sum(r["chosen_tokens"] < r["rejected_tokens"] for r in unequal) / len(unequal))
+    assert summary["mean_length"] == pytest.approx(
+        np.mean([r["chosen_tokens"] for r in rows] + [r["rejected_tokens"] for r in rows]), abs=1e-3)
+    # the oracle never changes a label: the same judge without it writes the same judgments
+    prepare.run(plain)
+    sample.run(plain, 1)
+    judge.run(plain, 1)
+    assert pq.read_table(RunLayout(plain.run_dir).judgments(1)).equals(pq.read_table(lay.judgments(1)))
+    assert not RunLayout(plain.run_dir).oracle_verdicts(1).exists()
+
+    res = train.run(cfg, 1)
+    flags = pq.read_table(lay.refinement(1)).to_pylist()
+    flipped = {r["prompt_id"]: r["flipped"] for r in rows}
+    verdict = {v["prompt_id"]: v["oracle_verdict"] for v in verdicts}
+    expected = refinement_diagnostics([f["step"] for f in flags], [f["z_sr"] for f in flags],
+                                      [f["z_dnd"] for f in flags], cfg.train.refinement.warmup_fraction,
+                                      [flipped[f["prompt_id"]] for f in flags],
+                                      [None if verdict[f["prompt_id"]] == 1.5 else verdict[f["prompt_id"]] == 2.0
+                                       for f in flags])
+    assert expected["flip_rate"] > 0
+    for key, value in expected.items():
+        assert res.summary[key] == pytest.approx(value, abs=1e-4), key
+
+
 def test_replay_mixes_gold_seed_pairs_into_the_training_set(tmp_path, tiny_model_dir, prefs_file):
     cfg, lay = _staged(tmp_path, tiny_model_dir, prefs_file, "replay", train={"replay_fraction": 0.25})
     judge.run(cfg, 1)

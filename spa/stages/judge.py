@@ -12,15 +12,25 @@ responses in batches: memory does not grow with the number of prompts.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from spa.artifacts import atomic_path, conform, iter_chunks, merge_parquet, num_rows
+from spa.artifacts import (
+    atomic_path,
+    conform,
+    iter_chunks,
+    merge_parquet,
+    num_rows,
+    write_table,
+    write_text_atomic,
+)
 from spa.config import SPAConfig
 from spa.layout import RunLayout, model_dir
 from spa.schemas import JUDGMENTS
@@ -359,7 +369,8 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
                 bar.update(rows.num_rows)
         if stored:
             a = auto_length_penalty(torch.from_numpy(np.concatenate([s.reward for s in stored])),
-                                    torch.from_numpy(np.concatenate([s.lens for s in stored]).astype(np.float64)))
+                                    torch.from_numpy(np.concatenate([s.lens for s in stored]).astype(np.float64)),
+                                    signed=cfg.judge.length_penalty_sign == "signed")
     bar = tqdm(total=stop - start, desc=f"judge iter {t}", unit="prompt", disable=not progress)
     with atomic_path(out) as tmp:
         with pq.ParquetWriter(tmp, JUDGMENT_SCHEMA) as writer:
@@ -377,13 +388,18 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
 
 def _summary(path: Path) -> dict[str, Any]:
     """Counts over the written judgments, reading only their small columns (never the texts: bench P6)."""
+    from spa.diagnostics import judge_length_preference
+
     names = set(pq.read_schema(path).names)
-    cols = [c for c in ("chosen_finished", "rejected_finished", "p_chosen", "tie", "dropped", "flipped") if c in names]
+    cols = [c for c in ("chosen_finished", "rejected_finished", "p_chosen", "tie", "dropped", "flipped",
+                        "chosen_tokens", "rejected_tokens") if c in names]
     table = pq.read_table(path, columns=cols)
-    both = np.asarray(table.column("chosen_finished").to_numpy(zero_copy_only=False), dtype=bool) & np.asarray(
-        table.column("rejected_finished").to_numpy(zero_copy_only=False), dtype=bool)
+    column = lambda c: np.asarray(table.column(c).to_numpy(zero_copy_only=False))  # noqa: E731
+    both = column("chosen_finished").astype(bool) & column("rejected_finished").astype(bool)
     p = table.column("p_chosen").to_numpy()
-    count = lambda c: int(np.sum(table.column(c).to_numpy(zero_copy_only=False))) if c in cols else 0  # noqa: E731
+    count = lambda c: int(np.sum(column(c))) if c in cols else 0  # noqa: E731
+    labelled = ~column("tie").astype(bool)
+    chosen_len, rejected_len = column("chosen_tokens"), column("rejected_tokens")
     return {
         "pairs": table.num_rows,
         "ties": count("tie"),
@@ -391,7 +407,27 @@ def _summary(path: Path) -> dict[str, Any]:
         "dropped": count("dropped"),
         "mean_p_chosen": round(float(np.mean(p)), 4) if table.num_rows else None,
         "flipped": count("flipped"),
+        "mean_length": round(float(np.mean(np.concatenate([chosen_len, rejected_len]))), 3) if table.num_rows else None,
+        **judge_length_preference(chosen_len[labelled], rejected_len[labelled]),
     }
+
+
+def oracle_summary(cfg: SPAConfig, judgments: Path, out: Path) -> dict[str, Any]:
+    """With ``judge.oracle``: its verdict on every label (written to ``out``) and what they say of the judge.
+
+    Diagnostics only: the verdicts never reach training. Ties are left out (they are not trained on)."""
+    from spa.annotators import annotate, load_annotator
+    from spa.diagnostics import oracle_label_quality
+
+    table = pq.read_table(judgments, columns=["prompt_id", "prompt", "chosen", "rejected", "tie",
+                                              "chosen_tokens", "rejected_tokens"])
+    table = table.filter(pc.invert(table.column("tie")))
+    verdicts = annotate(load_annotator(cfg.judge.oracle), table.column("prompt").to_pylist(),
+                        table.column("chosen").to_pylist(), table.column("rejected").to_pylist())
+    write_table(pa.table({"prompt_id": table.column("prompt_id"), "oracle_verdict": pa.array(verdicts, pa.float64())}),
+                out)
+    return oracle_label_quality(verdicts, table.column("chosen_tokens").to_numpy(),
+                                table.column("rejected_tokens").to_numpy())
 
 
 def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | None = None,
@@ -405,6 +441,14 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
     part = parse_shard(shard) if shard else None
     final = layout.judgments(t)
     output = final if part is None else shard_path(final, part)
+    whole = part is None  # the whole set (judged at once or merged): its summary and diagnostics are written
+    diagnostics = [layout.judge_summary(t)] + ([layout.oracle_verdicts(t)] if cfg.judge.oracle else [])
+
+    def finish(summary: dict[str, Any]) -> dict[str, Any]:
+        if cfg.judge.oracle:
+            summary |= oracle_summary(cfg, final, layout.oracle_verdicts(t))
+        write_text_atomic(layout.judge_summary(t), json.dumps(summary, indent=2))
+        return summary
 
     if merge:
         parts = [shard_path(final, (i, merge)) for i in range(merge)]
@@ -413,7 +457,7 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
             for p in parts:
                 require(p, "a judge shard", f"spa judge --iteration {t} --shard i/{merge}")
             merge_parquet(parts, final, "judgments")
-            return _summary(final) | {"shards": merge}
+            return finish(_summary(final) | {"shards": merge})
     else:
         def body() -> dict[str, Any]:
             stats: dict[str, int] = {}
@@ -424,9 +468,11 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
                      f"responses ({share:.1%}) were rescored with pi_{t-1}: their sampled ids are not the ids their "
                      "text renders to (special tokens dropped by decoding, a stop on EOS instead of the template's "
                      "end-of-turn token, or a non-canonical tokenization)")
-            return _summary(output) | {"length_penalty": a} | (
+            summary = _summary(output) | {"length_penalty": a} | (
                 {"policy_logps_reused": stats["responses"] - stats["policy_rescored"],
                  "policy_logps_rescored": stats["policy_rescored"]} if stats else {})
+            return finish(summary) if whole else summary
 
     key = f"judge/{t}" if part is None else shard_key(f"judge/{t}", part)
-    return run_stage(cfg, key, inputs, SECTIONS, [output], body, extra_key={"iteration": t}, force=force, echo=echo)
+    outputs = [output] + (diagnostics if whole else [])
+    return run_stage(cfg, key, inputs, SECTIONS, outputs, body, extra_key={"iteration": t}, force=force, echo=echo)

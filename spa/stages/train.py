@@ -310,7 +310,7 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
     if trainer.is_world_process_zero():
         _save_final(trainer, tok, layout.model(t), tc.lora is not None)
         if trainer.refine is not None:
-            write_table(samples_to_table(samples, pairs["prompt_id"]), layout.iteration(t) / "refinement.parquet")
+            write_table(samples_to_table(samples, pairs["prompt_id"]), layout.refinement(t))
         write_table(rows_to_table(trainer.rows), layout.train_log(t), "train_log")
         if trainer.spo_heads is not None:
             from safetensors.torch import save_file
@@ -357,6 +357,28 @@ def _launch(cfg: SPAConfig, t: int, run_key: str, config_path: Path) -> None:
                            f"last lines of the workers' stderr:\n{''.join(tail)}")
 
 
+def refinement_summary(cfg: SPAConfig, t: int) -> dict[str, Any]:
+    """Where the refinement flags of round ``t`` landed: flagged shares, SR/DND disagreement, and their
+    precision on injected flips and (with ``judge.oracle``) on the labels the oracle calls wrong."""
+    import pyarrow.parquet as pq
+
+    from spa.diagnostics import refinement_diagnostics
+
+    layout = RunLayout(Path(cfg.run_dir))
+    flags = pq.read_table(layout.refinement(t), columns=["prompt_id", "step", "z_sr", "z_dnd"]).to_pydict()
+    judged = pq.read_table(layout.judgments(t), columns=["prompt_id", "flipped"]).to_pydict()
+    flipped = dict(zip(judged["prompt_id"], judged["flipped"], strict=True))
+    wrong = None
+    if layout.oracle_verdicts(t).exists():
+        v = pq.read_table(layout.oracle_verdicts(t)).to_pydict()
+        verdict = dict(zip(v["prompt_id"], v["oracle_verdict"], strict=True))
+        wrong = [None if verdict.get(p, 1.5) == 1.5 else verdict[p] == 2.0 for p in flags["prompt_id"]]
+    diag = refinement_diagnostics(
+        flags["step"], flags["z_sr"], flags["z_dnd"] if dnd_lambda_of(cfg, t) > 0 else None,
+        cfg.train.refinement.warmup_fraction, [bool(flipped.get(p, False)) for p in flags["prompt_id"]], wrong)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in diag.items()}
+
+
 def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
     """The seed stage (``t = 0``) or the training of iteration ``t``."""
     layout = RunLayout(Path(cfg.run_dir))
@@ -366,7 +388,7 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
     data = require(layout.seed, "the seed set", "spa prepare") if t == 0 else require(layout.judgments(t), "judgments", f"spa judge --iteration {t}")
     outputs = [layout.model(t), layout.train_log(t)]
     if refines(cfg, t):
-        outputs.append(layout.iteration(t) / "refinement.parquet")
+        outputs.append(layout.refinement(t))
     if needs_training_set(cfg, t):
         outputs.append(training_set_path(cfg, t))
     if precomputes_reference(cfg, t):
@@ -393,7 +415,7 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
             "steps": log.num_rows, "first_loss": losses[0], "final_loss": losses[-1],
             "mean_refined_fraction": float(pc.mean(log.column("refined_fraction")).as_py()),
             "device": _device_name(), "processes": cfg.train.num_processes, "loss": loss_kind(cfg, t),
-            **extra_summary,
+            **extra_summary, **(refinement_summary(cfg, t) if refines(cfg, t) else {}),
         }
 
     return run_stage(cfg, key, inputs, SECTIONS, outputs, body, extra_key=extra, force=force, echo=echo)
