@@ -74,7 +74,10 @@ def _judge_text(cfg: SPAConfig, t: int) -> str:
         text = f"external reward model {j.reward_model}"
     else:
         text = f"LLM judge {j.llm_judge_model or 'pi_init'} (both orders)"
-    if j.length_penalty not in (0, 0.0):
+    if j.length_penalty == "auto":
+        text += (", length penalty a solved per round (" + ("either sign" if j.length_penalty_sign == "signed"
+                                                           else "a >= 0, Eq. 13") + ")")
+    elif j.length_penalty not in (0, 0.0):
         text += f", length penalty {j.length_penalty}"
     text += "; pair: " + ("best vs worst of the samples" if j.select == "best_worst" else "the first two samples")
     if j.flip_fraction:

@@ -39,6 +39,10 @@ def test_unknown_key_is_an_error(tmp_path):
         ({"train": {"batch_size": 30, "micro_batch_size": 4}}, r"multiple of micro_batch_size"),
         ({"iterations": 4}, r"needs 4 prompt_sizes"),
         ({"train": {"beta": "abc"}}, r"train.beta"),
+        ({"judge": {"length_penalty": "sometimes"}}, r"length_penalty must be a number >= 0, or 'auto'"),
+        ({"judge": {"length_penalty": -0.01}}, r"judge.length_penalty"),
+        ({"judge": {"length_penalty_sign": "negative"}}, r"judge.length_penalty_sign"),
+        ({"judge": {"length_penalty": "auto", "type": "llm_judge"}}, r"needs a judge with rewards"),
     ],
 )
 def test_out_of_range_values_are_errors(tmp_path, section, match):

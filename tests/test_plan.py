@@ -58,6 +58,13 @@ def test_reference_and_refinement_switches(tmp_path):
     assert "iteration 3" in text and "status" in text
 
 
+def test_length_penalty_auto_says_its_sign(tmp_path):
+    signed = plan(_cfg(tmp_path, judge={"length_penalty": "auto", "length_penalty_sign": "signed"}))
+    paper = plan(_cfg(tmp_path, judge={"length_penalty": "auto"}))
+    assert "length penalty a solved per round (either sign)" in dict(signed[1].lines)["judge"]
+    assert "length penalty a solved per round (a >= 0, Eq. 13)" in dict(paper[1].lines)["judge"]
+
+
 def test_no_seed_mode_skips_seed_and_its_evaluation(tmp_path):
     rounds = plan(_cfg(tmp_path, model={"pi_0": str(tmp_path / "given")}))
     assert list(rounds[0].stages) == ["prepare"]

@@ -45,8 +45,41 @@ def build_report(cfg: SPAConfig) -> str:
         ]) + " |")
         t += 1
     lines += ["", "Iteration 0 is the seed stage (DPO of pi_init on the gold seed pairs).", ""]
+    lines += diagnostics_table(stages, cfg.iterations)
     lines += evaluation_table(layout)
     return "\n".join(lines)
+
+
+DIAGNOSTICS = [  # (stage, key, header)
+    ("judge", "judge_shorter_wins", "judge: shorter wins"), ("judge", "oracle_shorter_wins", "oracle: shorter wins"),
+    ("judge", "length_penalty", "length penalty a"), ("judge", "mean_length", "judged length"),
+    ("judge", "self_label_accuracy", "self-label acc."), ("judge", "noise_rate", "noise rate"),
+    ("train", "sr_precision", "SR prec."), ("train", "dnd_precision", "DND prec."),
+    ("train", "sr_dnd_disagreement", "SR/DND disagree"), ("train", "flip_rate", "flip rate"),
+    ("train", "sr_flip_precision", "SR prec. on flips"), ("train", "dnd_flip_precision", "DND prec. on flips"),
+]
+
+
+def diagnostics_table(stages: dict, iterations: int) -> list[str]:
+    """What the labels and the refinement flags are worth, per iteration (``spa.diagnostics``); columns
+    that no iteration has (no oracle, no flips, SR off) are left out."""
+    rows = [(t, stages.get(f"judge/{t}", {}).get("summary", {}), stages.get(f"train/{t}", {}).get("summary", {}))
+            for t in range(1, iterations + 1)]
+    rows = [r for r in rows if r[1] or r[2]]
+    cols = [(stage, key, head) for stage, key, head in DIAGNOSTICS
+            if any((judge if stage == "judge" else train).get(key) is not None for _, judge, train in rows)]
+    if not rows or not cols:
+        return []
+    lines = ["## Labels and refinement flags", "",
+             "Shorter wins: of the labelled pairs of unequal length, the share whose chosen answer is the shorter "
+             "(0.5 is length-neutral). Self-label accuracy and the noise rate need `judge.oracle`. A flag precision "
+             "equal to the noise rate (or the flip rate) is chance; SR/DND disagree is the share of samples that "
+             "only one of the two detectors flags.", "",
+             "| iteration | " + " | ".join(h for _, _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for t, judge, train in rows:
+        lines.append(f"| {t} | " + " | ".join(_fmt((judge if stage == "judge" else train).get(key))
+                                              for stage, key, _ in cols) + " |")
+    return [*lines, ""]
 
 
 def _pm(value, err) -> str:
