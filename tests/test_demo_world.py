@@ -2,7 +2,19 @@ import random
 
 import pytest
 
-from spa.demo.world import DemoWriter, Spec, make_prompts, parse_prompt, prefer, render_prompt, score
+from spa.demo.world import (
+    DEMO_RATES,
+    FEATURES,
+    DemoWriter,
+    Spec,
+    features,
+    make_prompts,
+    parse_prompt,
+    prefer,
+    render_prompt,
+    score,
+    words_of,
+)
 
 
 def test_prompt_roundtrip():
@@ -17,23 +29,32 @@ P = "Name 2 fruits . Include the word apple . Do not use the word pear . End wit
 
 
 @pytest.mark.parametrize(("response", "expected"), [
-    ("apple , banana !", 1.0),                      # all 4 constraints, fully relevant
-    ("apple , banana .", 0.75),                     # wrong ending
-    ("apple , banana , cherry !", 0.75),            # 3 items: count broken (longer is not better)
-    ("banana , cherry !", 0.75),                    # required word missing
-    ("apple , pear !", 0.75),                       # forbidden word used
-    ("apple , banana , nice !", 1.0 * 2 / 3),       # filler word: relevance 2/3
+    ("Here apple , banana !", 1.0),                 # all seven features
+    ("Um apple , banana !", 6 / 7),                 # a hedging opener
+    ("Here apple uh banana !", 6 / 7),              # a filler word as separator
+    ("apple banana !", 5 / 7),                      # no opener, a missing separator counts as a bad one
+    ("Here apple , banana , cherry !", 6 / 7),      # 3 items: count broken (longer is not better)
+    ("Here apple !", 6 / 7),                        # 1 item: count broken (shorter is not better)
+    ("Here banana , cherry !", 6 / 7),              # required word missing
+    ("Here apple , pear !", 6 / 7),                 # forbidden word used
+    ("Here apple , banana .", 6 / 7),               # wrong ending
+    ("Here apple , dog !", 6.5 / 7),                # half the items off topic
     ("", 0.0),                                      # empty loses
-    ("dog , cat !", 0.0),                           # off-topic loses
+    ("Here dog , cat !", 0.0),                      # off-topic loses
 ])
 def test_oracle_scores_by_hand(response, expected):
     assert score(P, response) == pytest.approx(expected)
 
 
+def test_constraints_not_asked_for_count_as_met():
+    assert features("Name 3 tools .", "Here saw , axe , rope .") == dict.fromkeys(FEATURES, 1.0)
+    assert features("Name 3 tools .", "Here saw , axe , rope !")["ending"] == 1.0
+
+
 def test_preference_encoding_and_ties():
-    assert prefer(P, "apple , banana !", "dog !") == 1.0
-    assert prefer(P, "dog !", "apple , banana !") == 2.0
-    assert prefer(P, "apple , banana !", "banana , apple !") == 1.5
+    assert prefer(P, "Here apple , banana !", "Um apple , banana !") == 1.0
+    assert prefer(P, "dog !", "apple , banana !") == 2.0  # off topic loses
+    assert prefer(P, "Here apple , banana !", "Here banana , apple !") == 1.5
 
 
 def test_prompts_are_distinct_and_seeded():
@@ -43,8 +64,32 @@ def test_prompts_are_distinct_and_seeded():
         parse_prompt(p)
 
 
-def test_demonstrations_are_of_mixed_quality():
-    w = DemoWriter(skill=0.5, rng=random.Random(0))
-    scores = [score(p, w(p)) for p in make_prompts(300, seed=1)]
-    assert 0.3 < sum(scores) / len(scores) < 0.9
-    assert sum(s == 1.0 for s in scores) > 30 and sum(s < 0.6 for s in scores) > 30
+def test_demonstrations_vary_in_every_feature_at_its_rate():
+    w = DemoWriter(rng=random.Random(0))
+    prompts = make_prompts(3000, seed=1)
+    feats = [features(p, w(p)) for p in prompts]
+    assert abs(sum(f["opener"] for f in feats) / len(feats) - DEMO_RATES["opener"]) < 0.03
+    for name in FEATURES:  # every feature but on_topic is sometimes right and sometimes wrong
+        share = sum(f[name] == 1.0 for f in feats) / len(feats)
+        assert share == 1.0 if name == "on_topic" else 0.05 < share < 0.999, name
+    # the rates are the writer's: off-topic items where asked for
+    drifting = DemoWriter(rates=DEMO_RATES | {"on_topic": 0.5}, rng=random.Random(0))
+    assert 0.3 < sum(features(p, drifting(p))["on_topic"] for p in prompts[:300]) / 300 < 0.7
+    scores = [score(p, w(p)) for p in prompts[:300]]
+    assert 0.4 < sum(scores) / len(scores) < 0.85
+
+
+def test_gold_pairs_and_oracle_are_length_neutral():
+    """Chosen shorter about as often as chosen longer (a length-biased gold set teaches 'shorter wins')."""
+    w = DemoWriter(rng=random.Random(2))
+    shorter = longer = 0
+    for p in make_prompts(3000, seed=3):
+        a, b = w(p), w(p)
+        sa, sb = score(p, a), score(p, b)
+        if sa == sb:
+            continue
+        chosen, rejected = (a, b) if sa > sb else (b, a)
+        shorter += len(words_of(chosen)) < len(words_of(rejected))
+        longer += len(words_of(chosen)) > len(words_of(rejected))
+    assert shorter > 300 and longer > 300
+    assert abs(shorter - longer) / (shorter + longer) < 0.1

@@ -8,6 +8,7 @@ loss on the response tokens (and end-of-turn token) only.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -57,12 +58,12 @@ def _sft_collate(pad_id: int):
     return fn
 
 
-def train_pi_init(out_dir: str | Path, num_demos: int = 3000, skill: float = 0.5, epochs: int = 4,
+def train_pi_init(out_dir: str | Path, num_demos: int = 3000, epochs: int = 4,
                   seed: int = 0, learning_rate: float = 3e-3) -> Path:
     """Write ``pi_init`` (safetensors + tokenizer) trained on ``num_demos`` mixed-quality demonstrations."""
     out = Path(out_dir)
     tok = world_tokenizer()
-    writer = DemoWriter(skill=skill, rng=__import__("random").Random(seed + 1))
+    writer = DemoWriter(rng=random.Random(seed + 1))
     prompts = make_prompts(num_demos, seed=seed + 1000)
     encoded = [encode_pair(tok, p, writer(p), True) for p in prompts]
     config = tiny_llama_config(len(tok), hidden_size=128, layers=2, heads=2, max_positions=256,

@@ -1,10 +1,27 @@
-"""An offline world with a known oracle: instructions with verifiable constraints.
+"""An offline world with a known oracle: list answers with fixed slots and seven quality features.
 
-Prompts come from a seeded grammar ("Name 3 fruits. Include the word red. End with !").
-The oracle parses the constraints back out of the prompt text and scores a response in
-[0, 1]: the share of constraints it satisfies, times its relevance (the share of its
-words that belong to the topic or the instruction). Longer is never better by itself:
-a surplus item breaks an exact count and an off-topic word lowers relevance.
+Prompts come from a seeded grammar ("Name 3 fruits . Include the word red . End with !").
+An answer has fixed slots: an opener word, the items with one separator between each
+two, and an ending mark, e.g. ``Here apple , pear , plum !``. The oracle reads the
+constraints back out of the prompt text and scores an answer in [0, 1] as the mean of
+seven features (:data:`FEATURES`):
+
+- three that hold for every prompt, like the style part of human preference that a
+  pretrained model already represents: the opener is ``Here`` (not one of four hedges),
+  the separators are commas (not filler words), the items are on topic (pi_init's
+  demonstrations are always on topic; the feature catches a policy that drifts off it);
+- four that are specific to the prompt: the item count asked for, the word to include,
+  the word to avoid, the ending mark asked for.
+
+Why slots: quality never changes length. Only the item count changes an answer's
+length, and a wrong count is one item too many or one too few about equally often, so
+neither the oracle nor the gold data favour short or long answers (a world whose gold
+data favoured short answers taught the seed judge "shorter wins", and iterations then
+collapsed length). Why several prompt-independent features, each only partly kept by
+the demonstrations: a small model trained from scratch learns such features from a few
+hundred pairs (it does not learn compositional constraints from so few), and a policy's
+own samples keep varying in them round after round, so self-labelling has something to
+label after the seed stage.
 """
 
 from __future__ import annotations
@@ -20,10 +37,13 @@ TOPICS: dict[str, list[str]] = {
     "tools": "hammer saw drill wrench knife rope shovel ladder brush axe".split(),
     "vehicles": "car bus truck bike train boat plane tram van ship".split(),
 }
-FILLER = "very nice good thing stuff really maybe okay some and the".split()
+GOOD_OPENER = "Here"
+OPENERS = [GOOD_OPENER, "Um", "Well", "So", "Hmm"]
+GOOD_SEPARATOR = ","
+SEPARATORS = [GOOD_SEPARATOR, "uh", "like", "basically", "erm"]
 ENDINGS = ["!", "."]
-NUMBER_WORDS = {1: "1", 2: "2", 3: "3", 4: "4"}
-MAX_ITEMS = 6
+COUNTS = (2, 3, 4)  # a wrong count is count-1 or count+1 (1..5): too short as often as too long
+FEATURES = ("opener", "separators", "on_topic", "count", "include", "exclude", "ending")
 
 
 @dataclass(frozen=True)
@@ -36,14 +56,11 @@ class Spec:
     exclude: str | None = None
     ending: str | None = None
 
-    def constraints(self) -> int:
-        return 1 + sum(x is not None for x in (self.include, self.exclude, self.ending))
-
 
 def vocabulary() -> list[str]:
     """Every word the world uses (for a word-level tokenizer)."""
-    words = {w for ws in TOPICS.values() for w in ws} | set(TOPICS) | set(FILLER)
-    words |= set(NUMBER_WORDS.values()) | set(ENDINGS) | {","}
+    words = {w for ws in TOPICS.values() for w in ws} | set(TOPICS) | set(OPENERS) | set(SEPARATORS)
+    words |= {str(c) for c in range(1, 6)} | set(ENDINGS)
     words |= set("name include the word do not use end with user assistant".split())
     words |= {w.capitalize() for w in ("name", "include", "do", "end")}
     return sorted(words)
@@ -77,7 +94,7 @@ def parse_prompt(prompt: str) -> Spec:
 
 def sample_spec(rng: random.Random) -> Spec:
     topic = rng.choice(sorted(TOPICS))
-    count = rng.randint(1, 4)
+    count = rng.choice(COUNTS)
     words = TOPICS[topic]
     include = rng.choice(words) if rng.random() < 0.6 else None
     exclude = rng.choice([w for w in words if w != include]) if rng.random() < 0.5 else None
@@ -102,24 +119,34 @@ def words_of(response: str) -> list[str]:
     return re.findall(r"[\w]+|[!.,]", response)
 
 
-def score(prompt: str, response: str) -> float:
-    """Oracle score in [0, 1]: satisfied share of the constraints x relevance."""
+def features(prompt: str, response: str) -> dict[str, float]:
+    """The seven oracle features of ``response`` (each in [0, 1]; a constraint not asked for counts as met)."""
     spec = parse_prompt(prompt)
     tokens = words_of(response)
-    content = [w for w in tokens if w not in ("!", ".", ",")]
-    topic_words = set(TOPICS[spec.topic])
-    items = [w for w in content if w in topic_words]
-    if not items:
-        return 0.0  # empty or off-topic answers lose
-    satisfied = int(len(items) == spec.count)
-    if spec.include:
-        satisfied += spec.include in items
-    if spec.exclude:
-        satisfied += spec.exclude not in content
-    if spec.ending:
-        satisfied += bool(tokens) and tokens[-1] == spec.ending
-    relevance = len(items) / len(content)
-    return satisfied / spec.constraints() * relevance
+    body = tokens[1:] if tokens and tokens[0] in OPENERS else tokens
+    body = body[:-1] if body and body[-1] in ENDINGS else body
+    seps = [w for w in body if w in SEPARATORS]
+    items = [w for w in body if w not in SEPARATORS and w not in OPENERS and w not in ENDINGS]
+    topic = set(TOPICS[spec.topic])
+    expected_seps = max(len(items) - 1, 0)
+    return {
+        "opener": float(bool(tokens) and tokens[0] == GOOD_OPENER),
+        # missing separators count as bad ones: "apple banana" is no better than "apple uh banana"
+        "separators": (min(seps.count(GOOD_SEPARATOR), expected_seps) / max(expected_seps, len(seps))
+                       if max(expected_seps, len(seps)) else 1.0),
+        "on_topic": sum(w in topic for w in items) / len(items) if items else 0.0,
+        "count": float(len(items) == spec.count),
+        "include": 1.0 if spec.include is None else float(spec.include in items),
+        "exclude": 1.0 if spec.exclude is None else float(spec.exclude not in items),
+        "ending": (float(bool(tokens) and tokens[-1] in ENDINGS) if spec.ending is None
+                   else float(bool(tokens) and tokens[-1] == spec.ending)),
+    }
+
+
+def score(prompt: str, response: str) -> float:
+    """Oracle score in [0, 1]: the mean of the seven features; an answer with no on-topic item scores 0."""
+    f = features(prompt, response)
+    return 0.0 if f["on_topic"] == 0 else sum(f.values()) / len(f)
 
 
 def prefer(prompt: str, response_1: str, response_2: str) -> float:
@@ -128,22 +155,42 @@ def prefer(prompt: str, response_1: str, response_2: str) -> float:
     return 1.0 if s1 > s2 else 2.0 if s2 > s1 else 1.5
 
 
+# How often pi_init's demonstrations get each feature right (the rest is what DPO can teach). Every item is
+# on topic: with 15% off-topic items (world version 2) the seed judge was at or below chance on that feature
+# (0.33-0.53 on 3 seeds), and self-labelled rounds lowered the on-topic share (0.93 -> 0.82 on one seed), the
+# main cause of that seed's decline. The oracle still scores the feature: a policy that drifts off topic loses.
+DEMO_RATES = {"opener": 0.35, "separator": 0.5, "on_topic": 1.0, "count": 0.7, "include": 0.5, "exclude": 0.7,
+              "ending": 0.5}
+
+
 @dataclass
 class DemoWriter:
-    """Demonstrations of mixed quality: each constraint is kept only with probability ``skill``."""
+    """Demonstrations of mixed quality: each feature is right with its own probability (:data:`DEMO_RATES`).
 
-    skill: float = 0.5
+    The features vary independently, so a pair of demonstrations differs in several of them at once.
+    """
+
+    rates: dict[str, float] = field(default_factory=lambda: dict(DEMO_RATES))
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
     def __call__(self, prompt: str) -> str:
-        spec, rng = parse_prompt(prompt), self.rng
-        words = TOPICS[spec.topic]
-        count = spec.count if rng.random() < self.skill else rng.randint(1, 5)
-        pool = [w for w in words if w != spec.exclude] if rng.random() < self.skill + 0.2 else list(words)
-        items = rng.sample(pool, min(count, len(pool)))
-        if spec.include and rng.random() < self.skill and spec.include not in items:
-            items[rng.randrange(len(items))] = spec.include
-        if rng.random() < (1 - self.skill) * 0.6:
-            items.insert(rng.randrange(len(items) + 1), rng.choice(FILLER))
-        end = spec.ending if spec.ending and rng.random() < self.skill else rng.choice(ENDINGS)
-        return " , ".join(items) + f" {end}"
+        spec, rng, p = parse_prompt(prompt), self.rng, self.rates
+        topic = TOPICS[spec.topic]
+        off_topic = [w for name, ws in TOPICS.items() if name != spec.topic for w in ws]
+        count = spec.count if rng.random() < p["count"] else spec.count + rng.choice((-1, 1))
+        allowed = [w for w in topic if w != spec.exclude]
+        items = rng.sample(allowed, count)
+        if spec.exclude and rng.random() >= p["exclude"]:
+            items[rng.randrange(count)] = spec.exclude
+        if spec.include and spec.include not in items and rng.random() < p["include"]:
+            free = [i for i, w in enumerate(items) if w != spec.exclude] or [0]
+            items[rng.choice(free)] = spec.include
+        items = [w if rng.random() < p["on_topic"] else rng.choice(off_topic) for w in items]
+        opener = GOOD_OPENER if rng.random() < p["opener"] else rng.choice(OPENERS[1:])
+        words = [opener, items[0]]
+        for item in items[1:]:
+            words += [GOOD_SEPARATOR if rng.random() < p["separator"] else rng.choice(SEPARATORS[1:]), item]
+        asked = spec.ending or rng.choice(ENDINGS)
+        other = ENDINGS[1 - ENDINGS.index(asked)]
+        words.append(asked if spec.ending is None or rng.random() < p["ending"] else other)
+        return " ".join(words)
