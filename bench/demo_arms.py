@@ -1,10 +1,13 @@
-"""Demo-world benchmark: does SPA beat iterative DPO, seed-only DPO and SFT? (issue: demo world)
+"""Demo-world benchmark: does SPA beat iterative DPO, seed-only DPO and SFT, and does it resist label noise?
 
 For each seed: build the world (pi_init, gold data, reference outputs), run the seed stage
-once, then the iterative arms from copies of that run (the manifest is relocatable, so the
-copies skip prepare and seed). Stages run in this process, through the same stage code as
-`spa run`. Results: bench/results/demo_arms.json and a Markdown table (printed, and written
-to bench/results/demo_arms.md).
+once, then every arm from a copy of that run (``spa.demo.arms``: the manifest is
+relocatable, so the copies skip prepare and seed). Clean arms: iterative DPO without
+refinement, SPA with SR only, SPA (SR + DND); noise arms: iterative DPO and SPA with 20% and
+40% of the labels flipped (``judge.flip_fraction``); and one sensitivity arm declared in
+advance, not tuned: SPA with stronger refinement than the paper's (alpha 0.5, K 20%), clean
+and under both flip rates. Results: bench/results/<name>.json and a Markdown summary
+(printed, and written to bench/results/<name>.md).
 
     python bench/demo_arms.py --seeds 0 1 2 --out /tmp/spa-bench
 """
@@ -15,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -24,86 +26,135 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from spa.config import parse_config  # noqa: E402
+import yaml  # noqa: E402
+
+from spa.demo.arms import ARMS, merge, run_arm, run_seed_stage, run_sft  # noqa: E402
 from spa.demo.metrics import run_metrics  # noqa: E402
 from spa.demo.run import WorldSizes, build_world, demo_config  # noqa: E402
-from spa.stages import evaluate, judge, prepare, sample, train  # noqa: E402
 
-ARMS = {
-    # name: (self_refine, decoupled)
-    "iterative_dpo": (False, False),
-    "spa_sr": (True, False),
-    "spa_sr_dnd": (True, True),
-}
+STRONG = {"train.refinement.alpha": 0.5, "train.refinement.k_percent": 20.0}
+FLIPS = (0.2, 0.4)
 ROOT = Path(__file__).resolve().parents[1]
+KEEP = ("iteration", "win_rate", "lc_win_rate", "avg_length", "gold_agreement", "self_label_accuracy", "noise_rate",
+        "judge_shorter_wins", "oracle_shorter_wins", "length_penalty", "sr_precision", "dnd_precision",
+        "sr_dnd_disagreement", "flip_rate", "sr_flip_precision", "dnd_flip_precision", "refined_fraction")
 
 
-def quiet(_msg: str) -> None:
-    pass
+def arm_jobs() -> dict[str, dict]:
+    jobs = {name: over for name, over in ARMS.items()}
+    jobs["spa_strong"] = STRONG
+    for f in FLIPS:
+        for name, over in (("iterative_dpo", ARMS["iterative_dpo"]), ("spa", ARMS["spa"]), ("spa_strong", STRONG)):
+            jobs[f"{name}_flip{int(f * 100)}"] = {**over, "judge.flip_fraction": f}
+    return jobs
 
 
-def run_seed(seed: int, out: Path, sizes: WorldSizes, overrides: dict) -> dict[str, list[dict]]:
+def run_seed(seed: int, out: Path, sizes: WorldSizes, overrides: dict, jobs: dict[str, dict]) -> dict[str, list[dict]]:
     world = build_world(out / f"world_{seed}", seed=seed, sizes=sizes)
-    results: dict[str, list[dict]] = {}
-    # SFT: pi_init itself (no-seed mode: pi_0 = pi_init), evaluated against its own reference answers
-    sft = demo_config(world, out / f"s{seed}" / "sft", sizes, seed=seed)
-    sft["model"]["pi_0"] = sft["model"]["pi_init"]
-    cfg = parse_config(sft)
-    prepare.run(cfg, echo=quiet)
-    evaluate.run(cfg, 0, echo=quiet)
-    results["sft"] = run_metrics(cfg)[:1]
-    # seed-only DPO: iteration 0 of the shared base run
-    base_raw = demo_config(world, out / f"s{seed}" / "base", sizes, seed=seed)
-    _merge(base_raw, overrides)
-    base = parse_config(base_raw)
-    prepare.run(base, echo=quiet)
-    train.run(base, 0, echo=quiet)
-    evaluate.run(base, 0, echo=quiet)
-    results["seed_dpo"] = run_metrics(base)[:1]
-    for arm, (sr, dnd) in ARMS.items():
-        run_dir = out / f"s{seed}" / arm
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.copytree(base.run_dir, run_dir)
-        raw = demo_config(world, run_dir, sizes, seed=seed, self_refine=sr, decoupled=dnd)
-        _merge(raw, overrides)
-        cfg = parse_config(raw)
+    raw = demo_config(world, out / f"s{seed}" / "base", sizes, seed=seed)
+    raw = merge(raw, overrides)
+    keep = lambda rows: [{k: r.get(k) for k in KEEP} for r in rows]  # noqa: E731
+    results: dict[str, list[dict]] = {"sft": keep([run_sft(raw, out / f"s{seed}" / "sft")])}
+    base = run_seed_stage(raw)
+    results["seed_dpo"] = keep(run_metrics(base)[:1])
+    for name, over in jobs.items():
         started = time.time()
-        for t in range(1, cfg.iterations + 1):
-            sample.run(cfg, t, echo=quiet)
-            judge.run(cfg, t, echo=quiet)
-            train.run(cfg, t, echo=quiet)
-            evaluate.run(cfg, t, echo=quiet)
-        results[arm] = run_metrics(cfg)
-        print(f"seed {seed} {arm}: " + ", ".join(f"{r['win_rate']:.1f}" for r in results[arm])
+        results[name] = keep(run_arm(Path(base.run_dir), out / f"s{seed}" / name, raw, over))
+        print(f"seed {seed} {name}: win " + ", ".join(f"{r['win_rate']:.1f}" for r in results[name])
               + f"  ({time.time() - started:.0f}s)", flush=True)
     return results
 
 
-def _merge(raw: dict, overrides: dict) -> None:
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+def _ms(vals: list[float], fmt: str = ".1f") -> str:
+    if not vals:
+        return ""
+    if len(vals) == 1:
+        return format(vals[0], fmt)
+    return f"{format(statistics.mean(vals), fmt)} ± {format(statistics.stdev(vals), fmt)}"
 
 
-def table(all_results: dict[int, dict[str, list[dict]]]) -> str:
-    arms = ["sft", "seed_dpo", *ARMS]
+def _vals(all_results, arm, t, key):
+    return [res[arm][t][key] for res in all_results.values()
+            if arm in res and len(res[arm]) > t and res[arm][t].get(key) is not None]
+
+
+def win_table(all_results: dict[int, dict[str, list[dict]]], arms: list[str]) -> str:
     iters = max(len(r) for res in all_results.values() for r in res.values())
-    lines = ["| arm | " + " | ".join(f"iter {t}" for t in range(iters)) + " |",
-             "|---|" + "---|" * iters]
+    lines = ["| arm | " + " | ".join(f"win % t={t}" for t in range(iters)) + " | final length | self-label acc. t=1/2/3 |",
+             "|---|" + "---|" * (iters + 2)]
     for arm in arms:
-        cells = []
-        for t in range(iters):
-            vals = [res[arm][t]["win_rate"] for res in all_results.values() if arm in res and len(res[arm]) > t]
-            if not vals:
-                cells.append("")
-            elif len(vals) == 1:
-                cells.append(f"{vals[0]:.1f}")
-            else:
-                cells.append(f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        cells = [_ms(_vals(all_results, arm, t, "win_rate")) for t in range(iters)]
+        last = max((len(res.get(arm, [])) for res in all_results.values()), default=1) - 1
+        acc = "/".join(_ms(_vals(all_results, arm, t, "self_label_accuracy"), ".2f") for t in range(1, iters))
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_ms(_vals(all_results, arm, last, 'avg_length'))} | "
+                     f"{acc if last else ''} |")
+    return "\n".join(lines)
+
+
+def paired(all_results, a: str, b: str, key: str = "win_rate") -> tuple[float, float, float]:
+    """Mean and stdev over seeds of final(a) - final(b), and the larger of the two arms' stdevs over seeds."""
+    diffs, va, vb = [], [], []
+    for res in all_results.values():
+        if a in res and b in res:
+            x, y = res[a][-1][key], res[b][-1][key]
+            diffs.append(x - y)
+            va.append(x)
+            vb.append(y)
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")  # noqa: E731
+    return statistics.mean(diffs), sd(diffs), max(sd(va), sd(vb))
+
+
+def comparisons(all_results) -> str:
+    lines = ["| comparison (final iteration) | mean difference | stdev of the difference | larger arm's stdev over seeds | "
+             "larger than the seeds' stdev? |", "|---|---|---|---|---|"]
+    pairs = [("spa", "iterative_dpo"), ("spa_sr", "iterative_dpo"), ("spa", "spa_sr"),
+             ("iterative_dpo", "seed_dpo"), ("seed_dpo", "sft"), ("spa_strong", "iterative_dpo")]
+    for f in FLIPS:
+        tag = f"_flip{int(f * 100)}"
+        pairs += [(f"spa{tag}", f"iterative_dpo{tag}"), (f"spa_strong{tag}", f"iterative_dpo{tag}")]
+    present = set.intersection(*(set(res) for res in all_results.values()))
+    for a, b in pairs:
+        if a not in present or b not in present:
+            continue
+        m, sd_d, sd_s = paired(all_results, a, b)
+        verdict = "yes" if m > 0 and m > sd_s else "no (within noise)" if abs(m) <= sd_s else "no (reversed)"
+        lines.append(f"| {a} - {b} | {m:+.1f} | {sd_d:.1f} | {sd_s:.1f} | {verdict} |")
+    return "\n".join(lines)
+
+
+def noise_table(all_results) -> str:
+    lines = ["| arm | flip rate | final win % | win-rate loss vs its noise-free run (negative: ended higher) | "
+             "SR flag precision on flips "
+             "(t=1/2/3) | flip base rate (t=1/2/3) | lift |", "|---|---|---|---|---|---|---|"]
+    for f in FLIPS:
+        tag = f"_flip{int(f * 100)}"
+        for arm in ("iterative_dpo", "spa", "spa_strong"):
+            name = arm + tag
+            if any(name not in res or arm not in res for res in all_results.values()):
+                continue
+            loss = [res[arm][-1]["win_rate"] - res[name][-1]["win_rate"] for res in all_results.values() if name in res]
+            iters = range(1, max(len(res[name]) for res in all_results.values()))
+            prec = [_vals(all_results, name, t, "sr_flip_precision") for t in iters]
+            base = [_vals(all_results, name, t, "flip_rate") for t in iters]
+            lifts = [p / b for t in iters for p, b in zip(_vals(all_results, name, t, "sr_flip_precision"),
+                                                            _vals(all_results, name, t, "flip_rate"), strict=True) if b]
+            lines.append(f"| {arm} | {f:.0%} | {_ms([r[name][-1]['win_rate'] for r in all_results.values()])} | "
+                         f"{_ms(loss)} | {'/'.join(_ms(p, '.2f') for p in prec) if arm != 'iterative_dpo' else '-'} | "
+                         f"{'/'.join(_ms(b, '.2f') for b in base) if arm != 'iterative_dpo' else '-'} | "
+                         f"{_ms(lifts, '.2f') + 'x' if lifts else '-'} |")
+    return "\n".join(lines)
+
+
+def diagnostics_table(all_results, arm: str = "spa") -> str:
+    keys = [("self_label_accuracy", "self-label acc."), ("judge_shorter_wins", "judge: shorter wins"),
+            ("oracle_shorter_wins", "oracle: shorter wins"), ("length_penalty", "length penalty a"),
+            ("noise_rate", "noise rate"), ("sr_precision", "SR precision"), ("dnd_precision", "DND precision"),
+            ("sr_dnd_disagreement", "SR/DND disagreement"), ("avg_length", "eval length")]
+    iters = max(len(res[arm]) for res in all_results.values())
+    lines = ["| t | " + " | ".join(h for _, h in keys) + " |", "|---|" + "---|" * len(keys)]
+    for t in range(iters):
+        fmt = lambda k: ".1f" if k == "avg_length" else ".3f"  # noqa: E731
+        lines.append(f"| {t} | " + " | ".join(_ms(_vals(all_results, arm, t, k), fmt(k)) for k, _ in keys) + " |")
     return "\n".join(lines)
 
 
@@ -113,22 +164,29 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/spa-bench"))
     parser.add_argument("--set", action="append", default=[], help="config override key=value (all arms)")
     parser.add_argument("--name", default="demo_arms")
-    parser.add_argument("--seed-pairs", type=int, default=WorldSizes().seed_pairs)
+    parser.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (default: all)")
     ns = parser.parse_args()
-    import yaml
-
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in ns.set)}
-    sizes = WorldSizes(seed_pairs=ns.seed_pairs)
+    jobs = arm_jobs()
+    if ns.arms:
+        jobs = {k: v for k, v in jobs.items() if k in ns.arms}
+    sizes = WorldSizes()
     started = time.time()
-    all_results = {seed: run_seed(seed, ns.out, sizes, overrides) for seed in ns.seeds}
-    md = table(all_results)
+    all_results = {seed: run_seed(seed, ns.out, sizes, overrides, jobs) for seed in ns.seeds}
+    clean = [a for a in ("sft", "seed_dpo", "iterative_dpo", "spa_sr", "spa", "spa_strong") if a in all_results[ns.seeds[0]]]
+    md = "\n\n".join([
+        f"Seeds {ns.seeds}. Oracle win rate vs pi_init (%), mean ± stdev over seeds:", win_table(all_results, clean),
+        "Differences at the final iteration, paired by seed:", comparisons(all_results),
+        "Label noise (judge.flip_fraction):", noise_table(all_results),
+        "SPA (SR + DND), round by round:", diagnostics_table(all_results),
+    ])
     print(md)
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{ns.name}.json").write_text(json.dumps({
-        "benchmark": "demo world arms: oracle win rate vs pi_init (%) per iteration, mean ± stdev over seeds",
+        "benchmark": "demo world arms: oracle win rate vs pi_init (%) and label/flag diagnostics per iteration",
         "command": "python bench/demo_arms.py " + " ".join(sys.argv[1:]),
-        "seeds": ns.seeds, "overrides": overrides, "sizes": sizes.__dict__,
+        "seeds": ns.seeds, "overrides": overrides, "arms": jobs, "sizes": sizes.__dict__,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "wall_time_s": round(time.time() - started, 1),
         "results": {str(k): v for k, v in all_results.items()},

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -22,16 +21,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_arms import _merge  # noqa: E402
-
-from spa.config import parse_config  # noqa: E402
-from spa.demo.metrics import run_metrics  # noqa: E402
+from spa.demo.arms import NO_REFINE, run_arm, run_seed_stage  # noqa: E402
 from spa.demo.run import WorldSizes, build_world, demo_config  # noqa: E402
-from spa.stages import evaluate, judge, prepare, sample, train, train_rm  # noqa: E402
+from spa.stages import train_rm  # noqa: E402
 
-NO_REFINE = {"train.refinement.self_refine": False, "train.refinement.decoupled": False}
 ARMS = {
     "dpo": NO_REFINE,
     "spa": {},
@@ -42,7 +36,8 @@ ARMS = {
     "dice": {**NO_REFINE, "sample.n": 8, "judge.select": "best_worst", "judge.length_penalty": "auto",
              "train.replay_fraction": 0.25},
     "dpo_rm_judge": {**NO_REFINE, "judge.type": "external_rm"},
-    "dpo_llm_judge": {**NO_REFINE, "judge.type": "llm_judge"},
+    # an LLM judge gives a preference, not a reward: no length penalty can be solved for it
+    "dpo_llm_judge": {**NO_REFINE, "judge.type": "llm_judge", "judge.length_penalty": 0.0},
 }
 NOISE_ARMS = {
     "dpo": NO_REFINE,
@@ -54,45 +49,23 @@ NOISE_LEVELS = [0.0, 0.2, 0.4]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def quiet(_msg: str) -> None:
-    pass
-
-
-def run_arm(base_dir: Path, run_dir: Path, raw: dict) -> list[dict]:
-    shutil.rmtree(run_dir, ignore_errors=True)
-    shutil.copytree(base_dir, run_dir)
-    raw["run_dir"] = str(run_dir)
-    cfg = parse_config(raw)
-    for t in range(1, cfg.iterations + 1):
-        sample.run(cfg, t, echo=quiet)
-        judge.run(cfg, t, echo=quiet)
-        train.run(cfg, t, echo=quiet)
-        evaluate.run(cfg, t, echo=quiet)
-    return [{k: r.get(k) for k in ("iteration", "win_rate", "self_label_accuracy", "avg_length")}
-            for r in run_metrics(cfg)]
-
-
 def run_seed(seed: int, out: Path, sizes: WorldSizes, arms: dict, noise: bool) -> dict[str, list[dict]]:
     world = build_world(out / f"world_{seed}", seed=seed, sizes=sizes)
     rm_dir = out / f"s{seed}" / "reward_model"
     base_raw = demo_config(world, out / f"s{seed}" / "base", sizes, seed=seed)
     base_raw["judge"]["reward_model"] = str(rm_dir)
-    base = parse_config(base_raw)
-    prepare.run(base, echo=quiet)
-    train.run(base, 0, echo=quiet)
-    evaluate.run(base, 0, echo=quiet)
-    train_rm.run(base, echo=quiet)
+    base = run_seed_stage(base_raw)
+    train_rm.run(base, echo=lambda _m: None)
     results: dict[str, list[dict]] = {}
     jobs = [(name, over) for name, over in arms.items()]
     if noise:
         jobs += [(f"noise{int(f * 100)}_{name}", {**over, "judge.flip_fraction": f})
                  for f in NOISE_LEVELS for name, over in NOISE_ARMS.items()]
     for name, over in jobs:
-        raw = demo_config(world, out / f"s{seed}" / name, sizes, seed=seed)
-        raw["judge"]["reward_model"] = str(rm_dir)
-        _merge(raw, over)
         started = time.time()
-        results[name] = run_arm(Path(base.run_dir), out / f"s{seed}" / name, raw)
+        rows = run_arm(Path(base.run_dir), out / f"s{seed}" / name, base_raw, over)
+        results[name] = [{k: r.get(k) for k in ("iteration", "win_rate", "self_label_accuracy", "avg_length")}
+                         for r in rows]
         print(f"seed {seed} {name}: win " + ", ".join(f"{r['win_rate']:.1f}" for r in results[name])
               + "; label acc " + ", ".join(f"{r['self_label_accuracy']:.2f}" for r in results[name][1:]
                                            if r["self_label_accuracy"] is not None)
