@@ -124,8 +124,8 @@ def comparisons(all_results) -> str:
 
 def noise_table(all_results) -> str:
     lines = ["| arm | flip rate | final win % | win-rate loss vs its noise-free run (negative: ended higher) | "
-             "SR flag precision on flips "
-             "(t=1/2/3) | flip base rate (t=1/2/3) | lift |", "|---|---|---|---|---|---|---|"]
+             "SR flag precision on flips (t=1/2/3) | DND flag precision on flips (t=1/2/3) | flip base rate (t=1/2/3) "
+             "| SR lift |", "|---|---|---|---|---|---|---|---|"]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
         for arm in ("iterative_dpo", "spa", "spa_strong"):
@@ -135,11 +135,13 @@ def noise_table(all_results) -> str:
             loss = [res[arm][-1]["win_rate"] - res[name][-1]["win_rate"] for res in all_results.values() if name in res]
             iters = range(1, max(len(res[name]) for res in all_results.values()))
             prec = [_vals(all_results, name, t, "sr_flip_precision") for t in iters]
+            dnd = [_vals(all_results, name, t, "dnd_flip_precision") for t in iters]
             base = [_vals(all_results, name, t, "flip_rate") for t in iters]
             lifts = [p / b for t in iters for p, b in zip(_vals(all_results, name, t, "sr_flip_precision"),
                                                             _vals(all_results, name, t, "flip_rate"), strict=True) if b]
             lines.append(f"| {arm} | {f:.0%} | {_ms([r[name][-1]['win_rate'] for r in all_results.values()])} | "
                          f"{_ms(loss)} | {'/'.join(_ms(p, '.2f') for p in prec) if arm != 'iterative_dpo' else '-'} | "
+                         f"{'/'.join(_ms(p, '.2f') for p in dnd) if arm != 'iterative_dpo' else '-'} | "
                          f"{'/'.join(_ms(b, '.2f') for b in base) if arm != 'iterative_dpo' else '-'} | "
                          f"{_ms(lifts, '.2f') + 'x' if lifts else '-'} |")
     return "\n".join(lines)
@@ -158,6 +160,17 @@ def diagnostics_table(all_results, arm: str = "spa") -> str:
     return "\n".join(lines)
 
 
+def tables(all_results, seeds) -> str:
+    clean = [a for a in ("sft", "seed_dpo", "iterative_dpo", "spa_sr", "spa", "spa_strong") if a in all_results[seeds[0]]]
+    parts = [f"Seeds {list(seeds)}. Oracle win rate vs pi_init (%), mean ± stdev over seeds:", win_table(all_results, clean),
+             "Differences at the final iteration, paired by seed:", comparisons(all_results)]
+    noise = noise_table(all_results)
+    if noise.count("\n") > 1:
+        parts += ["Label noise (judge.flip_fraction):", noise]
+    parts += ["SPA (SR + DND), round by round:", diagnostics_table(all_results)]
+    return "\n\n".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -165,7 +178,18 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override key=value (all arms)")
     parser.add_argument("--name", default="demo_arms")
     parser.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (default: all)")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="rebuild the tables from bench/results/<name>.json instead of running")
     ns = parser.parse_args()
+    results_dir = ROOT / "bench" / "results"
+    if ns.tables_only:
+        saved = json.loads((results_dir / f"{ns.name}.json").read_text())
+        all_results = {int(k): v for k, v in saved["results"].items()}
+        saved["table"] = tables(all_results, sorted(all_results))
+        (results_dir / f"{ns.name}.json").write_text(json.dumps(saved, indent=2))
+        (results_dir / f"{ns.name}.md").write_text(saved["table"] + "\n")
+        print(saved["table"])
+        return
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in ns.set)}
     jobs = arm_jobs()
     if ns.arms:
@@ -173,15 +197,8 @@ def main() -> None:
     sizes = WorldSizes()
     started = time.time()
     all_results = {seed: run_seed(seed, ns.out, sizes, overrides, jobs) for seed in ns.seeds}
-    clean = [a for a in ("sft", "seed_dpo", "iterative_dpo", "spa_sr", "spa", "spa_strong") if a in all_results[ns.seeds[0]]]
-    md = "\n\n".join([
-        f"Seeds {ns.seeds}. Oracle win rate vs pi_init (%), mean ± stdev over seeds:", win_table(all_results, clean),
-        "Differences at the final iteration, paired by seed:", comparisons(all_results),
-        "Label noise (judge.flip_fraction):", noise_table(all_results),
-        "SPA (SR + DND), round by round:", diagnostics_table(all_results),
-    ])
+    md = tables(all_results, ns.seeds)
     print(md)
-    results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{ns.name}.json").write_text(json.dumps({
         "benchmark": "demo world arms: oracle win rate vs pi_init (%) and label/flag diagnostics per iteration",

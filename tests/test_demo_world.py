@@ -69,10 +69,9 @@ def test_demonstrations_vary_in_every_feature_at_its_rate():
     prompts = make_prompts(3000, seed=1)
     feats = [features(p, w(p)) for p in prompts]
     assert abs(sum(f["opener"] for f in feats) / len(feats) - DEMO_RATES["opener"]) < 0.03
-    for name in FEATURES:  # every feature but on_topic is sometimes right and sometimes wrong
-        share = sum(f[name] == 1.0 for f in feats) / len(feats)
-        assert share == 1.0 if name == "on_topic" else 0.05 < share < 0.999, name
-    # the rates are the writer's: off-topic items where asked for
+    for name in FEATURES:  # every feature is sometimes right and sometimes wrong
+        assert 0.05 < sum(f[name] == 1.0 for f in feats) / len(feats) < 0.999, name
+    # the rates are the writer's
     drifting = DemoWriter(rates=DEMO_RATES | {"on_topic": 0.5}, rng=random.Random(0))
     assert 0.3 < sum(features(p, drifting(p))["on_topic"] for p in prompts[:300]) / 300 < 0.7
     scores = [score(p, w(p)) for p in prompts[:300]]

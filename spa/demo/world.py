@@ -8,8 +8,7 @@ seven features (:data:`FEATURES`):
 
 - three that hold for every prompt, like the style part of human preference that a
   pretrained model already represents: the opener is ``Here`` (not one of four hedges),
-  the separators are commas (not filler words), the items are on topic (pi_init's
-  demonstrations are always on topic; the feature catches a policy that drifts off it);
+  the separators are commas (not filler words), the items are on topic;
 - four that are specific to the prompt: the item count asked for, the word to include,
   the word to avoid, the ending mark asked for.
 
@@ -155,11 +154,12 @@ def prefer(prompt: str, response_1: str, response_2: str) -> float:
     return 1.0 if s1 > s2 else 2.0 if s2 > s1 else 1.5
 
 
-# How often pi_init's demonstrations get each feature right (the rest is what DPO can teach). Every item is
-# on topic: with 15% off-topic items (world version 2) the seed judge was at or below chance on that feature
-# (0.33-0.53 on 3 seeds), and self-labelled rounds lowered the on-topic share (0.93 -> 0.82 on one seed), the
-# main cause of that seed's decline. The oracle still scores the feature: a policy that drifts off topic loses.
-DEMO_RATES = {"opener": 0.35, "separator": 0.5, "on_topic": 1.0, "count": 0.7, "include": 0.5, "exclude": 0.7,
+# How often pi_init's demonstrations get each feature right (the rest is what DPO can teach).
+# Off-topic items stay in the demonstrations (15% of items): with none (tried on two tuning seeds as
+# "world version 3"), pi_init gives other topics' words almost no probability, so the implicit reward
+# log pi_{t-1}/pi_init of the first off-topic word a later policy samples is huge; the judge then named
+# the off-topic answer the winner on 21 of 21 such pairs and the round collapsed (win rate 66.8 -> 40.1).
+DEMO_RATES = {"opener": 0.35, "separator": 0.5, "on_topic": 0.85, "count": 0.7, "include": 0.5, "exclude": 0.7,
               "ending": 0.5}
 
 
