@@ -19,7 +19,7 @@ import yaml
 
 from spa.artifacts import write_text_atomic
 from spa.demo.policy import train_pi_init
-from spa.demo.world import make_prompts, score
+from spa.demo.world import FEATURES, features, make_prompts, score
 from spa.sampling import SamplingSpec, TransformersSampler
 
 MAX_NEW_TOKENS = 24  # answers in this world are under 20 tokens (the paper's 300 would only waste time)
@@ -54,7 +54,7 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
         raise ValueError(f"unknown demo preset {preset!r}; choose from {PRESETS}")
     world = Path(world)
     marker = world / "world.json"
-    wanted = {"seed": seed, "sizes": sizes.__dict__, "version": 2} | ({"preset": preset} if preset != "tiny" else {})
+    wanted = {"seed": seed, "sizes": sizes.__dict__, "version": 4} | ({"preset": preset} if preset != "tiny" else {})
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         echo(f"[demo] world in {world} is ready")
         return world
@@ -85,8 +85,18 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
     ref = sampler(eval_prompts, progress="reference")
     pq.write_table(pa.table({"instruction": eval_prompts, "output": [s.responses[0] for s in ref],
                              "generator": ["pi_init"] * len(eval_prompts)}), world / "reference_outputs.parquet")
+    quality = pi_init_quality(rows)
+    echo("[demo] pi_init's answers: " + ", ".join(f"{k} {v:.2f}" for k, v in quality.items()))
     write_text_atomic(marker, json.dumps(wanted))
+    write_text_atomic(world / "pi_init_quality.json", json.dumps(quality, indent=2))
     return world
+
+
+def pi_init_quality(rows: list[dict]) -> dict[str, float]:
+    """Mean oracle features of pi_init's labelled answers (how much of the task it learnt before any DPO)."""
+    answers = [(r["prompt"], y) for r in rows for y in (r["chosen"], r["rejected"]) if y]
+    feats = [features(p, y) for p, y in answers]
+    return {name: sum(f[name] for f in feats) / len(feats) for name in FEATURES} if feats else {}
 
 
 def demo_config(world: Path, run_dir: Path, sizes: WorldSizes = WorldSizes(), seed: int = 0,
