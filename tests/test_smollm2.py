@@ -45,7 +45,7 @@ def test_materialized_smollm2_is_a_safe_model_dir_with_its_chat_template(tmp_pat
 def test_demo_preset_smollm2_runs_end_to_end_with_lora(tmp_path):
     out = tmp_path / "demo"
     spa = str(Path(sys.executable).parent / "spa")
-    res = subprocess.run([spa, "demo", "--preset", "smollm2", "--small", "--iterations", "1", "--out", str(out)],
+    res = subprocess.run([spa, "demo", "--preset", "smollm2", "--small", "--iterations", "1", "--no-arms", "--out", str(out)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lay = RunLayout(out / "run")
