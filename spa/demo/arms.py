@@ -89,16 +89,17 @@ DEMO_FLIP = 0.2  # the injected label-noise rate of the demo's noise arms
 
 def demo_comparison(raw: dict, out: Path, echo: Callable[[str], None] = quiet) -> dict[str, list[dict[str, Any]]]:
     """The arms ``spa demo`` reports beside its SPA run ``raw`` (finished): SFT, seed-only DPO (the run's
-    ``pi_0``), iterative DPO without refinement, and both iterative arms under ``DEMO_FLIP`` injected flips."""
+    ``pi_0``), iterative DPO without refinement, and both iterative arms under ``DEMO_FLIP`` injected flips.
+    ``echo`` gets one line per arm (the stages' own lines stay quiet)."""
     main = Path(raw["run_dir"])
     out = Path(out)
     spa_rows = run_metrics(parse_config(raw))
-    results: dict[str, list[dict[str, Any]]] = {"sft": [run_sft(raw, out / "sft", echo)], "seed_dpo": spa_rows[:1]}
-    echo("[demo] comparison arm: iterative DPO (no refinement) ...")
-    results["iterative_dpo"] = run_arm(main, out / "iterative_dpo", raw, ARMS["iterative_dpo"], echo)
+    results: dict[str, list[dict[str, Any]]] = {"sft": [run_sft(raw, out / "sft")], "seed_dpo": spa_rows[:1]}
+    jobs = {"iterative_dpo": ARMS["iterative_dpo"]}
+    jobs |= {f"{name}_flip": {**ARMS[name], "judge.flip_fraction": DEMO_FLIP} for name in ("iterative_dpo", "spa")}
+    for name, overrides in jobs.items():
+        results[name] = run_arm(main, out / name, raw, overrides)
+        echo(f"[demo] arm {name}: win rate " + " -> ".join(f"{r['win_rate']:.1f}" for r in results[name]))
     results["spa"] = spa_rows
-    for name in ("iterative_dpo", "spa"):
-        echo(f"[demo] comparison arm: {name} with {DEMO_FLIP:.0%} of the labels flipped ...")
-        results[f"{name}_flip"] = run_arm(main, out / f"{name}_flip", raw,
-                                          {**ARMS[name], "judge.flip_fraction": DEMO_FLIP}, echo)
-    return results
+    order = ("sft", "seed_dpo", "iterative_dpo", "spa", "iterative_dpo_flip", "spa_flip")
+    return {name: results[name] for name in order}

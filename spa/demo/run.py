@@ -54,7 +54,7 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
         raise ValueError(f"unknown demo preset {preset!r}; choose from {PRESETS}")
     world = Path(world)
     marker = world / "world.json"
-    wanted = {"seed": seed, "sizes": sizes.__dict__, "version": 4} | ({"preset": preset} if preset != "tiny" else {})
+    wanted = {"seed": seed, "sizes": sizes.__dict__, "version": 2} | ({"preset": preset} if preset != "tiny" else {})
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         echo(f"[demo] world in {world} is ready")
         return world

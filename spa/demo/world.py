@@ -159,6 +159,8 @@ def prefer(prompt: str, response_1: str, response_2: str) -> float:
 # "world version 3"), pi_init gives other topics' words almost no probability, so the implicit reward
 # log pi_{t-1}/pi_init of the first off-topic word a later policy samples is huge; the judge then named
 # the off-topic answer the winner on 21 of 21 such pairs and the round collapsed (win rate 66.8 -> 40.1).
+# Not scoring topic membership at all (version 5) moved the same exploit to the next token the judge
+# rewards per occurrence: answers became runs of commas (win rate 62.1 -> 23.5 -> 0.1).
 DEMO_RATES = {"opener": 0.35, "separator": 0.5, "on_topic": 0.85, "count": 0.7, "include": 0.5, "exclude": 0.7,
               "ending": 0.5}
 
