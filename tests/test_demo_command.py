@@ -33,6 +33,7 @@ def test_spa_demo_small_writes_report_with_the_oracle_numbers(tmp_path):
     assert arms["spa"] == rows and arms["seed_dpo"] == rows[:1]
     assert arms["spa_flip"][1]["flip_rate"] > 0 and arms["iterative_dpo"][1].get("sr_precision") is None
     assert "### What the demo claims, checked on this run" in report and "## Labels and refinement flags" in report
+    assert "### The judge on each oracle feature" in report and rows[1]["judge_feature_accuracy"]["opener"] is not None
     assert "under injected flips: SPA loses less win rate than iterative DPO" in report
     assert (tmp_path / "demo" / "arms" / "iterative_dpo" / "iter_1" / "model").is_dir()
     summary = json.loads((run / "iter_1" / "eval.json").read_text())

@@ -92,3 +92,18 @@ def test_gold_pairs_and_oracle_are_length_neutral():
         longer += len(words_of(chosen)) > len(words_of(rejected))
     assert shorter > 300 and longer > 300
     assert abs(shorter - longer) / (shorter + longer) < 0.1
+
+
+def test_judge_by_feature_counts_pairs_that_differ_by_hand():
+    from spa.demo.metrics import judge_by_feature
+
+    rows = [  # right on the opener; wrong on the separators; a tie left out
+        {"prompt": P, "chosen": "Here apple , banana !", "rejected": "Um apple , banana !", "tie": False},
+        {"prompt": P, "chosen": "Here apple uh banana !", "rejected": "Here apple , banana !", "tie": False},
+        {"prompt": P, "chosen": "Um apple uh banana !", "rejected": "Here apple , banana !", "tie": True},
+    ]
+    out = judge_by_feature(rows)
+    assert out["judge_feature_accuracy"]["opener"] == 1.0 and out["feature_pairs"]["opener"] == 1
+    assert out["judge_feature_accuracy"]["separators"] == 0.0 and out["feature_pairs"]["separators"] == 1
+    assert out["judge_feature_accuracy"]["count"] is None and out["feature_pairs"]["count"] == 0
+    assert out["sample_features"]["opener"] == 0.75 and out["sample_features"]["separators"] == 0.75

@@ -9,6 +9,7 @@ from typing import Any
 
 from spa.artifacts import read_table, write_text_atomic
 from spa.config import SPAConfig
+from spa.demo.world import FEATURES, features
 from spa.layout import RunLayout
 
 
@@ -34,7 +35,27 @@ def iteration_metrics(cfg: SPAConfig, t: int) -> dict[str, Any]:
         out |= {k: judged.get(k) for k in JUDGE_KEYS}
     if refines(cfg, t) and lay.refinement(t).exists() and lay.judgments(t).exists():
         out |= refinement_summary(cfg, t)
+    if lay.judgments(t).exists():
+        out |= judge_by_feature(read_table(lay.judgments(t), "judgments").to_pylist())
     return out
+
+
+def judge_by_feature(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | int | None]]:
+    """Where the judge is right and what the policy's samples look like, feature by feature.
+
+    ``judge_feature_accuracy[f]``: of the labelled pairs whose two answers differ in feature ``f``, the
+    share whose chosen answer is the better one in ``f`` (0.5 = the judge does not see ``f``; below 0.5 it
+    prefers the worse); ``sample_features[f]``: the mean of ``f`` over all judged answers (the policy)."""
+    labelled = [r for r in rows if not r["tie"]]
+    pairs = [(features(r["prompt"], r["chosen"]), features(r["prompt"], r["rejected"])) for r in labelled]
+    accuracy, differing = {}, {}
+    for name in FEATURES:
+        gaps = [c[name] - w[name] for c, w in pairs if c[name] != w[name]]
+        differing[name] = len(gaps)
+        accuracy[name] = sum(g > 0 for g in gaps) / len(gaps) if gaps else None
+    answers = [f for pair in pairs for f in pair]
+    means = {name: sum(f[name] for f in answers) / len(answers) if answers else None for name in FEATURES}
+    return {"judge_feature_accuracy": accuracy, "feature_pairs": differing, "sample_features": means}
 
 
 JUDGE_KEYS = ("self_label_accuracy", "noise_rate", "oracle_decided_pairs", "judge_shorter_wins",
@@ -200,6 +221,24 @@ def arms_section(arms: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def feature_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Per iteration and oracle feature: the judge's accuracy on pairs that differ in it, and the samples' mean."""
+    judged = [r for r in rows if r.get("judge_feature_accuracy")]
+    if not judged:
+        return []
+    lines = ["### The judge on each oracle feature", "",
+             "Judge: of the labelled pairs whose answers differ in the feature, the share whose chosen answer is "
+             "the better one (0.5: the judge does not see it; below 0.5: it prefers the worse). Samples: the "
+             "feature's mean over the judged answers of pi_{t-1}.", "",
+             "| iteration | " + " | ".join(f"{f}: judge / samples" for f in FEATURES) + " |",
+             "|---" * (len(FEATURES) + 1) + "|"]
+    for r in judged:
+        cells = [f"{_fmt(r['judge_feature_accuracy'][f])} ({r['feature_pairs'][f]}) / {_fmt(r['sample_features'][f])}"
+                 for f in FEATURES]
+        lines.append(f"| {r['iteration']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def demo_section(rows: list[dict[str, Any]], plot_name: str, arms: dict[str, list[dict[str, Any]]] | None = None) -> str:
     lines = [
         "## Demo world (the oracle's view)", "",
@@ -211,7 +250,7 @@ def demo_section(rows: list[dict[str, Any]], plot_name: str, arms: dict[str, lis
         "extrapolated model of Eq. 12) find the labels the oracle calls wrong, after the denoising warm-up; "
         "flags no better than chance have a precision equal to the noise rate. SR/DND disagree: the share of "
         "samples that one detector flags and the other does not (near pi_ref the two agree to first order).", "",
-        "### SPA, round by round", "", *rounds_table(rows), "",
+        "### SPA, round by round", "", *rounds_table(rows), "", *feature_table(rows),
     ]
     if arms:
         lines += arms_section(arms) + [""]
