@@ -444,11 +444,14 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
     whole = part is None  # the whole set (judged at once or merged): its summary and diagnostics are written
     diagnostics = [layout.judge_summary(t)] + ([layout.oracle_verdicts(t)] if cfg.judge.oracle else [])
 
-    def finish(summary: dict[str, Any]) -> dict[str, Any]:
+    def finish(length_penalty: float, run_info: dict[str, Any]) -> dict[str, Any]:
+        """Write ``judge_summary.json`` (numbers of the judgments alone: a merged set and the same set judged
+        at once write the same bytes) and return it with ``run_info`` (how it was run) for the manifest."""
+        summary = _summary(final) | {"length_penalty": length_penalty}
         if cfg.judge.oracle:
             summary |= oracle_summary(cfg, final, layout.oracle_verdicts(t))
         write_text_atomic(layout.judge_summary(t), json.dumps(summary, indent=2))
-        return summary
+        return summary | run_info
 
     if merge:
         parts = [shard_path(final, (i, merge)) for i in range(merge)]
@@ -457,7 +460,7 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
             for p in parts:
                 require(p, "a judge shard", f"spa judge --iteration {t} --shard i/{merge}")
             merge_parquet(parts, final, "judgments")
-            return finish(_summary(final) | {"shards": merge})
+            return finish(float(cfg.judge.length_penalty), {"shards": merge})  # 'auto' is refused when sharded
     else:
         def body() -> dict[str, Any]:
             stats: dict[str, int] = {}
@@ -468,10 +471,9 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
                      f"responses ({share:.1%}) were rescored with pi_{t-1}: their sampled ids are not the ids their "
                      "text renders to (special tokens dropped by decoding, a stop on EOS instead of the template's "
                      "end-of-turn token, or a non-canonical tokenization)")
-            summary = _summary(output) | {"length_penalty": a} | (
-                {"policy_logps_reused": stats["responses"] - stats["policy_rescored"],
-                 "policy_logps_rescored": stats["policy_rescored"]} if stats else {})
-            return finish(summary) if whole else summary
+            reuse = ({"policy_logps_reused": stats["responses"] - stats["policy_rescored"],
+                      "policy_logps_rescored": stats["policy_rescored"]} if stats else {})
+            return finish(a, reuse) if whole else _summary(output) | {"length_penalty": a} | reuse
 
     key = f"judge/{t}" if part is None else shard_key(f"judge/{t}", part)
     outputs = [output] + (diagnostics if whole else [])
