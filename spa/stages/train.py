@@ -366,8 +366,10 @@ def refinement_summary(cfg: SPAConfig, t: int) -> dict[str, Any]:
 
     layout = RunLayout(Path(cfg.run_dir))
     flags = pq.read_table(layout.refinement(t), columns=["prompt_id", "step", "z_sr", "z_dnd"]).to_pydict()
-    judged = pq.read_table(layout.judgments(t), columns=["prompt_id", "flipped"]).to_pydict()
-    flipped = dict(zip(judged["prompt_id"], judged["flipped"], strict=True))
+    # a judgments file written to the contract alone (ARTIFACTS) may lack our extra 'flipped' column
+    has_flips = "flipped" in pq.read_schema(layout.judgments(t)).names
+    judged = pq.read_table(layout.judgments(t), columns=["prompt_id", "flipped"] if has_flips else ["prompt_id"])
+    flipped = dict(zip(judged["prompt_id"].to_pylist(), judged["flipped"].to_pylist(), strict=True)) if has_flips else {}
     wrong = None
     if layout.oracle_verdicts(t).exists():
         v = pq.read_table(layout.oracle_verdicts(t)).to_pydict()
