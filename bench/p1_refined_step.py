@@ -31,8 +31,8 @@ def worker(vocab: int, seq: int, arm: str, steps: int) -> dict:
     import torch
     from transformers import LlamaForCausalLM, TrainingArguments
 
-    from spa.tiny import tiny_llama_config
-    from spa.training import RefinedDPOTrainer, RefineSettings
+    from spa.models.tiny import tiny_llama_config
+    from spa.training.trainer import RefinedDPOTrainer, RefineSettings
 
     torch.manual_seed(0)
     cfg = tiny_llama_config(vocab, hidden_size=256, layers=2, heads=4, max_positions=max(1024, seq), pad_token_id=0)

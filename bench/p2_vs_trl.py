@@ -71,8 +71,8 @@ class StepTimer:
 def run_ours(path: Path) -> dict:
     from transformers import TrainingArguments
 
-    from spa.rendering import load_tokenizer
-    from spa.training import PairCollator, PairDataset, RefinedDPOTrainer
+    from spa.models.rendering import load_tokenizer
+    from spa.training.trainer import PairCollator, PairDataset, RefinedDPOTrainer
 
     rows = data()
     tok = load_tokenizer(path)
@@ -93,7 +93,7 @@ def run_trl(path: Path) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from spa.rendering import load_tokenizer
+    from spa.models.rendering import load_tokenizer
 
     rows = data()
     conv = [{"prompt": [{"role": "user", "content": r["prompt"]}],
@@ -120,7 +120,7 @@ def main() -> None:
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
-    from spa.tiny import build_tiny_model
+    from spa.models.tiny import build_tiny_model
 
     WORK.mkdir(parents=True, exist_ok=True)
     if not (WORK / "model").exists():

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from spa.config import parse_config  # noqa: E402
 from spa.demo.run import WorldSizes, build_world, demo_config  # noqa: E402
-from spa.layout import RunLayout  # noqa: E402
+from spa.run.layout import RunLayout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPEATS = 3
@@ -50,7 +50,7 @@ def with_judge(cfg, **judge):
 
 def time_judge(cfg, responses: Path, out: Path) -> dict[str, float]:
     """Seconds for the whole judge pass, and for the scoring alone (models already loaded)."""
-    from spa.artifacts import iter_chunks
+    from spa.run.artifacts import iter_chunks
     from spa.stages.judge import Judges, judge_file
 
     stats: dict[str, int] = {}
@@ -66,7 +66,7 @@ def time_judge(cfg, responses: Path, out: Path) -> dict[str, float]:
 
 def compare(full: Path, reused: Path, responses: Path, tok) -> dict:
     """Label agreement of the reusing judge with full rescoring; every disagreement with its margins."""
-    from spa.rendering import response_ids
+    from spa.models.rendering import response_ids
 
     f, r = pq.read_table(full).to_pylist(), pq.read_table(reused).to_pylist()
     resp = pq.read_table(responses, columns=["responses", "finish_reasons", "token_ids"]).to_pylist()
@@ -94,7 +94,7 @@ def make_wide(world: Path, out: Path) -> tuple[Path, Path]:
     from transformers import LlamaForCausalLM
 
     from spa.demo.policy import world_tokenizer
-    from spa.tiny import tiny_llama_config
+    from spa.models.tiny import tiny_llama_config
 
     tok = world_tokenizer(extra_words=20_000)  # a real-sized vocabulary: specials are rarely sampled
     paths = []
@@ -115,7 +115,7 @@ def make_wide(world: Path, out: Path) -> tuple[Path, Path]:
 
 
 def setting(name: str, ns, world: Path) -> dict:
-    from spa.rendering import load_tokenizer
+    from spa.models.rendering import load_tokenizer
     from spa.stages import prepare, sample, train
 
     base = ns.out / name

@@ -4,7 +4,7 @@ forward+backward. Goal: >= 1.5x real (non-pad) tokens/s.
 
 Sequences: 192 prompt+response lengths drawn from a log-normal (median ~60 tokens, long tail; max 363 at seed 0),
 a Llama-shaped model (vocab 512, hidden 256, 2 layers), batch 16. Naive batches take the rows in
-their given order; bucketed ones come from ``spa.logprobs.length_sorted_batches``.
+their given order; bucketed ones come from ``spa.models.logprobs.length_sorted_batches``.
 
     python bench/p4_batching.py            # writes bench/results/p4_batching.json
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spa.logprobs import Encoded, collate, gather_logps, length_sorted_batches
-from spa.tiny import tiny_llama_config
+from spa.models.logprobs import Encoded, collate, gather_logps, length_sorted_batches
+from spa.models.tiny import tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 Goal: flat peak RSS (streamed, not loaded whole); also prepare's dedup throughput.
 
 Each measurement runs in a fresh process and reports its peak RSS (``ru_maxrss``):
-- ``reader``: ``spa.artifacts.iter_chunks`` over a ``responses.parquet`` of N prompts x 2 responses;
+- ``reader``: ``spa.run.artifacts.iter_chunks`` over a ``responses.parquet`` of N prompts x 2 responses;
 - ``prepare``: the prepare stage on a Parquet source of N synthetic preference pairs (1% duplicates);
 - ``judge``: the judge stage on N prompts with the tiny model (10K and 100K only: 1M would take hours on CPU).
 
@@ -63,7 +63,7 @@ def child(kind: str, n: int) -> dict:
 
     start = time.perf_counter()
     if kind == "reader":
-        from spa.artifacts import iter_chunks
+        from spa.run.artifacts import iter_chunks
 
         rows = sum(t.num_rows for _, t in iter_chunks(WORK / f"responses_{n}.parquet", "responses", 1024))
         assert rows == n
@@ -87,7 +87,7 @@ def child(kind: str, n: int) -> dict:
             res = prepare.run(cfg, echo=lambda _m: None)
             extra = {"rows_per_s": round(n / (time.perf_counter() - start)), "report": res.summary}
         else:
-            from spa.layout import RunLayout
+            from spa.run.layout import RunLayout
 
             prepare.run(cfg, echo=lambda _m: None)
             lay = RunLayout(cfg.run_dir)
@@ -110,7 +110,7 @@ def main() -> None:
     target = ROOT / "bench" / "results" / "p6_scale.json"
     WORK.mkdir(parents=True, exist_ok=True)
     if not (WORK / "tiny").exists():
-        from spa.tiny import build_tiny_model
+        from spa.models.tiny import build_tiny_model
 
         build_tiny_model(WORK / "tiny", seed=0)
     sizes = [10_000, 100_000, 1_000_000]

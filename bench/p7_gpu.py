@@ -7,9 +7,9 @@ The model is built from a config (no download): TinyLlama-1.1B's shape (hidden 2
 32 heads, 4 KV heads, vocabulary 32000), random weights (speed does not depend on them). Each part runs
 our own code path:
 
-- **judge scoring**: ``spa.logprobs.encoded_logps`` (length-sorted batches, what the judge stage runs)
+- **judge scoring**: ``spa.models.logprobs.encoded_logps`` (length-sorted batches, what the judge stage runs)
   on the bf16 model; forward FLOPs per token ``2N + 4 * layers * hidden * seq`` (PaLM's accounting).
-- **training step**: ``spa.training.RefinedDPOTrainer`` with SR + DND (lambda 1/2) under
+- **training step**: ``spa.training.trainer.RefinedDPOTrainer`` with SR + DND (lambda 1/2) under
   ``Trainer.train`` exactly as ``spa train`` sets it up on a GPU: fp32 policy with bf16 autocast, bf16
   reference, AdamW, one optimiser step = 32 pairs (micro-batch 8, accumulation 4). FLOPs per token of
   a pair sequence: policy forward + backward ``6N + 12 * layers * hidden * seq``, reference forward
@@ -102,7 +102,7 @@ def random_pairs(n: int, prompt_len: int, response_len: int, vocab: int, seed: i
     """``n`` Encoded sequences: prompt of ``prompt_len``, response of 50-100% of ``response_len`` tokens."""
     import torch
 
-    from spa.logprobs import Encoded
+    from spa.models.logprobs import Encoded
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -123,7 +123,7 @@ def sync(device: str) -> None:
 def measure_scoring(shape, device, dtype, n, prompt_len, response_len, batch) -> dict:
     import torch
 
-    from spa.logprobs import encoded_logps
+    from spa.models.logprobs import encoded_logps
 
     model = build_model(shape, device, dtype)
     warm = random_pairs(batch, prompt_len, response_len, shape[5], seed=1)
@@ -148,7 +148,7 @@ def measure_training(shape, device, n_steps, warm_steps, prompt_len, response_le
     from torch.utils.data import Dataset
     from transformers import TrainerCallback, TrainingArguments
 
-    from spa.training import PairCollator, RefinedDPOTrainer, RefineSettings, disable_dropout
+    from spa.training.trainer import PairCollator, RefinedDPOTrainer, RefineSettings, disable_dropout
 
     cuda = device.startswith("cuda")
     pairs = (warm_steps + n_steps) * micro * accum

@@ -34,7 +34,7 @@ def _text(rng: random.Random, lo: int, hi: int) -> str:
 
 
 def build(root: Path, pairs: int, hidden: int, layers: int) -> Path:
-    from spa.tiny import build_tiny_model
+    from spa.models.tiny import build_tiny_model
 
     model = build_tiny_model(root / "pi_init", hidden_size=hidden, layers=layers, heads=max(2, hidden // 64), seed=0)
     rng = random.Random(0)
@@ -106,7 +106,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from spa.models import load_causal_lm
+    from spa.models.loading import load_causal_lm
 
     params = sum(p.numel() for p in load_causal_lm(model, "float32", "cpu").parameters())
     out = {

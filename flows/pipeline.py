@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.futures import wait
 
 from spa.config import load_config
-from spa.runlock import RunLock
+from spa.run.runlock import RunLock
 from spa_tasks import stage_tasks as stages
 
 

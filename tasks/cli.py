@@ -39,10 +39,10 @@ def _load(config: Path, overrides: list[str] | None):
 
 def _run(fn, config: Path, overrides: list[str] | None, *args, **kwargs) -> None:
     """Load the config, run a stage, and turn bad input into one clear line and exit code 2."""
-    from spa.annotators import AnnotatorError
-    from spa.artifacts import ArtifactError
     from spa.config import ConfigError
     from spa.errors import BackendUnavailable, ModelLoadError, RenderingError, SequenceTooLongError
+    from spa.evaluation.annotators import AnnotatorError
+    from spa.run.artifacts import ArtifactError
     from spa.stages.runner import StageInputError
 
     bad_input = (ConfigError, ArtifactError, StageInputError, ModelLoadError, RenderingError, SequenceTooLongError,
@@ -131,7 +131,7 @@ def run_pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False,
                  shards: int = typer.Option(1, min=1, help="split sample and judge into N shards mapped over the task runner"),
                  ray_address: str = typer.Option(None, help="run tasks on a Ray cluster ('auto', 'ray://host:10001'); needs prefect-ray")) -> None:
     """Run the whole SPA pipeline as a Prefect flow (embedded API unless PREFECT_API_URL is set)."""
-    from spa.runlock import RunLocked
+    from spa.run.runlock import RunLocked
     from spa_flows.pipeline import pipeline_with_runner
 
     try:
@@ -145,7 +145,7 @@ def run_pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False,
 def expand(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),
            incoming: Path = typer.Option(None, help="folder of new prompt batches (default <run_dir>/incoming)")) -> None:
     """Run one more iteration per new prompt batch in the incoming folder, from the newest model."""
-    from spa.runlock import RunLocked
+    from spa.run.runlock import RunLocked
     from spa_flows.expand import expand as expand_flow
 
     try:
@@ -177,7 +177,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the world and t
 
     started = time.time()
     sizes = SMALL if small else WorldSizes()
-    from spa.smollm2 import SmolLM2Unavailable
+    from spa.models.smollm2 import SmolLM2Unavailable
 
     try:
         world = build_world(out / "world", seed=seed, sizes=sizes, echo=typer.echo, preset=preset)
@@ -220,7 +220,7 @@ def plan_command(
 ) -> None:
     """Print the resolved rounds (models, references, prompts, judge, loss, schedule) and what a rerun would
     redo, before any heavy work. Loads no model."""
-    from spa.plan import format_plan, plan, plan_as_dict
+    from spa.run.plan import format_plan, plan, plan_as_dict
 
     try:
         cfg = _load(config, overrides)
@@ -237,7 +237,7 @@ def tiny_model(
     seed: int = typer.Option(0, help="initialisation seed"),
 ) -> None:
     """Build a tiny random Llama with a locally trained tokenizer and chat template (offline)."""
-    from spa.tiny import build_tiny_model
+    from spa.models.tiny import build_tiny_model
 
     typer.echo(f"wrote {build_tiny_model(out_dir, seed=seed)}")
 

@@ -113,7 +113,7 @@ def run_command(cmd: list[str]) -> None:
 def stage_record(config: str, key: str) -> dict[str, Any]:
     """The small result a task passes on: the stage key and its outputs' content hashes."""
     from spa.config import load_config
-    from spa.layout import RunLayout
+    from spa.run.layout import RunLayout
 
     run = RunLayout(Path(load_config(config).run_dir))
     entry = json.loads(run.manifest.read_text())["stages"][key]
@@ -175,6 +175,6 @@ def evaluate(config: str, t: int) -> dict[str, Any]:
 def report(config: str) -> str:
     run_command(stage_command("report", config))
     from spa.config import load_config
-    from spa.layout import RunLayout
+    from spa.run.layout import RunLayout
 
     return str(RunLayout(Path(load_config(config).run_dir)).report)

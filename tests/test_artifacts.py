@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spa.artifacts import (
+from spa.run.artifacts import (
     ArtifactError,
     atomic_path,
     file_sha256,

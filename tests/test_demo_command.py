@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spa.artifacts import read_table
+from spa.run.artifacts import read_table
 
 SPA = str(Path(sys.executable).parent / "spa")
 

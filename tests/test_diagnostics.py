@@ -1,15 +1,15 @@
-"""Label and refinement diagnostics (spa/diagnostics.py) against hand-counted values."""
+"""Label and refinement diagnostics (spa/judges/diagnostics.py) against hand-counted values."""
 
 import pytest
 import torch
 
-from spa.diagnostics import (
+from spa.judges.diagnostics import (
     flag_precision,
     judge_length_preference,
     oracle_label_quality,
     refinement_diagnostics,
 )
-from spa.judge import auto_length_penalty, select_pairs
+from spa.judges.implicit_reward import auto_length_penalty, select_pairs
 
 
 def test_judge_shorter_wins_counts_only_unequal_pairs():

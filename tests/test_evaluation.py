@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_config
 
-from spa.eval_sets import ALPACA_EVAL, EvalSet, load_eval_set, load_mt_bench
-from spa.evaluation import MisalignedOutputs, check_aligned
-from spa.layout import RunLayout
-from spa.length_control import OFFLINE, lc_win_rate
+from spa.evaluation.eval_sets import ALPACA_EVAL, EvalSet, load_eval_set, load_mt_bench
+from spa.evaluation.length_control import OFFLINE, lc_win_rate
+from spa.evaluation.scoring import MisalignedOutputs, check_aligned
+from spa.run.layout import RunLayout
 from spa.stages import evaluate, prepare
 
 SECRET = "sk-test-never-in-a-file-4f1c"
@@ -210,7 +210,7 @@ def test_api_annotator_through_a_local_openai_compatible_server(tmp_path, tiny_m
             assert SECRET.encode() not in path.read_bytes(), path
     # alpaca-eval's own entry point accepts our model_outputs.json against the same reference file
     client_config = tmp_path / "client.yaml"
-    client_config.write_text(f"default:\n  - client_class: spa.annotators.EnvKeyOpenAI\n"
+    client_config.write_text(f"default:\n  - client_class: spa.evaluation.annotators.EnvKeyOpenAI\n"
                              f"    api_key_env: JUDGE_KEY\n    base_url: {judge_server}\n")
     leaderboard, annotations = alpaca_evaluate(
         model_outputs=str(lay.iteration(0) / "model_outputs.json"), reference_outputs=str(ref),

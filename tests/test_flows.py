@@ -13,9 +13,9 @@ import yaml
 from conftest import _output_hashes
 from conftest import flow_config as _config
 
-from spa.artifacts import read_table
-from spa.layout import RunLayout
-from spa.runlock import RunLock, RunLocked
+from spa.run.artifacts import read_table
+from spa.run.layout import RunLayout
+from spa.run.runlock import RunLock, RunLocked
 
 SPA = str(Path(sys.executable).parent / "spa")
 
@@ -87,7 +87,7 @@ def test_sharded_judge_on_ray_equals_single_shard(full_run, tmp_path):
     pytest.importorskip("prefect_ray")
     import shutil
 
-    from spa.manifest import Manifest
+    from spa.run.manifest import Manifest
 
     cfg_ref, ref_path, _ = full_run
     run = tmp_path / "ray"

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from spa.judge import assign_labels, implicit_preference, implicit_reward
+from spa.judges.implicit_reward import assign_labels, implicit_preference, implicit_reward
 
 
 def sig(x):

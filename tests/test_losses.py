@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from spa.logprobs import gather_logps
-from spa.losses import (
+from spa.models.logprobs import gather_logps
+from spa.training.losses import (
     RefinementWindow,
     dnd_lambda,
     dpo_margin,

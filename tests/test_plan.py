@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import tiny_config
 
 from spa.config import parse_config
-from spa.plan import format_plan, plan
+from spa.run.plan import format_plan, plan
 from spa.stages import prepare
 
 

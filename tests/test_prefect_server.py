@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from spa.artifacts import read_table
-from spa.layout import RunLayout
+from spa.run.artifacts import read_table
+from spa.run.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_config
 
-from spa.artifacts import read_table
-from spa.layout import RunLayout
+from spa.run.artifacts import read_table
+from spa.run.layout import RunLayout
 from spa.stages import prepare
 from spa.stages.prepare import normalise_prompt, prompt_hash
 from spa.stages.runner import StageInputError

@@ -2,9 +2,15 @@ import pytest
 import torch
 from conftest import copy_without_chat_template
 
-from spa.logprobs import SequenceTooLongError, collate, encode_pair, length_sorted_batches, sequence_logps
-from spa.models import ModelLoadError, load_causal_lm
-from spa.rendering import RenderingError, eot_id, load_tokenizer, prompt_ids, response_ids
+from spa.models.loading import ModelLoadError, load_causal_lm
+from spa.models.logprobs import (
+    SequenceTooLongError,
+    collate,
+    encode_pair,
+    length_sorted_batches,
+    sequence_logps,
+)
+from spa.models.rendering import RenderingError, eot_id, load_tokenizer, prompt_ids, response_ids
 
 
 @pytest.fixture(scope="module")

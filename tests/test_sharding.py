@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_config
 
-from spa.artifacts import file_sha256, iter_chunks, read_table
-from spa.layout import RunLayout
-from spa.sharding import parse_shard, shard_bounds, shard_path
+from spa.run.artifacts import file_sha256, iter_chunks, read_table
+from spa.run.layout import RunLayout
+from spa.run.sharding import parse_shard, shard_bounds, shard_path
 from spa.stages import judge, prepare, sample
 
 

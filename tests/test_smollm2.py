@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from spa.artifacts import read_table
-from spa.layout import RunLayout
+from spa.run.artifacts import read_table
+from spa.run.layout import RunLayout
 
 
 def _available() -> bool:
-    from spa.smollm2 import SmolLM2Unavailable, gguf_path
+    from spa.models.smollm2 import SmolLM2Unavailable, gguf_path
 
     try:
         gguf_path()
@@ -27,9 +27,9 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_materialized_smollm2_is_a_safe_model_dir_with_its_chat_template(tmp_path):
-    from spa.models import load_causal_lm
-    from spa.rendering import eot_id, load_tokenizer, prompt_ids
-    from spa.smollm2 import materialize
+    from spa.models.loading import load_causal_lm
+    from spa.models.rendering import eot_id, load_tokenizer, prompt_ids
+    from spa.models.smollm2 import materialize
 
     out = materialize(tmp_path / "smol")
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))

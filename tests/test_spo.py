@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from spa.layout import RunLayout
-from spa.rake import key_phrase_token_spans, key_phrases
-from spa.spo import RemovalHead, aux_loss, draw_removals
+from spa.run.layout import RunLayout
+from spa.training.rake import key_phrase_token_spans, key_phrases
+from spa.training.spo import RemovalHead, aux_loss, draw_removals
 
 # RAKE's worked example (Rose et al. 2010, Fig. 1.1-1.3), first two sentences
 ABSTRACT = ("Compatibility of systems of linear constraints over the set of natural numbers. Criteria of "
@@ -26,7 +26,7 @@ def test_rake_scores_the_papers_example():
 
 
 def test_key_phrase_token_spans_cover_the_phrases(tiny_model_dir):
-    from spa.rendering import load_tokenizer
+    from spa.models.rendering import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     text = "Red apples and green pears grow in the orchard near the river."

@@ -12,10 +12,10 @@ import torch
 import yaml
 from conftest import copy_without_chat_template, dense_logp_of_ids, tiny_config
 
-from spa.artifacts import read_table
-from spa.layout import RunLayout
-from spa.models import load_causal_lm
-from spa.rendering import load_tokenizer, prompt_ids, response_ids
+from spa.models.loading import load_causal_lm
+from spa.models.rendering import load_tokenizer, prompt_ids, response_ids
+from spa.run.artifacts import read_table
+from spa.run.layout import RunLayout
 
 SPA = str(Path(sys.executable).parent / "spa")
 
@@ -212,7 +212,7 @@ def test_sampler_records_raw_logps_of_the_sampled_ids(chained):
 
 
 def test_a_finished_sample_keeps_its_stop_token_and_its_log_prob():
-    from spa.sampling import _samples
+    from spa.models.sampling import _samples
 
     class Tok:
         def decode(self, ids, skip_special_tokens=True):

@@ -12,9 +12,9 @@ import torch
 import yaml
 from conftest import tiny_config
 
-from spa.artifacts import read_table
-from spa.layout import RunLayout
-from spa.models import load_causal_lm
+from spa.models.loading import load_causal_lm
+from spa.run.artifacts import read_table
+from spa.run.layout import RunLayout
 from spa.stages import prepare, train
 
 SPA = str(Path(sys.executable).parent / "spa")
@@ -71,7 +71,7 @@ def test_refinement_window_under_two_processes_matches_one(tmp_path, tiny_model_
 def _fake_judgments(lay):
     import pyarrow as pa
 
-    from spa.artifacts import write_table
+    from spa.run.artifacts import write_table
 
     seed = read_table(lay.seed, "seed")
     n = seed.num_rows
@@ -131,8 +131,8 @@ def test_group_by_length_puts_similar_lengths_in_a_micro_batch(tmp_path, tiny_mo
     stage trains as usual; off by default (Trainer's random order)."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from spa.rendering import load_tokenizer
-    from spa.training import PairDataset, RefinedDPOTrainer
+    from spa.models.rendering import load_tokenizer
+    from spa.training.trainer import PairDataset, RefinedDPOTrainer
 
     cfg, log = _seed_run(tmp_path, "grouped", tiny_model_dir, prefs_file, group_by_length=True)
     assert len(log) > 0 and log[-1]["loss"] < log[0]["loss"] + 0.05
@@ -162,12 +162,12 @@ def test_reference_logps_computed_once_and_no_reference_model_loaded(tmp_path, t
     online reference to float noise."""
     from conftest import dense_logp_of_ids
 
-    import spa.models
-    from spa.rendering import load_tokenizer, prompt_ids, response_ids
+    import spa.models.loading
+    from spa.models.rendering import load_tokenizer, prompt_ids, response_ids
 
     loads = []
-    real = spa.models.load_causal_lm
-    monkeypatch.setattr(spa.models, "load_causal_lm", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    real = spa.models.loading.load_causal_lm
+    monkeypatch.setattr(spa.models.loading, "load_causal_lm", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     cfg, pre = _seed_run(tmp_path, "pre", tiny_model_dir, prefs_file, seed_epochs=2)
     assert len(loads) == 1  # the policy only
     _, online = _seed_run(tmp_path, "online", tiny_model_dir, prefs_file, seed_epochs=2, precompute_reference=False)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from spa.judge import auto_length_penalty, select_pairs
-from spa.losses import dro_dpo_loss, dro_weights, refined_dpo_loss, rpo_loss
+from spa.judges.implicit_reward import auto_length_penalty, select_pairs
+from spa.training.losses import dro_dpo_loss, dro_weights, refined_dpo_loss, rpo_loss
 
 
 def _logsig(x: float) -> float:

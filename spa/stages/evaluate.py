@@ -3,10 +3,10 @@
 - Outputs for the evaluation set (default: the 805 AlpacaEval 2.0 instructions) in alpaca-eval's
   ``model_outputs.json`` format and as ``eval.parquet``; annotated against the reference outputs
   by the configured annotator; win rate and length-controlled win rate by alpaca-eval's code
-  (``spa.evaluation``).
+  (``spa.evaluation.scoring``).
 - Gold agreement: the share of held-out gold pairs where ``pi_t``'s implicit reward against
   ``pi_init`` (Eq. 4) prefers the gold ``chosen``.
-- MT-Bench (optional): two-turn answers and single-answer grades (``spa.mt_bench``).
+- MT-Bench (optional): two-turn answers and single-answer grades (``spa.evaluation.mt_bench``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from spa.artifacts import read_table, write_table, write_text_atomic
 from spa.config import SPAConfig
-from spa.layout import RunLayout, model_dir
+from spa.run.artifacts import read_table, write_table, write_text_atomic
+from spa.run.layout import RunLayout, model_dir
 from spa.stages.runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "evaluate", "judge"]
@@ -30,10 +30,10 @@ def gold_agreement(cfg: SPAConfig, t: int, heldout: pa.Table) -> float:
     """Share of gold pairs with ``r_t(chosen) > r_t(rejected)``, ``r`` against ``pi_init``."""
     import torch
 
-    from spa.judge import implicit_reward
-    from spa.logprobs import sequence_logps
-    from spa.models import load_causal_lm
-    from spa.rendering import load_tokenizer
+    from spa.judges.implicit_reward import implicit_reward
+    from spa.models.loading import load_causal_lm
+    from spa.models.logprobs import sequence_logps
+    from spa.models.rendering import load_tokenizer
 
     trc, dtype = cfg.model.trust_remote_code, cfg.model.dtype
     tok = load_tokenizer(model_dir(cfg, t), trc)
@@ -52,7 +52,7 @@ def gold_agreement(cfg: SPAConfig, t: int, heldout: pa.Table) -> float:
 
 
 def _endpoint(cfg: SPAConfig):
-    from spa.annotators import Endpoint
+    from spa.evaluation.annotators import Endpoint
 
     ep = cfg.evaluate.judge_endpoint
     return Endpoint(ep.base_url, ep.model, ep.api_key_env) if ep is not None else None
@@ -60,7 +60,7 @@ def _endpoint(cfg: SPAConfig):
 
 def _eval_set(cfg: SPAConfig, heldout: pa.Table):
     """The instructions to answer and the reference set (``None`` for the held-out prompts)."""
-    from spa.eval_sets import HELDOUT, load_eval_set
+    from spa.evaluation.eval_sets import HELDOUT, load_eval_set
 
     if cfg.evaluate.eval_set == HELDOUT:
         return heldout.column("prompt").to_pylist()[: cfg.evaluate.max_prompts], None
@@ -70,9 +70,9 @@ def _eval_set(cfg: SPAConfig, heldout: pa.Table):
 
 def _mt_bench(cfg: SPAConfig, t: int, sampler, layout: RunLayout, echo) -> dict[str, Any]:
     """Two-turn answers to the MT-Bench questions and, with a judge, their 1-10 grades."""
-    from spa.annotators import AnnotatorUnavailable
-    from spa.eval_sets import load_mt_bench
-    from spa.mt_bench import make_judge
+    from spa.evaluation.annotators import AnnotatorUnavailable
+    from spa.evaluation.eval_sets import load_mt_bench
+    from spa.evaluation.mt_bench import make_judge
 
     mc = cfg.evaluate.mt_bench
     questions = load_mt_bench(mc.questions)
@@ -128,8 +128,8 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
         outputs.append(layout.iteration(t) / "mt_bench.parquet")
 
     def body() -> dict[str, Any]:
-        from spa.evaluation import score_outputs
-        from spa.sampling import SamplingSpec, make_sampler, vllm_available
+        from spa.evaluation.scoring import score_outputs
+        from spa.models.sampling import SamplingSpec, make_sampler, vllm_available
 
         ec = cfg.evaluate
         heldout = read_table(heldout_path, "heldout")

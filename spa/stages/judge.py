@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from spa.artifacts import (
+from spa.config import SPAConfig
+from spa.run.artifacts import (
     atomic_path,
     conform,
     iter_chunks,
@@ -31,10 +32,9 @@ from spa.artifacts import (
     write_table,
     write_text_atomic,
 )
-from spa.config import SPAConfig
-from spa.layout import RunLayout, model_dir
+from spa.run.layout import RunLayout, model_dir
+from spa.run.sharding import parse_shard, shard_bounds, shard_key, shard_path
 from spa.schemas import JUDGMENTS
-from spa.sharding import parse_shard, shard_bounds, shard_key, shard_path
 from spa.stages.runner import StageInputError, StageResult, require, run_stage
 
 SECTIONS = ["model", "judge"]
@@ -137,8 +137,8 @@ class Judges:
     external reward model, or an LLM judge (VARIANTS.md 6)."""
 
     def __init__(self, cfg: SPAConfig, t: int):
-        from spa.models import load_causal_lm
-        from spa.rendering import load_tokenizer
+        from spa.models.loading import load_causal_lm
+        from spa.models.rendering import load_tokenizer
 
         dtype, trc = cfg.model.dtype, cfg.model.trust_remote_code
         self.cfg, self.t = cfg, t
@@ -154,7 +154,7 @@ class Judges:
             ref_dir = reference_dir(cfg, t)
             self.ref = load_causal_lm(ref_dir, dtype, trust_remote_code=trc) if ref_dir is not None else None
         elif cfg.judge.type == "external_rm":
-            from spa.reward_model import load_reward_model
+            from spa.judges.reward_model import load_reward_model
 
             self.rm, self.rm_tok = load_reward_model(cfg.judge.reward_model, dtype, trc)
         else:
@@ -164,7 +164,7 @@ class Judges:
     @property
     def dtype(self) -> str:
         """The precision the judge's models compute in (what recorded sampling log-probs must match)."""
-        from spa.models import default_device, resolve_dtype
+        from spa.models.loading import default_device, resolve_dtype
 
         model = self.ref if self.ref is not None else self.policy
         dtype = next(model.parameters()).dtype if model is not None else resolve_dtype(self.cfg.model.dtype,
@@ -181,7 +181,7 @@ class Judges:
 
     def score(self, prompts: list[str], cands: list[list[str]], fins: list[list[bool]],
               sampled: Sampled | None = None) -> Scores:
-        from spa.logprobs import sequence_logps
+        from spa.models.logprobs import sequence_logps
 
         cfg = self.cfg
         n, k = len(prompts), len(cands[0]) if cands else 2
@@ -201,11 +201,11 @@ class Judges:
             return Scores(reward.reshape(n, k), pol.reshape(n, k), ref.reshape(n, k), lens.reshape(n, k))
         lens = np.array([len(self.tok(y, add_special_tokens=False)["input_ids"]) for y in flat_y], np.int32)
         if self.rm is not None:
-            from spa.reward_model import reward_scores
+            from spa.judges.reward_model import reward_scores
 
             reward = reward_scores(self.rm, self.rm_tok, flat_p, flat_y, bs, ml)
             return Scores(reward.reshape(n, k), nan.reshape(n, k), nan.reshape(n, k), lens.reshape(n, k))
-        from spa.llm_judge import pairwise_preference
+        from spa.judges.llm import pairwise_preference
 
         p1 = pairwise_preference(self.llm, self.llm_tok, prompts, [c[0] for c in cands], [c[1] for c in cands],
                                  bs, ml)
@@ -216,8 +216,8 @@ class Judges:
         """Eq. 7 with log pi_{t-1} taken from sampling wherever the sampled ids are exactly the ids the rendering
         path gives the response text (the ids every later stage uses); the other responses are rescored with
         pi_{t-1} (loaded on first need). The reference always scores the rendered ids, as in full rescoring."""
-        from spa.logprobs import encode_pair, encoded_logps
-        from spa.models import load_causal_lm
+        from spa.models.loading import load_causal_lm
+        from spa.models.logprobs import encode_pair, encoded_logps
 
         cfg = self.cfg
         encoded = [encode_pair(self.tok, p, y, f, cfg.model.max_length, row=i // k)
@@ -272,7 +272,7 @@ def label_rows(rows: pa.Table, scores: Scores, cands: list[list[str]], fins: lis
     """Eq. 7-8 (or best-vs-worst selection) on scored candidates -> judgments rows."""
     import torch
 
-    from spa.judge import select_pairs
+    from spa.judges.implicit_reward import select_pairs
 
     n = len(cands)
     a = length_penalty
@@ -346,13 +346,13 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
     """Stream (a chunk-aligned shard of) ``responses`` through the judge into ``out`` (atomic).
 
     With ``judge.length_penalty: auto`` a first pass scores every chunk and keeps only the numbers
-    (no texts), the penalty is solved on all of them (:func:`spa.judge.auto_length_penalty`), and a
+    (no texts), the penalty is solved on all of them (:func:`spa.judges.implicit_reward.auto_length_penalty`), and a
     second pass labels. Returns the length penalty used.
     """
     import torch
     from tqdm.auto import tqdm
 
-    from spa.judge import auto_length_penalty
+    from spa.judges.implicit_reward import auto_length_penalty
 
     start, stop = shard_bounds(num_rows(responses), shard, cfg.judge.chunk_rows)
     auto = cfg.judge.length_penalty == "auto"
@@ -388,7 +388,7 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
 
 def _summary(path: Path) -> dict[str, Any]:
     """Counts over the written judgments, reading only their small columns (never the texts: bench P6)."""
-    from spa.diagnostics import judge_length_preference
+    from spa.judges.diagnostics import judge_length_preference
 
     names = set(pq.read_schema(path).names)
     cols = [c for c in ("chosen_finished", "rejected_finished", "p_chosen", "tie", "dropped", "flipped",
@@ -416,8 +416,8 @@ def oracle_summary(cfg: SPAConfig, judgments: Path, out: Path) -> dict[str, Any]
     """With ``judge.oracle``: its verdict on every label (written to ``out``) and what they say of the judge.
 
     Diagnostics only: the verdicts never reach training. Ties are left out (they are not trained on)."""
-    from spa.annotators import annotate, load_annotator
-    from spa.diagnostics import oracle_label_quality
+    from spa.evaluation.annotators import annotate, load_annotator
+    from spa.judges.diagnostics import oracle_label_quality
 
     table = pq.read_table(judgments, columns=["prompt_id", "prompt", "chosen", "rejected", "tie",
                                               "chosen_tokens", "rejected_tokens"])

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spa.artifacts import atomic_path, conform, write_table
 from spa.config import SPAConfig
-from spa.layout import RunLayout
+from spa.run.artifacts import atomic_path, conform, write_table
+from spa.run.layout import RunLayout
 from spa.stages.runner import StageInputError, StageResult, run_stage
 
 SECTIONS = ["data", "iterations"]  # config this stage's resume key covers

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from spa.artifacts import write_text_atomic
 from spa.config import SPAConfig
-from spa.layout import RunLayout
-from spa.manifest import Manifest
+from spa.run.artifacts import write_text_atomic
+from spa.run.layout import RunLayout
+from spa.run.manifest import Manifest
 
 
 def _fmt(value, digits=3) -> str:
@@ -61,7 +61,7 @@ DIAGNOSTICS = [  # (stage, key, header)
 
 
 def diagnostics_table(stages: dict, iterations: int) -> list[str]:
-    """What the labels and the refinement flags are worth, per iteration (``spa.diagnostics``); columns
+    """What the labels and the refinement flags are worth, per iteration (``spa.judges.diagnostics``); columns
     that no iteration has (no oracle, no flips, SR off) are left out."""
     rows = [(t, stages.get(f"judge/{t}", {}).get("summary", {}), stages.get(f"train/{t}", {}).get("summary", {}))
             for t in range(1, iterations + 1)]

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from spa.config import SPAConfig, save_resolved
-from spa.layout import RunLayout
-from spa.manifest import Manifest, hash_inputs, is_up_to_date, make_entry, stage_key
+from spa.run.layout import RunLayout
+from spa.run.manifest import Manifest, hash_inputs, is_up_to_date, make_entry, stage_key
 
 
 class StageInputError(ValueError):

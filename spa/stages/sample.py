@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from spa.artifacts import atomic_path, iter_chunks, merge_parquet, num_rows, read_table
 from spa.config import SPAConfig, load_config
-from spa.layout import RunLayout, model_dir
+from spa.run.artifacts import atomic_path, iter_chunks, merge_parquet, num_rows, read_table
+from spa.run.layout import RunLayout, model_dir
+from spa.run.sharding import parse_shard, shard_bounds, shard_key, shard_path
 from spa.schemas import RESPONSES
-from spa.sharding import parse_shard, shard_bounds, shard_key, shard_path
 from spa.stages.runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "sample"]
@@ -38,7 +38,7 @@ RESPONSES_SCHEMA = pa.schema(list(RESPONSES.schema) + [
 
 
 def spec_from(cfg: SPAConfig):
-    from spa.sampling import SamplingSpec
+    from spa.models.sampling import SamplingSpec
 
     s = cfg.sample
     return SamplingSpec(
@@ -51,7 +51,7 @@ def spec_from(cfg: SPAConfig):
 
 def sample_worker(cfg: SPAConfig, t: int, shard: tuple[int, int] | None = None) -> None:
     """Sample (a shard of) ``X_t`` with ``pi_{t-1}`` into ``responses.parquet`` (or its shard file)."""
-    from spa.sampling import choose_backend, make_sampler
+    from spa.models.sampling import choose_backend, make_sampler
 
     layout = RunLayout(Path(cfg.run_dir))
     prompts_path = layout.prompts(t)

@@ -23,10 +23,10 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from spa.artifacts import read_table, write_table
 from spa.config import SPAConfig, load_config
-from spa.layout import RunLayout, model_dir
-from spa.manifest import content_hash
+from spa.run.artifacts import read_table, write_table
+from spa.run.layout import RunLayout, model_dir
+from spa.run.manifest import content_hash
 from spa.stages.runner import StageResult, require, run_stage
 
 # torch, transformers and the trainer are imported inside the functions that train, so that a stage
@@ -60,7 +60,7 @@ def loss_kind(cfg: SPAConfig, t: int) -> str:
 def refine_settings(cfg: SPAConfig, t: int):
     if not refines(cfg, t):
         return None
-    from spa.training import RefineSettings
+    from spa.training.trainer import RefineSettings
 
     r = cfg.train.refinement
     return RefineSettings(r.alpha, r.k_percent, r.window, r.warmup_fraction, dnd_lambda_of(cfg, t))
@@ -68,13 +68,13 @@ def refine_settings(cfg: SPAConfig, t: int):
 
 def loss_settings(cfg: SPAConfig, t: int):
     """:func:`loss_kind` with its parameters, as the trainer takes them."""
-    from spa.training import LossSettings
+    from spa.training.trainer import LossSettings
 
     tc = cfg.train
     kind = loss_kind(cfg, t)
     spo = None
     if kind == "spo":
-        from spa.spo import SPOSettings
+        from spa.training.spo import SPOSettings
 
         spo = SPOSettings(tc.spo.n_classes, tc.spo.gamma, tc.spo.head_lr, tc.spo.width, tc.spo.draw)
     return LossSettings(kind, tc.rpo.tau, tc.dro.eps, tc.dro.xi_min, spo=spo, seed=tc.seed)
@@ -103,7 +103,7 @@ def _reference_logps(cfg: SPAConfig, t: int, run_key: str, policy, dataset, pad_
     import pyarrow.parquet as pq
     import torch
 
-    from spa.training import reference_logps
+    from spa.training.trainer import reference_logps
 
     path = RunLayout(Path(cfg.run_dir)).iteration(t) / REFERENCE_LOGPS
     key = f"{run_key}:{'bf16' if bf16 else 'fp32'}"
@@ -167,7 +167,7 @@ def build_training_set(cfg: SPAConfig, t: int) -> dict[str, Any]:
         replayed = want
     columns: dict[str, Any] = dict(pairs)
     if cfg.train.loss == "rpo":
-        from spa.embeddings import embed_texts
+        from spa.training.embeddings import embed_texts
 
         unique = sorted(set(pairs["prompt"]))
         emb = embed_texts(unique, cfg.train.rpo.embedding_model)
@@ -206,9 +206,9 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
     import torch
     from transformers import TrainingArguments
 
-    from spa.models import load_causal_lm
-    from spa.rendering import load_tokenizer
-    from spa.training import (
+    from spa.models.loading import load_causal_lm
+    from spa.models.rendering import load_tokenizer
+    from spa.training.trainer import (
         SPO_HEADS,
         STATE_FILE,
         PairCollator,
@@ -334,7 +334,7 @@ def _save_final(trainer, tok, target: Path, lora: bool) -> None:
 
 
 def _device_name() -> str:
-    from spa.models import default_device
+    from spa.models.loading import default_device
 
     return str(default_device())
 
@@ -362,7 +362,7 @@ def refinement_summary(cfg: SPAConfig, t: int) -> dict[str, Any]:
     precision on injected flips and (with ``judge.oracle``) on the labels the oracle calls wrong."""
     import pyarrow.parquet as pq
 
-    from spa.diagnostics import refinement_diagnostics
+    from spa.judges.diagnostics import refinement_diagnostics
 
     layout = RunLayout(Path(cfg.run_dir))
     flags = pq.read_table(layout.refinement(t), columns=["prompt_id", "step", "z_sr", "z_dnd"]).to_pydict()

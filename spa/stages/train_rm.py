@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from spa.artifacts import read_table
 from spa.config import SPAConfig
-from spa.layout import RunLayout
+from spa.run.artifacts import read_table
+from spa.run.layout import RunLayout
 from spa.stages.runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "judge"]
@@ -27,7 +27,7 @@ def run(cfg: SPAConfig, force: bool = False, echo=print, epochs: int = EPOCHS, l
     out = Path(cfg.judge.reward_model)
 
     def body() -> dict[str, Any]:
-        from spa.reward_model import train_reward_model
+        from spa.judges.reward_model import train_reward_model
 
         table = read_table(seed, "seed")
         return train_reward_model(

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from spa.config import SPAConfig
-from spa.layout import RunLayout
-from spa.manifest import Manifest, code_version, hash_inputs
+from spa.run.layout import RunLayout
+from spa.run.manifest import Manifest, code_version, hash_inputs
 
 
 def _stage_sections() -> dict[str, list[str]]:

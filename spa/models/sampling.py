@@ -2,7 +2,7 @@
 
 Every sampling parameter is passed explicitly and recorded; the model's
 ``generation_config.json`` never changes them (vllm#11953, vllm#15281). Prompts
-are rendered by :mod:`spa.rendering` and given to either backend as token ids,
+are rendered by :mod:`spa.models.rendering` and given to either backend as token ids,
 so both sample from exactly the same context.
 """
 
@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spa.errors import BackendUnavailable  # noqa: F401 - raised here, defined without torch for the CLI
-from spa.rendering import load_tokenizer, prompt_ids, stop_token_ids
+from spa.models.rendering import load_tokenizer, prompt_ids, stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class TransformersSampler:
     def __init__(self, model_dir: str | Path, spec: SamplingSpec):
         from transformers import GenerationConfig
 
-        from spa.models import load_causal_lm
+        from spa.models.loading import load_causal_lm
 
         self.spec = spec
         self.tok = load_tokenizer(model_dir, spec.trust_remote_code)

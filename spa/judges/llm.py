@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from spa.rendering import prompt_ids
+from spa.models.rendering import prompt_ids
 
 TEMPLATE = ("Consider the following conversation between a human and an assistant:\n"
             "Human: {prompt}\n\n"

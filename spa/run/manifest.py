@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from spa.artifacts import file_sha256, write_text_atomic
+from spa.run.artifacts import file_sha256, write_text_atomic
 
 _HASH_CACHE = ".spa_hashes.json"
 

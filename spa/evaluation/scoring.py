@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from spa.annotators import (
+from spa.evaluation.annotators import (
     AnnotatorUnavailable,
     Endpoint,
     annotate,
@@ -20,8 +20,8 @@ from spa.annotators import (
     load_annotator,
     win_rate,
 )
-from spa.eval_sets import ALPACA_EVAL, EvalSet
-from spa.length_control import lc_win_rate
+from spa.evaluation.eval_sets import ALPACA_EVAL, EvalSet
+from spa.evaluation.length_control import lc_win_rate
 
 
 class MisalignedOutputs(ValueError):

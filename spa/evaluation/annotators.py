@@ -153,7 +153,7 @@ def annotate_alpaca_eval(config: str, instructions: Sequence[str], reference: Se
         if endpoint is not None:
             client_config = Path(tmp) / "client_config.yaml"
             client_config.write_text(yaml.safe_dump({"default": [{
-                "client_class": "spa.annotators.EnvKeyOpenAI", "api_key_env": endpoint.api_key_env,
+                "client_class": "spa.evaluation.annotators.EnvKeyOpenAI", "api_key_env": endpoint.api_key_env,
                 "base_url": endpoint.base_url}]}))
             decoding["client_config_path"] = str(client_config)
         annotator = PairwiseAnnotator(annotators_config=str(path), caching_path=None, seed=seed,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from spa.artifacts import file_sha256, iter_batches, write_table, write_text_atomic
 from spa.config import SPAConfig
-from spa.layout import RunLayout
+from spa.run.artifacts import file_sha256, iter_batches, write_table, write_text_atomic
+from spa.run.layout import RunLayout
 from spa.stages.prepare import load_source, prompt_hash
 from spa.stages.runner import StageInputError
 
@@ -70,7 +70,7 @@ def incoming_batches(folder: Path) -> list[Path]:
 
 def plan_batch(cfg: SPAConfig, batch: Path) -> BatchPlan | None:
     """Claim ``batch`` for the next iteration and write its fresh prompts; None if it was used already."""
-    from spa.layout import model_dir
+    from spa.run.layout import model_dir
 
     layout = RunLayout(Path(cfg.run_dir))
     digest = file_sha256(batch)

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 
-from spa.logprobs import Encoded, collate, encode_pair, gather_logps
-from spa.losses import (
+from spa.models.logprobs import Encoded, collate, encode_pair, gather_logps
+from spa.training.losses import (
     RefinementWindow,
     dpo_margin,
     dro_dpo_loss,
@@ -31,7 +31,7 @@ from spa.losses import (
     refined_dpo_loss,
     rpo_loss,
 )
-from spa.spo import SPOHeads, SPOSettings, aux_loss, step_generator
+from spa.training.spo import SPOHeads, SPOSettings, aux_loss, step_generator
 
 log = logging.getLogger(__name__)
 STATE_FILE = "spa_state.json"
@@ -62,7 +62,7 @@ class LossSettings:
 
 
 class PairDataset(Dataset):
-    """Rendered (chosen, rejected) pairs; rendering goes through :mod:`spa.rendering`."""
+    """Rendered (chosen, rejected) pairs; rendering goes through :mod:`spa.models.rendering`."""
 
     def __init__(self, tok: PreTrainedTokenizerBase, prompts, chosen, rejected, max_length: int,
                  chosen_finished=None, rejected_finished=None, prompt_emb=None, key_phrases: bool = False):
@@ -70,7 +70,7 @@ class PairDataset(Dataset):
         self.prompt_emb = torch.as_tensor(prompt_emb, dtype=torch.float32) if prompt_emb is not None else None
         self.spans = None
         if key_phrases:  # SPO: RAKE key phrases as response-token indices, once per run (VARIANTS.md 1.3)
-            from spa.rake import key_phrase_token_spans
+            from spa.training.rake import key_phrase_token_spans
 
             def info(text: str) -> tuple[list[list[int]], int]:
                 return key_phrase_token_spans(tok, text), len(tok(text, add_special_tokens=False)["input_ids"])
@@ -143,7 +143,7 @@ def reference_logps(model: torch.nn.Module, pairs: list[tuple[Encoded, Encoded]]
     """
     from contextlib import nullcontext
 
-    from spa.logprobs import encoded_logps
+    from spa.models.logprobs import encoded_logps
 
     was_training = model.training
     model.eval()

@@ -21,8 +21,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from spa.annotators import AnnotatorUnavailable, Endpoint, load_annotator
-from spa.eval_sets import MTBenchQuestion, mt_bench_judge_prompts
+from spa.evaluation.annotators import AnnotatorUnavailable, Endpoint, load_annotator
+from spa.evaluation.eval_sets import MTBenchQuestion, mt_bench_judge_prompts
 
 NEED_REFERENCE = ("math", "reasoning", "coding")  # FastChat's NEED_REF_CATS
 _RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")

@@ -1,7 +1,7 @@
 """Summed response log-probabilities of (prompt, response) pairs.
 
 ``log pi(y|x) = sum_t log pi(y_t | x, y_<t)`` over response tokens only (SPA.md,
-Notation), rendered by :mod:`spa.rendering`. Pairs are scored in length-sorted
+Notation), rendered by :mod:`spa.models.rendering`. Pairs are scored in length-sorted
 batches (little padding) and returned in input order, with token counts.
 """
 
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from spa.errors import SequenceTooLongError  # noqa: F401 - raised here, defined without torch for the CLI
-from spa.rendering import prompt_ids, response_ids
+from spa.models.rendering import prompt_ids, response_ids
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class RunLayout:
         return self.iteration(t) / "judgments.parquet"
 
     def judge_summary(self, t: int) -> Path:
-        """The judge stage's counts and label diagnostics (``spa.diagnostics``)."""
+        """The judge stage's counts and label diagnostics (``spa.judges.diagnostics``)."""
         return self.iteration(t) / "judge_summary.json"
 
     def oracle_verdicts(self, t: int) -> Path:

@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from spa.logprobs import collate, encode_pair, length_sorted_batches
-from spa.models import ModelLoadError, default_device, resolve_dtype
+from spa.models.loading import ModelLoadError, default_device, resolve_dtype
+from spa.models.logprobs import collate, encode_pair, length_sorted_batches
 
 
 def load_reward_model(path: str | Path, dtype: str = "auto", trust_remote_code: bool = False):
     """``(model, tokenizer)`` from a local directory, safetensors only, in eval mode."""
     from transformers import AutoModelForSequenceClassification
 
-    from spa.rendering import load_tokenizer
+    from spa.models.rendering import load_tokenizer
 
     path = Path(path)
     if not path.is_dir():
@@ -78,7 +78,7 @@ def train_reward_model(base: str | Path, out: Path, prompts, chosen, rejected, e
 
     from transformers import AutoModelForSequenceClassification
 
-    from spa.rendering import load_tokenizer
+    from spa.models.rendering import load_tokenizer
 
     torch.manual_seed(seed)
     tok = load_tokenizer(base, trust_remote_code)
