@@ -8,9 +8,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from spa.config import load_config
-from spa.run.expansion import incoming_batches, mark_done, plan_batch
 from spa.run.layout import RunLayout
 from spa.run.runlock import RunLock
+from spa.stages.expansion import incoming_batches, mark_done, plan_batch
 from spa_tasks import stage_tasks as stages
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from spa.errors import ConfigError
 from spa.run.artifacts import write_text_atomic
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -313,9 +314,6 @@ class SPAConfig(_Section):
         payload = {name: dumped[name] for name in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
-
-class ConfigError(ValueError):
-    """The config file is unreadable or invalid; the message lists every problem."""
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SPAConfig:

@@ -1,4 +1,8 @@
-"""The ``spa`` command: one subcommand per stage, for running and debugging stages alone."""
+"""The ``spa`` command: the stage commands (``spa_tasks.stage_cli``) plus whole runs, the demo and tools.
+
+``spa run`` and ``spa expand`` start the Prefect flows; ``spa demo`` runs the flow on the offline
+demo world; ``spa plan`` and ``spa check-config`` read a config without loading a model.
+"""
 
 from __future__ import annotations
 
@@ -7,123 +11,16 @@ from pathlib import Path
 
 import typer
 
+from spa_tasks.stage_cli import SetOpt, load_with_overrides
+from spa_tasks.stage_cli import app as stage_app
+
 app = typer.Typer(
     name="spa",
     help="Spread Preference Annotation (Kim et al., ICLR 2025): iterative LLM alignment from a small seed.",
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-ConfigOpt = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="YAML config of the run")
-IterOpt = typer.Option(..., "--iteration", "-t", min=1, help="iteration t (1..T)")
-ForceOpt = typer.Option(False, "--force", help="rerun even if the manifest says the stage is up to date")
-ShardOpt = typer.Option(None, "--shard", help="do only chunk-aligned shard i of N: --shard i/N")
-MergeOpt = typer.Option(None, "--merge", min=1, help="merge N finished shards into the stage's artifact")
-SetOpt = typer.Option(None, "--set", "-s", help="override a config value: -s train.beta=0.05 (repeatable)")
-
-
-def _load(config: Path, overrides: list[str] | None):
-    import yaml
-
-    from spa.config import load_config
-
-    parsed = {}
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
-        parsed[key.strip()] = yaml.safe_load(value)
-    return load_config(config, parsed)
-
-
-def _run(fn, config: Path, overrides: list[str] | None, *args, **kwargs) -> None:
-    """Load the config, run a stage, and turn bad input into one clear line and exit code 2."""
-    from spa.config import ConfigError
-    from spa.errors import BackendUnavailable, ModelLoadError, RenderingError, SequenceTooLongError
-    from spa.evaluation.annotators import AnnotatorError
-    from spa.run.artifacts import ArtifactError
-    from spa.stages.runner import StageInputError
-
-    bad_input = (ConfigError, ArtifactError, StageInputError, ModelLoadError, RenderingError, SequenceTooLongError,
-                 BackendUnavailable, AnnotatorError)
-    try:
-        cfg = _load(config, overrides)
-        fn(cfg, *args, **kwargs, echo=typer.echo)
-    except bad_input as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-
-
-@app.command()
-def prepare(config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
-    """Split preference data into seed pairs, disjoint prompt sets and held-out gold pairs."""
-    from spa.stages import prepare as stage
-
-    _run(stage.run, config, overrides, force=force)
-
-
-@app.command()
-def seed(config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
-    """DPO of pi_init on the seed pairs -> iter_0/model (3 epochs by default)."""
-    from spa.stages import train as stage
-
-    _run(stage.run, config, overrides, 0, force=force)
-
-
-@app.command()
-def sample(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
-           overrides: list[str] = SetOpt, shard: str = ShardOpt, merge: int = MergeOpt) -> None:
-    """Sample n responses per prompt of X_t from pi_{t-1} -> iter_t/responses.parquet."""
-    from spa.stages import sample as stage
-
-    _run(stage.run, config, overrides, iteration, force=force, shard=shard, merge=merge)
-
-
-@app.command()
-def judge(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
-           overrides: list[str] = SetOpt, shard: str = ShardOpt, merge: int = MergeOpt) -> None:
-    """Label response pairs (implicit reward Eq. 7-8, or the configured judge variant) -> iter_t/judgments.parquet."""
-    from spa.stages import judge as stage
-
-    _run(stage.run, config, overrides, iteration, force=force, shard=shard, merge=merge)
-
-
-@app.command()
-def train(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
-          overrides: list[str] = SetOpt) -> None:
-    """Refined DPO (Eq. 9-12) from pi_{t-1} on the judged pairs -> iter_t/model, train_log.parquet."""
-    from spa.stages import train as stage
-
-    _run(stage.run, config, overrides, iteration, force=force)
-
-
-@app.command("train-rm")
-def train_rm(config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt,
-             epochs: int = typer.Option(3, min=1, help="passes over the seed pairs"),
-             lr: float = typer.Option(1e-4, help="AdamW learning rate")) -> None:
-    """Train a Bradley-Terry reward model on the seed pairs -> judge.reward_model (judge.type external_rm)."""
-    from spa.stages import train_rm as stage
-
-    _run(stage.run, config, overrides, force=force, epochs=epochs, lr=lr)
-
-
-@app.command()
-def evaluate(config: Path = ConfigOpt,
-             iteration: int = typer.Option(..., "--iteration", "-t", min=0, help="0 evaluates pi_0"),
-             force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
-    """Answer the eval set with pi_t, score it (win rate, LC win rate, MT-Bench), gold agreement -> iter_t/eval.*"""
-    from spa.stages import evaluate as stage
-
-    _run(stage.run, config, overrides, iteration, force=force)
-
-
-@app.command()
-def report(config: Path = ConfigOpt, overrides: list[str] = SetOpt) -> None:
-    """Write report.md with the per-iteration table."""
-    from spa.stages import report as stage
-
-    _run(stage.run, config, overrides)
+app.registered_commands.extend(stage_app.registered_commands)
 
 
 @app.command("run")
@@ -220,10 +117,10 @@ def plan_command(
 ) -> None:
     """Print the resolved rounds (models, references, prompts, judge, loss, schedule) and what a rerun would
     redo, before any heavy work. Loads no model."""
-    from spa.run.plan import format_plan, plan, plan_as_dict
+    from spa.stages.plan import format_plan, plan, plan_as_dict
 
     try:
-        cfg = _load(config, overrides)
+        cfg = load_with_overrides(config, overrides)
         rounds = plan(cfg)
     except ValueError as exc:  # ConfigError, a corrupt manifest
         typer.echo(f"error: {exc}", err=True)

@@ -36,7 +36,7 @@ def _worth_retrying(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's 
 
 
 def stage_command(stage: str, config: str, iteration: int | None = None, *extra: str) -> list[str]:
-    cmd = [sys.executable, "-m", "spa_tasks.cli", stage, "-c", str(config)]
+    cmd = [sys.executable, "-m", "spa_tasks.stage_cli", stage, "-c", str(config)]
     if iteration is not None:
         cmd += ["-t", str(iteration)]
     return cmd + list(extra)
@@ -58,7 +58,7 @@ def run_inline(cmd: list[str]) -> None:
     import click
     import typer
 
-    from spa_tasks.cli import app
+    from spa_tasks.stage_cli import app
 
     class Tee(io.TextIOBase):
         """stderr passed through, its last lines kept for the task's error message."""

@@ -11,8 +11,8 @@ from pathlib import Path
 from conftest import tiny_config
 
 from spa.config import parse_config
-from spa.run.plan import format_plan, plan
 from spa.stages import prepare
+from spa.stages.plan import format_plan, plan
 
 
 def _cfg(tmp_path, **over):

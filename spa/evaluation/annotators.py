@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spa.errors import AnnotatorError, AnnotatorUnavailable
+
 Annotator = Callable[[str, str, str], float]
 
 # the environment variable each alpaca-eval decoder needs (alpaca_eval/decoders)
@@ -38,12 +40,6 @@ _KEY_ENV = {
 }
 
 
-class AnnotatorError(ValueError):
-    """The annotator is unknown, unloadable, or answered outside alpaca-eval's preference range."""
-
-
-class AnnotatorUnavailable(RuntimeError):
-    """The annotator cannot run here (no API key in the environment, its package missing)."""
 
 
 @dataclass(frozen=True)

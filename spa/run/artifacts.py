@@ -19,11 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from spa.errors import ArtifactError
 from spa.schemas import FINISH_REASONS, KINDS, ArtifactKind
-
-
-class ArtifactError(ValueError):
-    """An artifact is missing or breaks the contract; the message says where and what to do."""
 
 
 def _kind(kind: str | ArtifactKind) -> ArtifactKind:

@@ -12,9 +12,7 @@ import os
 import time
 from pathlib import Path
 
-
-class RunLocked(RuntimeError):
-    """Another flow holds the run directory."""
+from spa.errors import RunLocked
 
 
 class RunLock:

@@ -70,7 +70,7 @@ def _eval_set(cfg: SPAConfig, heldout: pa.Table):
 
 def _mt_bench(cfg: SPAConfig, t: int, sampler, layout: RunLayout, echo) -> dict[str, Any]:
     """Two-turn answers to the MT-Bench questions and, with a judge, their 1-10 grades."""
-    from spa.evaluation.annotators import AnnotatorUnavailable
+    from spa.errors import AnnotatorUnavailable
     from spa.evaluation.eval_sets import load_mt_bench
     from spa.evaluation.mt_bench import make_judge
 

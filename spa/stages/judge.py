@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from spa.config import SPAConfig
+from spa.errors import UntrustedSampledLogps
 from spa.run.artifacts import (
     atomic_path,
     conform,
@@ -35,7 +36,7 @@ from spa.run.artifacts import (
 from spa.run.layout import RunLayout, model_dir
 from spa.run.sharding import parse_shard, shard_bounds, shard_key, shard_path
 from spa.schemas import JUDGMENTS
-from spa.stages.runner import StageInputError, StageResult, require, run_stage
+from spa.stages.runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "judge"]
 
@@ -85,9 +86,6 @@ class Scores:
     lens: np.ndarray  # response tokens (the policy tokenizer's count)
     p_first: np.ndarray | None = None  # pairwise judges (LLM judge): p(y1 > y2) directly
 
-
-class UntrustedSampledLogps(StageInputError):
-    """``judge.policy_logps: from_sampling`` cannot use these responses' recorded log-probs."""
 
 
 @dataclass

@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spa.config import SPAConfig
+from spa.errors import StageInputError
 from spa.run.artifacts import atomic_path, conform, write_table
 from spa.run.layout import RunLayout
-from spa.stages.runner import StageInputError, StageResult, run_stage
+from spa.stages.runner import StageResult, run_stage
 
 SECTIONS = ["data", "iterations"]  # config this stage's resume key covers
 

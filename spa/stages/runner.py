@@ -10,12 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from spa.config import SPAConfig, save_resolved
+from spa.errors import StageInputError
 from spa.run.layout import RunLayout
 from spa.run.manifest import Manifest, hash_inputs, is_up_to_date, make_entry, stage_key
-
-
-class StageInputError(ValueError):
-    """A stage's input is missing or unusable; nothing was written."""
 
 
 @dataclass(frozen=True)
