@@ -1,0 +1,95 @@
+"""The shipped presets in configs/: each loads, the paper preset carries the paper's values, the demo presets
+equal what the code builds, each header says how to launch it, and prefect.yaml points at real files."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spa.config import load_config, parse_config
+from spa.demo.run import demo_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+DEMO_WORLD, DEMO_RUN = Path("runs/demo/world"), Path("runs/demo/run")  # `spa demo`'s defaults (--out runs/demo)
+LAUNCH = re.compile(r"^#\s+(?:\.venv/bin/)?spa (run|plan|check-config|prepare)\b.*?(configs/[\w.-]+\.yaml)", re.M)
+
+
+def header(path: Path) -> str:
+    """The comment block the file starts with."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    block = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        block.append(line)
+    return "\n".join(block)
+
+
+def test_there_are_presets():
+    assert len(CONFIGS) >= 4
+    assert {p.name for p in CONFIGS} >= {"paper_zephyr_4gpu.yaml", "single_gpu_lora.yaml", "demo.yaml", "smollm2.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_preset_loads(path):
+    cfg = load_config(path)
+    assert cfg.run_dir.startswith("runs/")  # everything a preset writes goes under the git-ignored runs/
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_header_names_its_launch_command(path):
+    text = header(path)
+    assert text, f"{path.name}: no header comment"
+    named = [f for _, f in LAUNCH.findall(text)]
+    assert f"configs/{path.name}" in named, f"{path.name}: no `spa run|plan ... configs/{path.name}` in the header"
+    assert all((ROOT / f).is_file() for f in named), named
+
+
+def test_paper_preset_has_the_paper_values():
+    cfg = load_config(ROOT / "configs" / "paper_zephyr_4gpu.yaml")
+    assert cfg.model.pi_init.endswith("zephyr-7b-sft-full")
+    assert "alignment-handbook/zephyr-7b-sft-full" in header(ROOT / "configs" / "paper_zephyr_4gpu.yaml")
+    assert cfg.iterations == 3
+    assert "ultrafeedback" in cfg.data.source
+    assert (cfg.data.seed_size, cfg.data.prompt_sizes) == (2000, [8000, 20000, 30000])
+    t = cfg.train
+    assert (t.beta, t.learning_rate, t.batch_size) == (0.1, 5e-7, 32)
+    assert isinstance(t.learning_rate, float)
+    assert (t.lr_scheduler, t.warmup_ratio, t.seed_epochs, t.epochs) == ("cosine", 0.1, 3, 1)
+    assert (t.loss, t.lora) == ("dpo", None)  # full fine-tuning with the refined DPO loss
+    assert (t.num_processes, t.gradient_accumulation_steps) == (4, 4)  # 32 = 2 per GPU x 4 GPUs x 4
+    r = t.refinement
+    assert (r.self_refine, r.decoupled, r.alpha, r.k_percent, r.window, r.warmup_fraction) == (
+        True, True, 0.1, 10.0, 50, 0.2)
+    assert [r.lam(i) for i in (1, 2, 3)] == [0.5, 0.25, 0.125]
+    s = cfg.sample
+    assert (s.backend, s.n, s.temperature, s.max_new_tokens) == ("vllm", 2, 0.7, 300)
+    j = cfg.judge
+    assert (j.type, j.reference, j.beta, j.length_penalty) == ("implicit", "init", 0.1, 0.0)
+    assert cfg.evaluate.eval_set == "alpaca_eval"
+
+
+def test_lora_preset_is_one_gpu_lora_bf16():
+    cfg = load_config(ROOT / "configs" / "single_gpu_lora.yaml")
+    assert cfg.train.num_processes == 1 and cfg.train.lora is not None
+    assert cfg.train.precision == "bf16" and cfg.model.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(("name", "preset"), [("demo.yaml", "tiny"), ("smollm2.yaml", "smollm2")])
+def test_demo_presets_equal_the_code(name, preset):
+    path = ROOT / "configs" / name
+    want = demo_config(DEMO_WORLD, DEMO_RUN, preset=preset)
+    # the same keys and values as demo_config writes (nothing added that the code does not set) ...
+    assert yaml.safe_load(path.read_text(encoding="utf-8")) == want
+    # ... and the same resolved config, every default included
+    assert load_config(path).model_dump(mode="json") == parse_config(want).model_dump(mode="json")
+
+
+def test_prefect_yaml_points_at_existing_configs():
+    text = (ROOT / "prefect.yaml").read_text(encoding="utf-8")
+    named = re.findall(r"configs/[\w.-]+\.yaml", text)
+    assert named, "prefect.yaml names no config"
+    assert all((ROOT / f).is_file() for f in named), named
+    assert "configs/paper_zephyr_4gpu.yaml" in named
