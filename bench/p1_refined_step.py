@@ -31,8 +31,10 @@ def worker(vocab: int, seq: int, arm: str, steps: int) -> dict:
     import torch
     from transformers import LlamaForCausalLM, TrainingArguments
 
+    from spa.config import RefinementConfig
     from spa.models.tiny import tiny_llama_config
-    from spa.training.trainer import RefinedDPOTrainer, RefineSettings
+    from spa.training.rounds import RefineSettings
+    from spa.training.trainer import RefinedDPOTrainer
 
     torch.manual_seed(0)
     cfg = tiny_llama_config(vocab, hidden_size=256, layers=2, heads=4, max_positions=max(1024, seq), pad_token_id=0)
@@ -45,7 +47,7 @@ def worker(vocab: int, seq: int, arm: str, steps: int) -> dict:
     mask[:, seq // 4:] = True  # the response is the last 3/4 of each sequence
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target_ids": ids[:, 1:],
               "loss_mask": mask, "row_ids": torch.arange(pairs)}
-    refine = RefineSettings(lam=0.5) if arm == "sr_dnd" else None
+    refine = RefineSettings.from_config(RefinementConfig(), lam=0.5) if arm == "sr_dnd" else None
     args = TrainingArguments(output_dir="/tmp/spa-p1", report_to=[], use_cpu=True, disable_tqdm=True)
     trainer = RefinedDPOTrainer(model=policy, args=args, ref_model=ref, beta=0.1, refine=refine)
     trainer.state.max_steps = 100

@@ -72,7 +72,8 @@ def run_ours(path: Path) -> dict:
     from transformers import TrainingArguments
 
     from spa.models.rendering import load_tokenizer
-    from spa.training.trainer import PairCollator, PairDataset, RefinedDPOTrainer
+    from spa.training.pairs import PairCollator, PairDataset
+    from spa.training.trainer import RefinedDPOTrainer
 
     rows = data()
     tok = load_tokenizer(path)

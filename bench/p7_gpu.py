@@ -148,7 +148,10 @@ def measure_training(shape, device, n_steps, warm_steps, prompt_len, response_le
     from torch.utils.data import Dataset
     from transformers import TrainerCallback, TrainingArguments
 
-    from spa.training.trainer import PairCollator, RefinedDPOTrainer, RefineSettings, disable_dropout
+    from spa.config import RefinementConfig
+    from spa.training.pairs import PairCollator, disable_dropout
+    from spa.training.rounds import RefineSettings
+    from spa.training.trainer import RefinedDPOTrainer
 
     cuda = device.startswith("cuda")
     pairs = (warm_steps + n_steps) * micro * accum
@@ -185,7 +188,7 @@ def measure_training(shape, device, n_steps, warm_steps, prompt_len, response_le
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not cuda, disable_tqdm=True, seed=0,
     )
     trainer = RefinedDPOTrainer(model=policy, args=args, train_dataset=Pairs(), data_collator=PairCollator(0),
-                                ref_model=ref, beta=0.1, refine=RefineSettings(lam=0.5), callbacks=[Clock()])
+                                ref_model=ref, beta=0.1, refine=RefineSettings.from_config(RefinementConfig(), lam=0.5), callbacks=[Clock()])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()

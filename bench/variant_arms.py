@@ -1,4 +1,4 @@
-"""Demo-world benchmark of the variants (issue: loss and labelling variants; VARIANTS.md).
+"""Demo-world benchmark of the variants (issue: loss and labelling variants; docs/variants.md).
 
 For each seed: build the world, run prepare + seed DPO + a tiny Bradley-Terry reward model once,
 then every arm from a copy of that run, 3 iterations each, through the same stage code as `spa run`.

@@ -18,8 +18,8 @@ from spa_tasks import stage_tasks as stages
 def expand(config: str, incoming: str | None = None) -> list[dict]:
     """For each unused batch in ``incoming`` (default ``<run_dir>/incoming``): sample -> judge -> train -> evaluate."""
     cfg = load_config(config)
-    layout = RunLayout(Path(cfg.run_dir))
-    folder = Path(incoming) if incoming else layout.root / "incoming"
+    layout = RunLayout.of(cfg)
+    folder = Path(incoming) if incoming else layout.incoming
     logger = get_run_logger()
     done = []
     with RunLock(cfg.run_dir, "spa-expand"):

@@ -66,7 +66,7 @@ class SampleConfig(_Section):
 
 
 class JudgeConfig(_Section):
-    """Direct preference judgment (Eq. 7, 8, 13), and the labelling variants of VARIANTS.md 5-6."""
+    """Direct preference judgment (Eq. 7, 8, 13), and the labelling variants of docs/variants.md 5-6."""
 
     type: str = Field("implicit", pattern="^(implicit|external_rm|llm_judge)$",
                       description="implicit reward (SPA), an external reward model, or an LLM judge (paper Table 2)")
@@ -85,12 +85,14 @@ class JudgeConfig(_Section):
     flip_fraction: Fraction = Field(0.0, description="label-noise injection: each label flips with this probability "
                                                      "(seeded per prompt, recorded in the 'flipped' column)")
     reward_model: str | None = Field(None, description="judge.type external_rm: AutoModelForSequenceClassification dir")
+    rm_epochs: PositiveInt = Field(3, description="`spa train-rm`: passes over the seed pairs")
+    rm_learning_rate: Annotated[float, Field(gt=0)] = Field(1e-4, description="`spa train-rm`: AdamW learning rate")
     llm_judge_model: str | None = Field(None, description="judge.type llm_judge: causal LM dir (default pi_init)")
     oracle: str | None = Field(
         None, description="diagnostics only, never used for labels: python:module:function giving alpaca-eval's "
                           "preference (1, 2, 1.5) on (prompt, chosen, rejected); the judge summary then reports "
                           "self-label accuracy and the oracle's length preference (the demo world's oracle)")
-    drop_truncated: bool = Field(False, description="drop pairs with a response cut at max_new_tokens (SPA.md)")
+    drop_truncated: bool = Field(False, description="drop pairs with a response cut at max_new_tokens (docs/algorithm.md)")
     policy_logps: str = Field(
         "rescore", pattern="^(rescore|from_sampling)$",
         description="log pi_{t-1}(y|x) of Eq. 7: rescore both models (paper), or reuse the raw log-probs the "
@@ -120,7 +122,7 @@ class RefinementConfig(_Section):
 
 
 class RPOConfig(_Section):
-    """RPO (Yin et al.): prompt-similarity weights over the micro-batch's contrast matrix (VARIANTS.md 2)."""
+    """RPO (Yin et al.): prompt-similarity weights over the micro-batch's contrast matrix (docs/variants.md 2)."""
 
     tau: Annotated[float, Field(gt=0)] = 0.5
     embedding_model: str | None = Field(None, description="sentence encoder dir; default all-MiniLM-L6-v2 from the "
@@ -128,7 +130,7 @@ class RPOConfig(_Section):
 
 
 class SPOConfig(_Section):
-    """SPO (Li et al.): N classes of removed key phrases, aux weight gamma, heads with their own lr (VARIANTS.md 1)."""
+    """SPO (Li et al.): N classes of removed key phrases, aux weight gamma, heads with their own lr (docs/variants.md 1)."""
 
     n_classes: Annotated[int, Field(ge=2)] = 5
     gamma: Annotated[float, Field(ge=0)] = 0.1
@@ -140,11 +142,49 @@ class SPOConfig(_Section):
 
 
 class DROConfig(_Section):
-    """Wasserstein-DRO reweighting (VARIANTS.md 3): radius eps, support [xi_min, 1]."""
+    """Wasserstein-DRO reweighting (docs/variants.md 3): radius eps, support [xi_min, 1]."""
 
     eps: Annotated[float, Field(ge=0)] = 0.01
     xi_min: Annotated[float, Field(gt=0, lt=1)] = 0.1
     seed_stage: bool = Field(False, description="also reweight the seed stage (default: plain DPO there)")
+
+
+class LossKind(StrEnum):
+    """The pair losses ``train.loss`` names, and what each needs besides the pairs (docs/variants.md).
+
+    ``dpo``: SPA's refined DPO (Eq. 10; SR/DND per ``train.refinement``); ``rpo``: RPO's contrast matrix
+    over the micro-batch (needs prompt embeddings); ``spo``: refined DPO plus SPO's key-phrase removal
+    heads (needs key phrases); ``dro``: Wasserstein-DRO reweighting without SR; ``sr+dro``: DRO over
+    the pairs SR leaves unflagged.
+    """
+
+    DPO = "dpo"
+    RPO = "rpo"
+    SPO = "spo"
+    DRO = "dro"
+    SR_DRO = "sr+dro"
+
+    @property
+    def label(self) -> str:
+        return self.value.upper()
+
+    @property
+    def needs_prompt_embeddings(self) -> bool:
+        return self is LossKind.RPO
+
+    @property
+    def needs_key_phrases(self) -> bool:
+        return self is LossKind.SPO
+
+    @property
+    def reweights(self) -> bool:
+        """DRO's per-pair weights (docs/variants.md 3)."""
+        return self in (LossKind.DRO, LossKind.SR_DRO)
+
+    @property
+    def allows_refinement(self) -> bool:
+        """Self-refinement can apply (``dro`` is DRO without SR by definition)."""
+        return self is not LossKind.DRO
 
 
 class LoraConfig(_Section):
@@ -175,10 +215,7 @@ class TrainConfig(_Section):
     lora: LoraConfig | None = None
     refinement: RefinementConfig = Field(default_factory=RefinementConfig)
 
-    loss: str = Field("dpo", pattern=r"^(dpo|rpo|spo|dro|sr\+dro)$",
-                      description="dpo: SPA's refined DPO (Eq. 10; SR/DND per refinement); rpo: RPO contrast matrix over "
-                                  "the micro-batch; spo: refined DPO + SPO's key-phrase removal heads; dro: Wasserstein-DRO "
-                                  "reweighting (SR off); sr+dro: DRO over unflagged pairs")
+    loss: LossKind = Field(LossKind.DPO, description="the pair loss: dpo, rpo, spo, dro or sr+dro (see LossKind)")
     rpo: RPOConfig = Field(default_factory=lambda: RPOConfig())
     dro: DROConfig = Field(default_factory=lambda: DROConfig())
     spo: SPOConfig = Field(default_factory=lambda: SPOConfig())
@@ -193,7 +230,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _loss_needs(self) -> TrainConfig:
-        if self.loss == "sr+dro" and not self.refinement.self_refine:
+        if self.loss is LossKind.SR_DRO and not self.refinement.self_refine:
             raise ValueError("train.loss 'sr+dro' needs train.refinement.self_refine: true (use 'dro' without SR)")
         return self
 
@@ -256,14 +293,6 @@ class EvalConfig(_Section):
             raise ValueError(f"evaluate.mt_bench.judge {judge!r}: expected 'python:module:function' or 'openai:<model>'")
         return self
 
-
-class Stage(StrEnum):
-    PREPARE = "prepare"
-    SEED = "seed"
-    SAMPLE = "sample"
-    JUDGE = "judge"
-    TRAIN = "train"
-    EVALUATE = "evaluate"
 
 
 class SPAConfig(_Section):

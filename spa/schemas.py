@@ -1,7 +1,9 @@
-"""Arrow schemas of the artifact contract (`../shared/spec/ARTIFACTS.md`).
+"""Arrow schemas of every artifact (docs/artifacts.md): the one home of column names and types.
 
-Each artifact kind names its required columns and the row rules a reader
-checks. Stages may add columns; the required ones must exist with these types.
+Each artifact kind names its required columns (the contract) and the row rules a reader
+checks. Stages may add columns; the required ones must exist with these types. The
+``*_WRITTEN`` schemas are the full column sets our own stages write (the contract plus
+their extra columns).
 """
 
 from __future__ import annotations
@@ -126,6 +128,48 @@ REFERENCE_LOGPS = ArtifactKind(
     unique="row",
 )
 
+REFINEMENT = ArtifactKind(
+    name="refinement flags",
+    schema=pa.schema([
+        ("prompt_id", pa.string()), ("step", pa.int64()), ("confidence_sr", pa.float64()),
+        ("confidence_dnd", pa.float64()), ("z_sr", pa.bool_()), ("z_dnd", pa.bool_()),
+    ]),
+    nonempty=("prompt_id",),
+)
+
+ORACLE_VERDICTS = ArtifactKind(
+    name="oracle verdicts",
+    # 1.0: the oracle agrees with the label, 2.0: it prefers the rejected answer, 1.5: no preference
+    schema=pa.schema([("prompt_id", pa.string()), ("oracle_verdict", pa.float64())]),
+    nonempty=("prompt_id",),
+    unique="prompt_id",
+)
+
+RESPONSES_WRITTEN = pa.schema(list(RESPONSES.schema) + [
+    pa.field("backend", pa.string()),
+    # what the judge's ``policy_logps: from_sampling`` reuses (bench P3): the sampled ids (stop token included
+    # when finished), the sum of their raw log-probs under pi_{t-1}, and the precision they were computed in
+    pa.field("token_ids", pa.list_(pa.list_(pa.int32()))),
+    pa.field("sampled_logps", pa.list_(pa.float64())),
+    pa.field("logp_dtype", pa.string()),
+])
+
+JUDGMENTS_WRITTEN = pa.schema(list(JUDGMENTS.schema) + [
+    pa.field("chosen_finished", pa.bool_()), pa.field("rejected_finished", pa.bool_()),
+    pa.field("chosen_tokens", pa.int32()), pa.field("rejected_tokens", pa.int32()),
+    pa.field("first_is_chosen", pa.bool_()), pa.field("dropped", pa.bool_()),
+    pa.field("chosen_index", pa.int32()), pa.field("rejected_index", pa.int32()),
+    pa.field("flipped", pa.bool_()),
+])
+
+TRAIN_LOG_WRITTEN = pa.schema(list(TRAIN_LOG.schema) + [
+    ("logps_chosen", pa.float64()), ("logps_rejected", pa.float64()), ("rewards_chosen", pa.float64()),
+    ("rewards_accuracies", pa.float64()),
+    ("rpo_diag_weight", pa.float64()),  # RPO: mean weight of a pair's own entry (docs/variants.md 2.6, item 2)
+    ("dro_max_weight", pa.float64()),  # DRO: the largest pair weight of the step (docs/variants.md 3.3, item 7)
+    ("spo_acc_pref", pa.float64()), ("spo_acc_dispref", pa.float64()),  # SPO heads' accuracy (paper: > 90%)
+])
+
 FINISH_REASONS = frozenset({"stop", "length"})
 
 KINDS: dict[str, ArtifactKind] = {
@@ -137,5 +181,7 @@ KINDS: dict[str, ArtifactKind] = {
     "judgments": JUDGMENTS,
     "reference_logps": REFERENCE_LOGPS,
     "train_log": TRAIN_LOG,
+    "refinement": REFINEMENT,
+    "oracle_verdicts": ORACLE_VERDICTS,
     "eval": EVAL,
 }

@@ -95,8 +95,8 @@ def train(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = Forc
 
 @app.command("train-rm")
 def train_rm(config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt,
-             epochs: int = typer.Option(3, min=1, help="passes over the seed pairs"),
-             lr: float = typer.Option(1e-4, help="AdamW learning rate")) -> None:
+             epochs: int = typer.Option(None, min=1, help="passes over the seed pairs (default: judge.rm_epochs)"),
+             lr: float = typer.Option(None, help="AdamW learning rate (default: judge.rm_learning_rate)")) -> None:
     """Train a Bradley-Terry reward model on the seed pairs -> judge.reward_model (judge.type external_rm)."""
     from spa.stages import train_rm as stage
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+
+from spa.run.manifest import Stage
+from spa.run.sharding import parse_shard
 
 
 class BadStageInput(RuntimeError):
@@ -115,7 +117,7 @@ def stage_record(config: str, key: str) -> dict[str, Any]:
     from spa.config import load_config
     from spa.run.layout import RunLayout
 
-    run = RunLayout(Path(load_config(config).run_dir))
+    run = RunLayout.of(load_config(config))
     entry = json.loads(run.manifest.read_text())["stages"][key]
     return {"stage": key, "outputs": entry["outputs"], "summary": entry.get("summary", {})}
 
@@ -132,43 +134,43 @@ def prepare(config: str) -> dict[str, Any]:
 @task(name="seed", **_TASK)
 def seed(config: str) -> dict[str, Any]:
     run_command(stage_command("seed", config))
-    return stage_record(config, "seed")
+    return stage_record(config, Stage.SEED.key())
 
 
 @task(name="sample", **_TASK)
 def sample(config: str, t: int, shard: str | None = None) -> dict[str, Any]:
     run_command(stage_command("sample", config, t, *(["--shard", shard] if shard else [])))
-    return stage_record(config, f"sample/{t}" + (f"/shard-{shard.replace('/', '-of-')}" if shard else ""))
+    return stage_record(config, Stage.SAMPLE.key(t, parse_shard(shard) if shard else None))
 
 
 @task(name="merge-samples", **_TASK)
 def merge_samples(config: str, t: int, shards: int) -> dict[str, Any]:
     run_command(stage_command("sample", config, t, "--merge", str(shards)))
-    return stage_record(config, f"sample/{t}")
+    return stage_record(config, Stage.SAMPLE.key(t))
 
 
 @task(name="judge", **_TASK)
 def judge(config: str, t: int, shard: str | None = None) -> dict[str, Any]:
     run_command(stage_command("judge", config, t, *(["--shard", shard] if shard else [])))
-    return stage_record(config, f"judge/{t}" + (f"/shard-{shard.replace('/', '-of-')}" if shard else ""))
+    return stage_record(config, Stage.JUDGE.key(t, parse_shard(shard) if shard else None))
 
 
 @task(name="merge-judgments", **_TASK)
 def merge_judgments(config: str, t: int, shards: int) -> dict[str, Any]:
     run_command(stage_command("judge", config, t, "--merge", str(shards)))
-    return stage_record(config, f"judge/{t}")
+    return stage_record(config, Stage.JUDGE.key(t))
 
 
 @task(name="train", **_TASK)
 def train(config: str, t: int) -> dict[str, Any]:
     run_command(stage_command("train", config, t))
-    return stage_record(config, f"train/{t}")
+    return stage_record(config, Stage.TRAIN.key(t))
 
 
 @task(name="evaluate", **_TASK)
 def evaluate(config: str, t: int) -> dict[str, Any]:
     run_command(stage_command("evaluate", config, t))
-    return stage_record(config, f"evaluate/{t}")
+    return stage_record(config, Stage.EVALUATE.key(t))
 
 
 @task(name="report", **_TASK)
@@ -177,4 +179,4 @@ def report(config: str) -> str:
     from spa.config import load_config
     from spa.run.layout import RunLayout
 
-    return str(RunLayout(Path(load_config(config).run_dir)).report)
+    return str(RunLayout.of(load_config(config)).report)

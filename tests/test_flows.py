@@ -22,7 +22,7 @@ SPA = str(Path(sys.executable).parent / "spa")
 
 def test_whole_flow_writes_every_artifact_and_the_manifest(full_run):
     cfg, _, res = full_run
-    lay = RunLayout(Path(cfg.run_dir))
+    lay = RunLayout.of(cfg)
     expected = {"prepare", "seed", "evaluate/0"} | {f"{s}/{t}" for t in (1, 2) for s in ("sample", "judge", "train", "evaluate")}
     stages = json.loads(lay.manifest.read_text())["stages"]
     assert set(stages) == expected
@@ -49,7 +49,7 @@ def test_rerun_of_a_finished_flow_skips_every_stage(full_run):
 def test_killed_flow_resumes_to_identical_artifacts(full_run, tmp_path, tiny_model_dir, prefs_file):
     cfg_ref, _, _ = full_run
     cfg, path = _config(tmp_path, tiny_model_dir, prefs_file, name="killed")
-    lay = RunLayout(Path(cfg.run_dir))
+    lay = RunLayout.of(cfg)
     proc = subprocess.Popen([SPA, "run", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -92,7 +92,7 @@ def test_sharded_judge_on_ray_equals_single_shard(full_run, tmp_path):
     cfg_ref, ref_path, _ = full_run
     run = tmp_path / "ray"
     shutil.copytree(cfg_ref.run_dir, run)
-    lay, ref = RunLayout(run), RunLayout(Path(cfg_ref.run_dir))
+    lay, ref = RunLayout(run), RunLayout.of(cfg_ref)
     for t in (1, 2):
         Manifest(lay.manifest).forget(f"judge/{t}")
         lay.judgments(t).unlink()

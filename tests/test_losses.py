@@ -6,7 +6,6 @@ import torch
 from spa.models.logprobs import gather_logps
 from spa.training.losses import (
     RefinementWindow,
-    dnd_lambda,
     dpo_margin,
     extrapolated_logps,
     percentile_threshold,
@@ -49,9 +48,13 @@ def test_refined_loss_alpha_half_flattens_the_gradient():
 
 
 def test_dnd_lambda_schedule():
-    assert [dnd_lambda(t) for t in (1, 2, 3, 4)] == [0.5, 0.25, 0.125, 0.0625]
+    """The paper's 1/2, 1/4, 1/8 for iterations 1-3, then 1/2**t; the config is the one home of it."""
+    from spa.config import RefinementConfig
+
+    lam = RefinementConfig().lam
+    assert [lam(t) for t in (1, 2, 3, 4)] == [0.5, 0.25, 0.125, 0.0625]
     with pytest.raises(ValueError):
-        dnd_lambda(0)
+        lam(0)
 
 
 def test_extrapolated_logps_eq12_hand_value():
@@ -136,7 +139,7 @@ def test_window_rejects_bad_arguments():
 
 def test_decoupled_detection_flags_a_different_pair_than_sr():
     """DND (lam > 0, logit level) picks another least-confident pair than lam = 0, while
-    extrapolating at the sequence level only rescales margins and picks the same one (SPA.md)."""
+    extrapolating at the sequence level only rescales margins and picks the same one (docs/algorithm.md)."""
     g = torch.Generator().manual_seed(1)  # a fixed instance where the two rankings differ
     n, t, v, beta = 8, 6, 16, 0.1
     pol_w, pol_l = torch.randn(n, t, v, generator=g) * 3, torch.randn(n, t, v, generator=g) * 3

@@ -172,8 +172,9 @@ def test_ties_are_kept_out_of_training(tmp_path, chained):
     """Identical responses are a tie (p = 0.5) and never reach the optimiser."""
     import pyarrow as pa
 
-    from spa.stages.judge import Judges, judge_rows
-    from spa.stages.train import _training_pairs
+    from spa.stages.judge import judge_rows
+    from spa.stages.judge_scoring import Judges
+    from spa.stages.train_data import training_pairs
 
     cfg, _, _ = chained
     lay = RunLayout(cfg.run_dir)
@@ -183,7 +184,7 @@ def test_ties_are_kept_out_of_training(tmp_path, chained):
     assert out[0]["tie"] and out[0]["p_chosen"] == 0.5
     assert not out[1]["tie"] and out[1]["p_chosen"] > 0.5
     judged = read_table(lay.judgments(1), "judgments")
-    n_train = len(_training_pairs(cfg, 1)["prompt"])
+    n_train = len(training_pairs(cfg, 1)["prompt"])
     assert n_train == judged.num_rows - int(np.sum(judged.column("tie").to_numpy()))
 
 
@@ -290,7 +291,7 @@ def test_judge_reuse_refuses_untrusted_logps(chained, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from spa.stages.judge import UntrustedSampledLogps
+    from spa.errors import UntrustedSampledLogps
 
     cfg, _, _ = chained
     lay = RunLayout(cfg.run_dir)

@@ -16,6 +16,7 @@ from spa.models.loading import load_causal_lm
 from spa.run.artifacts import read_table
 from spa.run.layout import RunLayout
 from spa.stages import prepare, train
+from spa.training.rounds import resolve_round
 
 SPA = str(Path(sys.executable).parent / "spa")
 
@@ -33,7 +34,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, prefs_file):
     _, two = _seed_run(tmp_path, "two", tiny_model_dir, prefs_file, num_processes=2, seed_epochs=2)
     assert len(one) == len(two) == 8
     # the reference log-probs, scored in two strided shares and gathered, are the single process's
-    refs = [read_table(RunLayout(tmp_path / n).iteration(0) / train.REFERENCE_LOGPS, "reference_logps").to_pylist()
+    refs = [read_table(RunLayout(tmp_path / n).reference_logps(0), "reference_logps").to_pylist()
             for n in ("one", "two")]
     for a, b in zip(*refs, strict=True):
         assert a["row"] == b["row"] and a["ref_logp_chosen"] == pytest.approx(b["ref_logp_chosen"], abs=1e-4)
@@ -132,7 +133,8 @@ def test_group_by_length_puts_similar_lengths_in_a_micro_batch(tmp_path, tiny_mo
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from spa.models.rendering import load_tokenizer
-    from spa.training.trainer import PairDataset, RefinedDPOTrainer
+    from spa.training.pairs import PairDataset
+    from spa.training.trainer import RefinedDPOTrainer
 
     cfg, log = _seed_run(tmp_path, "grouped", tiny_model_dir, prefs_file, group_by_length=True)
     assert len(log) > 0 and log[-1]["loss"] < log[0]["loss"] + 0.05
@@ -176,7 +178,7 @@ def test_reference_logps_computed_once_and_no_reference_model_loaded(tmp_path, t
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
     lay = RunLayout(cfg.run_dir)
-    ref = read_table(lay.iteration(0) / train.REFERENCE_LOGPS, "reference_logps").to_pylist()
+    ref = read_table(lay.reference_logps(0), "reference_logps").to_pylist()
     seed = read_table(lay.seed, "seed").to_pylist()
     assert [r["row"] for r in ref] == list(range(len(seed)))
     tok = load_tokenizer(tiny_model_dir)
@@ -185,9 +187,9 @@ def test_reference_logps_computed_once_and_no_reference_model_loaded(tmp_path, t
         p = prompt_ids(tok, pair["prompt"])
         assert r["ref_logp_chosen"] == pytest.approx(dense_logp_of_ids(model, p, response_ids(tok, pair["chosen"], True)), abs=1e-4)
         assert r["ref_logp_rejected"] == pytest.approx(dense_logp_of_ids(model, p, response_ids(tok, pair["rejected"], True)), abs=1e-4)
-    assert not (RunLayout(tmp_path / "online").iteration(0) / train.REFERENCE_LOGPS).exists()
+    assert not (RunLayout(tmp_path / "online").reference_logps(0)).exists()
     # DND needs the reference's full logits: iterations with lambda > 0 keep the reference model
-    assert train.precomputes_reference(cfg, 0) and not train.precomputes_reference(cfg, 1)
+    assert resolve_round(cfg, 0).precompute_reference and not resolve_round(cfg, 1).precompute_reference
     no_dnd = cfg.model_copy(update={"train": cfg.train.model_copy(update={"refinement": cfg.train.refinement.model_copy(
         update={"decoupled": False})})})
-    assert train.precomputes_reference(no_dnd, 1)
+    assert resolve_round(no_dnd, 1).precompute_reference

@@ -1,4 +1,4 @@
-"""The variants' math (VARIANTS.md) against hand-computed values and an LP solver."""
+"""The variants' math (docs/variants.md) against hand-computed values and an LP solver."""
 
 from __future__ import annotations
 

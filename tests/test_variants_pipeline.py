@@ -1,4 +1,4 @@
-"""The loss and labelling variants (VARIANTS.md) in the stages and end to end through ``spa run``."""
+"""The loss and labelling variants (docs/variants.md) in the stages and end to end through ``spa run``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The refinement window is global under data parallelism (SPA.md decision): 2 gloo ranks."""
+"""The refinement window is global under data parallelism (docs/algorithm.md, "Self-refinement"): 2 gloo ranks."""
 
 import os
 

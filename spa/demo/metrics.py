@@ -18,9 +18,10 @@ def iteration_metrics(cfg: SPAConfig, t: int) -> dict[str, Any]:
 
     The label diagnostics come from ``iter_t/judge_summary.json`` (the demo config sets ``judge.oracle``),
     the flag diagnostics from the round's ``refinement.parquet`` (:func:`spa.stages.train.refinement_summary`)."""
-    from spa.stages.train import refinement_summary, refines
+    from spa.stages.train import refinement_summary
+    from spa.training.rounds import resolve_round
 
-    lay = RunLayout(Path(cfg.run_dir))
+    lay = RunLayout.of(cfg)
     out: dict[str, Any] = {"iteration": t}
     ev = json.loads(lay.eval_summary(t).read_text()) if lay.eval_summary(t).exists() else {}
     for key in ("win_rate", "lc_win_rate", "avg_length", "gold_agreement"):
@@ -33,8 +34,9 @@ def iteration_metrics(cfg: SPAConfig, t: int) -> dict[str, Any]:
     if lay.judge_summary(t).exists():
         judged = json.loads(lay.judge_summary(t).read_text())
         out |= {k: judged.get(k) for k in JUDGE_KEYS}
-    if refines(cfg, t) and lay.refinement(t).exists() and lay.judgments(t).exists():
-        out |= refinement_summary(cfg, t)
+    rnd = resolve_round(cfg, t)
+    if rnd.refines and lay.refinement(t).exists() and lay.judgments(t).exists():
+        out |= refinement_summary(cfg, rnd)
     if lay.judgments(t).exists():
         out |= judge_by_feature(read_table(lay.judgments(t), "judgments").to_pylist())
     return out
@@ -63,7 +65,7 @@ JUDGE_KEYS = ("self_label_accuracy", "noise_rate", "oracle_decided_pairs", "judg
 
 
 def run_metrics(cfg: SPAConfig) -> list[dict[str, Any]]:
-    lay = RunLayout(Path(cfg.run_dir))
+    lay = RunLayout.of(cfg)
     t, rows = 0, []
     while lay.iteration(t).exists():
         rows.append(iteration_metrics(cfg, t))
@@ -262,9 +264,9 @@ def write_demo_report(cfg: SPAConfig, arms: dict[str, list[dict[str, Any]]] | No
     """``report.md`` = the run report + the demo world's section (and its comparison arms) and plot."""
     from spa.stages.report import build_report
 
-    lay = RunLayout(Path(cfg.run_dir))
+    lay = RunLayout.of(cfg)
     rows = run_metrics(cfg)
-    plot(rows, lay.root / "demo_metrics.png", arms)
-    write_text_atomic(lay.root / "demo_metrics.json", json.dumps({"spa": rows, "arms": arms or {}}, indent=2))
-    write_text_atomic(lay.report, build_report(cfg) + "\n" + demo_section(rows, "demo_metrics.png", arms))
+    plot(rows, lay.demo_plot, arms)
+    write_text_atomic(lay.demo_metrics, json.dumps({"spa": rows, "arms": arms or {}}, indent=2))
+    write_text_atomic(lay.report, build_report(cfg) + "\n" + demo_section(rows, lay.demo_plot.name, arms))
     return lay.report

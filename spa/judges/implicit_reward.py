@@ -41,7 +41,7 @@ def implicit_preference(
 
     ``r`` is :func:`implicit_reward`: against a reference (``pi_init`` in SPA) or
     reference-free when both ``ref_logp_*`` are None, with the optional length
-    penalty of Eq. 13. Identical inputs give exactly 0.5, a tie (SPA.md).
+    penalty of Eq. 13. Identical inputs give exactly 0.5, a tie (docs/algorithm.md).
     """
     if (ref_logp_1 is None) != (ref_logp_2 is None):
         raise ValueError("give reference log-probs for both responses or for neither")
@@ -58,7 +58,7 @@ def assign_labels(p_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def select_pairs(rewards: torch.Tensor, lengths: torch.Tensor,
                  length_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best-vs-worst selection (DICE, Chen et al. 2024; VARIANTS.md section 5).
+    """Best-vs-worst selection (DICE, Chen et al. 2024; docs/variants.md section 5).
 
     ``rewards`` and ``lengths`` are ``[num_prompts, n]``; the score is ``reward - length_penalty * length``;
     returns (chosen index, rejected index) per prompt: the first argmax and the first argmin. When all

@@ -1,4 +1,4 @@
-"""LLM-as-judge (SPA paper Table 2 and App. B.2; VARIANTS.md 6).
+"""LLM-as-judge (SPA paper Table 2 and App. B.2; docs/variants.md 6).
 
 A causal LM is asked Constitutional AI's pairwise comparison question; the preference is the softmax
 of the log-probabilities of the two option-label tokens (``A``/``B``, or the first pair of

@@ -1,4 +1,4 @@
-"""External reward model judge (SPA paper Table 2's PairRM baseline; VARIANTS.md 6).
+"""External reward model judge (SPA paper Table 2's PairRM baseline; docs/variants.md 6).
 
 Any ``AutoModelForSequenceClassification`` with one output scores a (prompt, response) rendered
 through the shared chat-template path; the pair preference is Bradley-Terry, ``sigmoid(s1 - s2)``.
@@ -65,7 +65,7 @@ def reward_scores(model, tok, prompts: Sequence[str], responses: Sequence[str], 
     return _scores(model, tok, prompts, responses, batch_size, max_length).double().numpy()
 
 
-def train_reward_model(base: str | Path, out: Path, prompts, chosen, rejected, epochs: int = 3, lr: float = 1e-4,
+def train_reward_model(base: str | Path, out: Path, prompts, chosen, rejected, epochs: int, lr: float,
                        batch_size: int = 8, max_length: int | None = None, seed: int = 0,
                        trust_remote_code: bool = False) -> dict[str, float]:
     """Bradley-Terry fit ``-logsigmoid(s(chosen) - s(rejected))`` of a 1-output head on ``base``'s backbone.

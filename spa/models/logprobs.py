@@ -1,6 +1,6 @@
 """Summed response log-probabilities of (prompt, response) pairs.
 
-``log pi(y|x) = sum_t log pi(y_t | x, y_<t)`` over response tokens only (SPA.md,
+``log pi(y|x) = sum_t log pi(y_t | x, y_<t)`` over response tokens only (docs/algorithm.md,
 Notation), rendered by :mod:`spa.models.rendering`. Pairs are scored in length-sorted
 batches (little padding) and returned in input order, with token counts.
 """

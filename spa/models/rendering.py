@@ -1,10 +1,10 @@
-"""The one rendering path for every stage (PITFALLS.md, "Rendering and tokens").
+"""The one rendering path for every stage (docs/guarantees.md, "Rendering and tokens").
 
 Sampling, judging, training and evaluation all turn a (prompt, response) into
 token ids here: the prompt through the model's own chat template with the
 generation prompt, exactly one BOS, then the response tokens, then the
 end-of-turn token only if the response finished (a truncated response never
-gets one: SPA.md, "Truncated responses").
+gets one: docs/algorithm.md, "Truncated responses").
 """
 
 from __future__ import annotations

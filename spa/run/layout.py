@@ -1,4 +1,7 @@
-"""Where every artifact of a run lives (`../shared/spec/ARTIFACTS.md`, "Run directory")."""
+"""Where every artifact of a run lives (docs/artifacts.md, "Run directory"): the one home of run paths.
+
+No stage spells a file name of the run directory itself; each asks ``RunLayout``.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,11 @@ class RunLayout:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of(cls, cfg: SPAConfig) -> RunLayout:
+        """The layout of the run directory ``cfg.run_dir``."""
+        return cls(Path(cfg.run_dir))
 
     @property
     def config(self) -> Path:
@@ -62,6 +70,18 @@ class RunLayout:
         """Per judged pair, the oracle's verdict on its label (only with ``judge.oracle``)."""
         return self.iteration(t) / "oracle_verdicts.parquet"
 
+    def train_pairs(self, t: int) -> Path:
+        """The training set as trained on (replay, RPO's prompt embeddings), when the stage materialises it."""
+        return self.iteration(t) / "train_pairs.parquet"
+
+    def reference_logps(self, t: int) -> Path:
+        """The reference's sequence log-probs, computed once before training (``train.precompute_reference``)."""
+        return self.iteration(t) / "reference_logps.parquet"
+
+    def spo_heads(self, t: int) -> Path:
+        """SPO's auxiliary heads, beside (not inside) the policy weights."""
+        return self.iteration(t) / "spo_heads.safetensors"
+
     def refinement(self, t: int) -> Path:
         """Per training sample, both detectors' confidences and flags (SR on)."""
         return self.iteration(t) / "refinement.parquet"
@@ -78,13 +98,40 @@ class RunLayout:
     def eval_summary(self, t: int) -> Path:
         return self.iteration(t) / "eval.json"
 
+    def model_outputs(self, t: int) -> Path:
+        """pi_t's answers to the evaluation set, in alpaca-eval's format."""
+        return self.iteration(t) / "model_outputs.json"
+
+    def mt_bench(self, t: int) -> Path:
+        return self.iteration(t) / "mt_bench.parquet"
+
     @property
     def report(self) -> Path:
         return self.root / "report.md"
+
+    @property
+    def demo_plot(self) -> Path:
+        """``spa demo``'s six-panel plot of the oracle's metrics (beside report.md)."""
+        return self.root / "demo_metrics.png"
+
+    @property
+    def demo_metrics(self) -> Path:
+        """``spa demo``'s per-round oracle metrics of SPA and of each comparison arm."""
+        return self.root / "demo_metrics.json"
+
+    @property
+    def incoming(self) -> Path:
+        """Where the ``expand`` flow looks for new prompt batches by default."""
+        return self.root / "incoming"
+
+    @property
+    def expansion_ledger(self) -> Path:
+        """Which incoming prompt batches became which iteration (the ``expand`` flow)."""
+        return self.root / "expansion.json"
 
 
 def model_dir(cfg: SPAConfig, t: int) -> Path:
     """Directory of ``pi_t`` (``pi_0`` may be given in no-seed mode)."""
     if t == 0 and cfg.model.pi_0:
         return Path(cfg.model.pi_0)
-    return RunLayout(Path(cfg.run_dir)).model(t)
+    return RunLayout.of(cfg).model(t)

@@ -2,7 +2,7 @@
 
 A stage is up to date when its entry records the same input content hashes, the
 same stage-config hash and code version, and every recorded output still exists
-with its recorded hash (STYLE.md practice 7: content hashes, never names). An
+with its recorded hash (content hashes, never names). An
 entry is written only after the stage's outputs are in place, so a failed or
 killed attempt is never recorded as done (prefect#15658).
 """
@@ -17,12 +17,34 @@ import os
 import platform
 import time
 from collections.abc import Iterable, Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from spa.run.artifacts import file_sha256, write_text_atomic
 
 _HASH_CACHE = ".spa_hashes.json"
+
+
+class Stage(StrEnum):
+    """The stages a manifest records; :meth:`key` is the one spelling of their entries' keys."""
+
+    PREPARE = "prepare"
+    TRAIN_RM = "train-rm"
+    SEED = "seed"
+    SAMPLE = "sample"
+    JUDGE = "judge"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+    def key(self, t: int | None = None, shard: tuple[int, int] | None = None) -> str:
+        """``prepare``, ``seed`` (also ``TRAIN`` at ``t = 0``), ``judge/2``, ``sample/1/shard-0-of-4``."""
+        if self in (Stage.PREPARE, Stage.TRAIN_RM, Stage.SEED) or (self is Stage.TRAIN and t == 0):
+            return Stage.SEED.value if self is Stage.TRAIN else self.value
+        if t is None:
+            raise ValueError(f"stage {self.value} needs an iteration")
+        key = f"{self.value}/{t}"
+        return key if shard is None else f"{key}/shard-{shard[0]}-of-{shard[1]}"
 
 
 def dir_sha256(path: str | os.PathLike) -> str:

@@ -38,6 +38,3 @@ def shard_path(final: Path, shard: tuple[int, int]) -> Path:
     i, n = shard
     return final.parent / "shards" / f"{final.stem}.{i:04d}-of-{n:04d}.parquet"
 
-
-def shard_key(key: str, shard: tuple[int, int]) -> str:
-    return f"{key}/shard-{shard[0]}-of-{shard[1]}"

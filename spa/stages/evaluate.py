@@ -21,6 +21,7 @@ import pyarrow as pa
 from spa.config import SPAConfig
 from spa.run.artifacts import read_table, write_table, write_text_atomic
 from spa.run.layout import RunLayout, model_dir
+from spa.run.manifest import Stage
 from spa.stages.runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "evaluate", "judge"]
@@ -115,72 +116,86 @@ def _mt_bench(cfg: SPAConfig, t: int, sampler, layout: RunLayout, echo) -> dict[
             out["note"] = f"{missing} judgments had no [[rating]]: no MT-Bench score on a partial set"
         else:
             out["score"] = float(np.mean(scores[1] + scores[2]))
-    write_table(pa.table(cols), layout.iteration(t) / "mt_bench.parquet")
+    write_table(pa.table(cols), layout.mt_bench(t))
     return out
 
 
+def _answer(cfg: SPAConfig, t: int, model: Path, prompts: list[str], echo):
+    """pi_t's answers to the evaluation prompts (vLLM where importable, else transformers) and its sampler."""
+    from spa.models.sampling import SamplingSpec, make_sampler, vllm_available
+
+    ec = cfg.evaluate
+    spec = SamplingSpec(n=1, temperature=ec.temperature, max_new_tokens=ec.max_new_tokens, seed=cfg.sample.seed,
+                        batch_size=ec.batch_size, max_length=cfg.model.max_length, dtype=cfg.model.dtype,
+                        trust_remote_code=cfg.model.trust_remote_code)
+    backend = cfg.sample.backend if cfg.sample.backend != "vllm" or vllm_available() else "transformers"
+    if backend != cfg.sample.backend:
+        echo(f"[evaluate/{t}] vLLM is not importable here; answering with the transformers backend")
+    sampler = make_sampler(backend, model, spec)
+    return sampler(prompts, progress=f"evaluate iter {t}"), sampler
+
+
+def _score(cfg: SPAConfig, t: int, prompts, outputs, generator: str, eval_set, columns: dict, echo) -> dict:
+    """Win rate and LC win rate against the eval set's reference outputs (adds the preference column)."""
+    from spa.evaluation.scoring import score_outputs
+
+    if eval_set is None:
+        return dict(eval_set="heldout", annotator=None, win_rate=None, lc_win_rate=None, lc_model=None,
+                    win_rate_note="eval_set 'heldout' has no reference outputs: lengths only")
+    columns["reference_output"] = eval_set.reference_outputs
+    prefs, scored = score_outputs(prompts, outputs, generator, eval_set, cfg.evaluate.annotator, _endpoint(cfg),
+                                  seed=cfg.sample.seed, echo=lambda m: echo(m.replace("[evaluate]", f"[evaluate/{t}]")))
+    if prefs is not None:
+        columns["preference"] = pa.array(prefs, pa.float64())
+    return scored
+
+
+def evaluate_model(cfg: SPAConfig, t: int, model: Path, heldout_path: Path, echo=print) -> dict[str, Any]:
+    """Answer the eval set with pi_t, score the answers, measure gold agreement; write ``iter_t/eval.*``."""
+    layout = RunLayout.of(cfg)
+    heldout = read_table(heldout_path, "heldout")
+    prompts, eval_set = _eval_set(cfg, heldout)  # before any model work: a bad eval set fails fast
+    agreement = gold_agreement(cfg, t, heldout)
+    samples, sampler = _answer(cfg, t, model, prompts, echo)
+    outputs = [s.responses[0] for s in samples]
+    generator = f"spa_iter_{t}"
+    columns: dict[str, Any] = {
+        "instruction": prompts, "output": outputs, "generator": [generator] * len(prompts),
+        "num_tokens": pa.array([s.num_tokens[0] for s in samples], pa.int32()),
+        "finish_reason": [s.finish_reasons[0] for s in samples],
+    }
+    # the outputs are written first: an annotator failure never loses them
+    write_text_atomic(layout.model_outputs(t), json.dumps(
+        [{"instruction": i, "output": o, "generator": generator} for i, o in zip(prompts, outputs, strict=True)],
+        indent=1))
+    summary: dict[str, Any] = {"iteration": t, "n": len(prompts), "generator": generator}
+    summary.update(_score(cfg, t, prompts, outputs, generator, eval_set, columns, echo))
+    write_table(pa.table(columns), layout.eval_table(t), "eval")
+    if cfg.evaluate.mt_bench.enabled:
+        summary["mt_bench"] = _mt_bench(cfg, t, sampler, layout, echo)
+    lengths = [s.num_tokens[0] for s in samples]
+    summary.update({
+        "avg_length": float(np.mean(lengths)) if lengths else None,
+        "avg_length_chars": float(np.mean([len(o) for o in outputs])) if outputs else None,
+        "truncated_share": float(np.mean([s.finish_reasons[0] == "length" for s in samples])) if samples else None,
+        "gold_agreement": agreement, "gold_pairs": heldout.num_rows,
+    })
+    write_text_atomic(layout.eval_summary(t), json.dumps(summary, indent=2))
+    return {k: summary.get(k) for k in ("n", "avg_length", "gold_agreement", "win_rate", "lc_win_rate")}
+
+
 def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
-    layout = RunLayout(Path(cfg.run_dir))
+    """Evaluate pi_t (``t = 0``: pi_0) unless the manifest says this exact evaluation is done."""
+    layout = RunLayout.of(cfg)
     heldout_path = require(layout.heldout, "the held-out gold set", "spa prepare")
     model = require(model_dir(cfg, t), f"pi_{t}", "spa seed" if t == 0 else f"spa train --iteration {t}")
-    outputs = [layout.eval_table(t), layout.eval_summary(t), layout.iteration(t) / "model_outputs.json"]
+    outputs = [layout.eval_table(t), layout.eval_summary(t), layout.model_outputs(t)]
     if cfg.evaluate.mt_bench.enabled:
-        outputs.append(layout.iteration(t) / "mt_bench.parquet")
-
-    def body() -> dict[str, Any]:
-        from spa.evaluation.scoring import score_outputs
-        from spa.models.sampling import SamplingSpec, make_sampler, vllm_available
-
-        ec = cfg.evaluate
-        heldout = read_table(heldout_path, "heldout")
-        prompts, eval_set = _eval_set(cfg, heldout)  # before any model work: a bad eval set fails fast
-        agreement = gold_agreement(cfg, t, heldout)
-        spec = SamplingSpec(n=1, temperature=ec.temperature, max_new_tokens=ec.max_new_tokens, seed=cfg.sample.seed,
-                            batch_size=ec.batch_size, max_length=cfg.model.max_length, dtype=cfg.model.dtype,
-                            trust_remote_code=cfg.model.trust_remote_code)
-        backend = cfg.sample.backend if cfg.sample.backend != "vllm" or vllm_available() else "transformers"
-        if backend != cfg.sample.backend:
-            echo(f"[evaluate/{t}] vLLM is not importable here; answering with the transformers backend")
-        sampler = make_sampler(backend, model, spec)
-        samples = sampler(prompts, progress=f"evaluate iter {t}")
-        outputs = [s.responses[0] for s in samples]
-        generator = f"spa_iter_{t}"
-        columns: dict[str, Any] = {
-            "instruction": prompts, "output": outputs, "generator": [generator] * len(prompts),
-            "num_tokens": pa.array([s.num_tokens[0] for s in samples], pa.int32()),
-            "finish_reason": [s.finish_reasons[0] for s in samples],
-        }
-        # the outputs are written first: an annotator failure never loses them
-        write_text_atomic(layout.iteration(t) / "model_outputs.json", json.dumps(
-            [{"instruction": i, "output": o, "generator": generator} for i, o in zip(prompts, outputs, strict=True)],
-            indent=1))
-        summary: dict[str, Any] = {"iteration": t, "n": len(prompts), "generator": generator}
-        if eval_set is None:
-            summary.update(eval_set="heldout", annotator=None, win_rate=None, lc_win_rate=None, lc_model=None,
-                           win_rate_note="eval_set 'heldout' has no reference outputs: lengths only")
-        else:
-            columns["reference_output"] = eval_set.reference_outputs
-            prefs, scored = score_outputs(prompts, outputs, generator, eval_set, ec.annotator, _endpoint(cfg),
-                                          seed=cfg.sample.seed, echo=lambda m: echo(m.replace("[evaluate]", f"[evaluate/{t}]")))
-            summary.update(scored)
-            if prefs is not None:
-                columns["preference"] = pa.array(prefs, pa.float64())
-        write_table(pa.table(columns), layout.eval_table(t), "eval")
-        if ec.mt_bench.enabled:
-            summary["mt_bench"] = _mt_bench(cfg, t, sampler, layout, echo)
-        lengths = [s.num_tokens[0] for s in samples]
-        summary.update({
-            "avg_length": float(np.mean(lengths)) if lengths else None,
-            "avg_length_chars": float(np.mean([len(o) for o in outputs])) if outputs else None,
-            "truncated_share": float(np.mean([s.finish_reasons[0] == "length" for s in samples])) if samples else None,
-            "gold_agreement": agreement, "gold_pairs": heldout.num_rows,
-        })
-        write_text_atomic(layout.eval_summary(t), json.dumps(summary, indent=2))
-        return {k: summary.get(k) for k in ("n", "avg_length", "gold_agreement", "win_rate", "lc_win_rate")}
-
+        outputs.append(layout.mt_bench(t))
     inputs = [heldout_path, model, Path(cfg.model.pi_init)]
     es = cfg.evaluate.eval_set
     if es not in ("alpaca_eval", "heldout"):
         inputs.append(require(Path(es), "evaluate.eval_set", "the data preparation"))
-    return run_stage(cfg, f"evaluate/{t}", inputs, SECTIONS, outputs, body,
+    return run_stage(cfg, Stage.EVALUATE.key(t), inputs, SECTIONS, outputs,
+                     lambda: evaluate_model(cfg, t, model, heldout_path, echo),
                      extra_key={"iteration": t}, force=force, echo=echo)

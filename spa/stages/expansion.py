@@ -20,6 +20,7 @@ from spa.config import SPAConfig
 from spa.errors import StageInputError
 from spa.run.artifacts import file_sha256, iter_batches, write_table, write_text_atomic
 from spa.run.layout import RunLayout
+from spa.schemas import PROMPTS
 from spa.stages.prepare import load_source, prompt_hash
 
 BATCH_SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -36,7 +37,7 @@ class BatchPlan:
 
 
 def ledger_path(layout: RunLayout) -> Path:
-    return layout.root / "expansion.json"
+    return layout.expansion_ledger
 
 
 def read_ledger(layout: RunLayout) -> dict:
@@ -72,7 +73,7 @@ def plan_batch(cfg: SPAConfig, batch: Path) -> BatchPlan | None:
     """Claim ``batch`` for the next iteration and write its fresh prompts; None if it was used already."""
     from spa.run.layout import model_dir
 
-    layout = RunLayout(Path(cfg.run_dir))
+    layout = RunLayout.of(cfg)
     digest = file_sha256(batch)
     ledger = read_ledger(layout)
     entry = ledger["batches"].get(digest)
@@ -102,7 +103,7 @@ def plan_batch(cfg: SPAConfig, batch: Path) -> BatchPlan | None:
                                      "overlap": overlap, "duplicates": dups}
         write_ledger(layout, ledger)
         return plan
-    write_table(pa.Table.from_pylist(rows, schema=pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())])),
+    write_table(pa.Table.from_pylist(rows, schema=PROMPTS.schema),
                 layout.prompts(t), "prompts")
     ledger["batches"][digest] = {"file": batch.name, "iteration": t, "status": "pending", "new": len(rows),
                                  "overlap": overlap, "duplicates": dups}

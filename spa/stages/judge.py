@@ -1,6 +1,6 @@
 """``spa judge --iteration t``: label each response pair with the implicit reward (Eq. 7, 8, 13).
 
-Variants (VARIANTS.md 5-6): best-vs-worst of ``n`` samples with a fixed or automatic length
+Variants (docs/variants.md 5-6): best-vs-worst of ``n`` samples with a fixed or automatic length
 penalty (DICE), an external reward model or an LLM judge instead of the implicit reward, and
 label-noise injection (``judge.flip_fraction``).
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from spa.config import SPAConfig
-from spa.errors import UntrustedSampledLogps
 from spa.run.artifacts import (
     atomic_path,
     conform,
@@ -34,28 +32,14 @@ from spa.run.artifacts import (
     write_text_atomic,
 )
 from spa.run.layout import RunLayout, model_dir
-from spa.run.sharding import parse_shard, shard_bounds, shard_key, shard_path
-from spa.schemas import JUDGMENTS
+from spa.run.manifest import Stage
+from spa.run.sharding import parse_shard, shard_bounds, shard_path
+from spa.schemas import JUDGMENTS, JUDGMENTS_WRITTEN, ORACLE_VERDICTS
+from spa.stages.judge_scoring import Judges, Scores, reference_dir
 from spa.stages.runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "judge"]
 
-JUDGMENT_SCHEMA = pa.schema(list(JUDGMENTS.schema) + [
-    pa.field("chosen_finished", pa.bool_()), pa.field("rejected_finished", pa.bool_()),
-    pa.field("chosen_tokens", pa.int32()), pa.field("rejected_tokens", pa.int32()),
-    pa.field("first_is_chosen", pa.bool_()), pa.field("dropped", pa.bool_()),
-    pa.field("chosen_index", pa.int32()), pa.field("rejected_index", pa.int32()),
-    pa.field("flipped", pa.bool_()),
-])
-
-
-def reference_dir(cfg: SPAConfig, t: int) -> Path | None:
-    """The judge's reference: pi_init (paper), pi_{t-1}'s predecessor, or none."""
-    if cfg.judge.reference == "none":
-        return None
-    if cfg.judge.reference == "previous" and t >= 2:
-        return model_dir(cfg, t - 2)
-    return Path(cfg.model.pi_init)
 
 
 def judge_name(cfg: SPAConfig, length_penalty: float | None = None) -> str:
@@ -76,185 +60,6 @@ def judge_name(cfg: SPAConfig, length_penalty: float | None = None) -> str:
     return base
 
 
-@dataclass
-class Scores:
-    """Per-candidate numbers of one chunk, ``[P, k]`` arrays (``k`` candidates per prompt)."""
-
-    reward: np.ndarray  # without length penalty; NaN where the judge has no per-response reward (LLM judge)
-    policy: np.ndarray  # log pi_{t-1}(y|x); NaN for external judges
-    ref: np.ndarray  # log pi_ref(y|x); NaN without a reference
-    lens: np.ndarray  # response tokens (the policy tokenizer's count)
-    p_first: np.ndarray | None = None  # pairwise judges (LLM judge): p(y1 > y2) directly
-
-
-
-@dataclass
-class Sampled:
-    """What the sampler recorded for the candidates (``[P][k]``): the exact token ids it drew (the stop token
-    included when the response finished) and the sum of their raw log-probs under pi_{t-1}."""
-
-    token_ids: list[list[list[int]]]
-    logps: np.ndarray
-
-
-SAMPLED_COLUMNS = ("token_ids", "sampled_logps", "logp_dtype")
-
-
-def sampled_candidates(rows: pa.Table, k: int, judge_dtype: str, where: str, first_row: int = 0) -> Sampled:
-    """The recorded sampling log-probs of the first ``k`` responses per row, refused (one clear error naming the
-    file and row) where they cannot stand in for rescoring pi_{t-1} (issue P3): not recorded (responses from a
-    sampler that did not keep them), or computed in another precision than the judge's (``logp_dtype`` vs the
-    judge's model dtype: mixing precisions shifts Eq. 7's margins).
-
-    Responses whose sampled ids are not what the rendering path gives for their text (a non-canonical
-    tokenization, a special token dropped by decoding, a stop on EOS where the template closes turns with another
-    token) are not refused: :meth:`Judges.score` rescores those with pi_{t-1}.
-    """
-    missing = [c for c in SAMPLED_COLUMNS if c not in rows.column_names]
-    if missing:
-        raise UntrustedSampledLogps(
-            f"{where}: no sampled log-probs (columns {missing} missing): these responses were written by a sampler "
-            "that did not record them; sample again, or set judge.policy_logps: rescore")
-    ids_col, logp_col = rows.column("token_ids").to_pylist(), rows.column("sampled_logps").to_pylist()
-    for i, (ids, logps, dtype) in enumerate(zip(ids_col, logp_col, rows.column("logp_dtype").to_pylist(),
-                                                strict=True)):
-        row = f"{where} row {first_row + i}"
-        if dtype != judge_dtype:
-            raise UntrustedSampledLogps(
-                f"{row}: sampled log-probs were computed in {dtype}, the judge runs in {judge_dtype}; mixing "
-                "precisions shifts Eq. 7's margins. Set model.dtype so both match, or judge.policy_logps: rescore")
-        if ids is None or logps is None or len(ids) < k or len(logps) < k or any(
-                x is None or x != x for x in logps[:k]):
-            raise UntrustedSampledLogps(f"{row}: sampled log-probs are missing for some responses; sample again "
-                                        "or set judge.policy_logps: rescore")
-    return Sampled([row[:k] for row in ids_col], np.array([row[:k] for row in logp_col], dtype=np.float64))
-
-
-class Judges:
-    """The models a judge needs, loaded once per file: the implicit reward's policy and reference, an
-    external reward model, or an LLM judge (VARIANTS.md 6)."""
-
-    def __init__(self, cfg: SPAConfig, t: int):
-        from spa.models.loading import load_causal_lm
-        from spa.models.rendering import load_tokenizer
-
-        dtype, trc = cfg.model.dtype, cfg.model.trust_remote_code
-        self.cfg, self.t = cfg, t
-        policy_dir = model_dir(cfg, t - 1)
-        self.tok = load_tokenizer(policy_dir, trc)
-        self.policy = self.ref = self.rm = self.llm = None
-        self.reuse = cfg.judge.type == "implicit" and cfg.judge.policy_logps == "from_sampling"
-        self.policy_dir = policy_dir
-        self.stats = {"responses": 0, "policy_rescored": 0}  # with reuse: responses pi_{t-1} had to rescore
-        if cfg.judge.type == "implicit":
-            # with reuse, pi_{t-1}'s half of Eq. 7 comes from sampling: only the reference runs
-            self.policy = None if self.reuse else load_causal_lm(policy_dir, dtype, trust_remote_code=trc)
-            ref_dir = reference_dir(cfg, t)
-            self.ref = load_causal_lm(ref_dir, dtype, trust_remote_code=trc) if ref_dir is not None else None
-        elif cfg.judge.type == "external_rm":
-            from spa.judges.reward_model import load_reward_model
-
-            self.rm, self.rm_tok = load_reward_model(cfg.judge.reward_model, dtype, trc)
-        else:
-            path = cfg.judge.llm_judge_model or cfg.model.pi_init
-            self.llm, self.llm_tok = load_causal_lm(path, dtype, trust_remote_code=trc), load_tokenizer(path, trc)
-
-    @property
-    def dtype(self) -> str:
-        """The precision the judge's models compute in (what recorded sampling log-probs must match)."""
-        from spa.models.loading import default_device, resolve_dtype
-
-        model = self.ref if self.ref is not None else self.policy
-        dtype = next(model.parameters()).dtype if model is not None else resolve_dtype(self.cfg.model.dtype,
-                                                                                       default_device())
-        return str(dtype).removeprefix("torch.")
-
-    def inputs(self, rows: pa.Table, where: str, first_row: int = 0):
-        """``(prompts, candidates, finished, sampled)`` of one chunk; ``sampled`` only when reusing."""
-        prompts, cands, fins = candidates(rows, self.cfg)
-        sampled = None
-        if self.reuse:
-            sampled = sampled_candidates(rows, len(cands[0]) if cands else 2, self.dtype, where, first_row)
-        return prompts, cands, fins, sampled
-
-    def score(self, prompts: list[str], cands: list[list[str]], fins: list[list[bool]],
-              sampled: Sampled | None = None) -> Scores:
-        from spa.models.logprobs import sequence_logps
-
-        cfg = self.cfg
-        n, k = len(prompts), len(cands[0]) if cands else 2
-        flat_p = [p for p in prompts for _ in range(k)]
-        flat_y = [y for row in cands for y in row]
-        flat_f = [f for row in fins for f in row]
-        bs, ml = cfg.judge.batch_size, cfg.model.max_length
-        nan = np.full(n * k, np.nan)
-        if self.reuse:
-            if sampled is None:
-                raise ValueError("judge.policy_logps: from_sampling needs the sampled log-probs of each chunk")
-            return self._score_reused(flat_p, flat_y, flat_f, sampled, n, k)
-        if self.policy is not None:
-            pol, lens = sequence_logps(self.policy, self.tok, flat_p, flat_y, flat_f, bs, ml)
-            ref = sequence_logps(self.ref, self.tok, flat_p, flat_y, flat_f, bs, ml)[0] if self.ref is not None else nan
-            reward = cfg.judge.beta * (pol - ref) if self.ref is not None else cfg.judge.beta * pol
-            return Scores(reward.reshape(n, k), pol.reshape(n, k), ref.reshape(n, k), lens.reshape(n, k))
-        lens = np.array([len(self.tok(y, add_special_tokens=False)["input_ids"]) for y in flat_y], np.int32)
-        if self.rm is not None:
-            from spa.judges.reward_model import reward_scores
-
-            reward = reward_scores(self.rm, self.rm_tok, flat_p, flat_y, bs, ml)
-            return Scores(reward.reshape(n, k), nan.reshape(n, k), nan.reshape(n, k), lens.reshape(n, k))
-        from spa.judges.llm import pairwise_preference
-
-        p1 = pairwise_preference(self.llm, self.llm_tok, prompts, [c[0] for c in cands], [c[1] for c in cands],
-                                 bs, ml)
-        return Scores(nan.reshape(n, k), nan.reshape(n, k), nan.reshape(n, k), lens.reshape(n, k), p_first=p1)
-
-    def _score_reused(self, flat_p: list[str], flat_y: list[str], flat_f: list[bool], sampled: Sampled, n: int,
-                      k: int) -> Scores:
-        """Eq. 7 with log pi_{t-1} taken from sampling wherever the sampled ids are exactly the ids the rendering
-        path gives the response text (the ids every later stage uses); the other responses are rescored with
-        pi_{t-1} (loaded on first need). The reference always scores the rendered ids, as in full rescoring."""
-        from spa.models.loading import load_causal_lm
-        from spa.models.logprobs import encode_pair, encoded_logps
-
-        cfg = self.cfg
-        encoded = [encode_pair(self.tok, p, y, f, cfg.model.max_length, row=i // k)
-                   for i, (p, y, f) in enumerate(zip(flat_p, flat_y, flat_f, strict=True))]
-        flat_ids = [ids for row in sampled.token_ids for ids in row]
-        pol = sampled.logps.reshape(-1).copy()
-        redo = [i for i, (e, ids) in enumerate(zip(encoded, flat_ids, strict=True))
-                if e.input_ids[e.response_start:] != list(ids)]
-        if redo:
-            if self.policy is None:
-                self.policy = load_causal_lm(self.policy_dir, cfg.model.dtype,
-                                             trust_remote_code=cfg.model.trust_remote_code)
-            pol[redo] = encoded_logps(self.policy, [encoded[i] for i in redo], self.tok.pad_token_id,
-                                      cfg.judge.batch_size)[0]
-        self.stats["responses"] += len(encoded)
-        self.stats["policy_rescored"] += len(redo)
-        lens = np.array([e.num_response_tokens for e in encoded], dtype=np.int32)
-        if self.ref is None:
-            ref = np.full(n * k, np.nan)
-            reward = cfg.judge.beta * pol
-        else:
-            ref = encoded_logps(self.ref, encoded, self.tok.pad_token_id, cfg.judge.batch_size)[0]
-            reward = cfg.judge.beta * (pol - ref)
-        return Scores(reward.reshape(n, k), pol.reshape(n, k), ref.reshape(n, k), lens.reshape(n, k))
-
-
-def candidates(rows: pa.Table, cfg: SPAConfig) -> tuple[list[str], list[list[str]], list[list[bool]]]:
-    """The responses a judge compares: the first two (paper), or all ``n`` for best-vs-worst."""
-    prompts = rows.column("prompt").to_pylist()
-    responses = rows.column("responses").to_pylist()
-    reasons = rows.column("finish_reasons").to_pylist()
-    k = 2 if cfg.judge.select == "first_two" else cfg.sample.n
-    for i, r in enumerate(responses):
-        if len(r) < k:
-            raise ValueError(f"responses row {i}: {len(r)} responses; this judge needs {k} per prompt "
-                             f"(sample.n = {cfg.sample.n}, judge.select = {cfg.judge.select})")
-    return prompts, [r[:k] for r in responses], [[x == "stop" for x in f[:k]] for f in reasons]
-
-
 def flip_mask(prompt_ids: list[str], fraction: float, seed: int, t: int) -> np.ndarray:
     """Label-noise injection: each prompt's label flips with probability ``fraction``, decided by a
     hash of (seed, iteration, prompt id) so that shards and reruns flip the same rows."""
@@ -265,19 +70,19 @@ def flip_mask(prompt_ids: list[str], fraction: float, seed: int, t: int) -> np.n
     return np.array(u) < fraction
 
 
-def label_rows(rows: pa.Table, scores: Scores, cands: list[list[str]], fins: list[list[bool]], cfg: SPAConfig,
-               t: int, length_penalty: float) -> pa.Table:
-    """Eq. 7-8 (or best-vs-worst selection) on scored candidates -> judgments rows."""
+def pick_pairs(scores: Scores, cands: list[list[str]], cfg: SPAConfig, prompt_ids: list[str], t: int,
+               length_penalty: float) -> tuple[np.ndarray, ...]:
+    """Which candidate is chosen and which rejected per row (Eq. 8, or best-vs-worst), ``p_chosen`` (Eq. 7
+    with Eq. 13's penalty), ties, and the injected flips: ``(ci, ri, p_chosen, tie, flipped)``."""
     import torch
 
     from spa.judges.implicit_reward import select_pairs
 
-    n = len(cands)
     a = length_penalty
     score = scores.reward - a * scores.lens
     if cfg.judge.select == "best_worst":
         ci, ri = (x.numpy() for x in select_pairs(torch.from_numpy(scores.reward), torch.from_numpy(scores.lens), a))
-        rows_idx = np.arange(n)
+        rows_idx = np.arange(len(cands))
         p_chosen = 1.0 / (1.0 + np.exp(-(score[rows_idx, ci] - score[rows_idx, ri])))
         tie = ci == ri
     else:
@@ -292,9 +97,18 @@ def label_rows(rows: pa.Table, scores: Scores, cands: list[list[str]], fins: lis
     tie = tie | identical  # identical texts are a tie even if padding nudged the numbers
     p_chosen = np.where(tie, 0.5, p_chosen)
     ri = np.where(tie & (ci == ri), (ci + 1) % len(cands[0]), ri)  # a tie row still names two responses
-    flipped = flip_mask(rows.column("prompt_id").to_pylist(), cfg.judge.flip_fraction, cfg.sample.seed, t) & ~tie
+    flipped = flip_mask(prompt_ids, cfg.judge.flip_fraction, cfg.sample.seed, t) & ~tie
     ci, ri = np.where(flipped, ri, ci), np.where(flipped, ci, ri)
     p_chosen = np.where(flipped, 1.0 - p_chosen, p_chosen)
+    return ci, ri, p_chosen, tie, flipped
+
+
+def label_rows(rows: pa.Table, scores: Scores, cands: list[list[str]], fins: list[list[bool]], cfg: SPAConfig,
+               t: int, length_penalty: float) -> pa.Table:
+    """Eq. 7-8 (or best-vs-worst selection) on scored candidates -> judgments rows."""
+    n = len(cands)
+    ci, ri, p_chosen, tie, flipped = pick_pairs(scores, cands, cfg, rows.column("prompt_id").to_pylist(), t,
+                                                length_penalty)
     rows_idx = np.arange(n)
 
     def chosen_of(m: np.ndarray) -> np.ndarray:
@@ -319,7 +133,7 @@ def label_rows(rows: pa.Table, scores: Scores, cands: list[list[str]], fins: lis
         "ref_logp_chosen": pa.array(chosen_of(scores.ref), pa.float64(), from_pandas=True),
         "ref_logp_rejected": pa.array(rejected_of(scores.ref), pa.float64(), from_pandas=True),
         "tie": pa.array(tie, pa.bool_()),
-        "judge": pa.array([judge_name(cfg, a)] * n, pa.string()),
+        "judge": pa.array([judge_name(cfg, length_penalty)] * n, pa.string()),
         "chosen_finished": pa.array(chosen_of(fin), pa.bool_()),
         "rejected_finished": pa.array(rejected_of(fin), pa.bool_()),
         "chosen_tokens": pa.array(chosen_of(scores.lens), pa.int32()),
@@ -371,12 +185,12 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
                                     signed=cfg.judge.length_penalty_sign == "signed")
     bar = tqdm(total=stop - start, desc=f"judge iter {t}", unit="prompt", disable=not progress)
     with atomic_path(out) as tmp:
-        with pq.ParquetWriter(tmp, JUDGMENT_SCHEMA) as writer:
+        with pq.ParquetWriter(tmp, JUDGMENTS_WRITTEN) as writer:
             for k, (first, rows) in enumerate(chunks()):
                 prompts, cands, fins, sampled = judges.inputs(rows, str(responses), first)
                 scores = stored[k] if auto else judges.score(prompts, cands, fins, sampled)
                 table = conform(label_rows(rows, scores, cands, fins, cfg, t, a), JUDGMENTS, str(out), first)
-                writer.write_table(table.cast(JUDGMENT_SCHEMA))
+                writer.write_table(table.cast(JUDGMENTS_WRITTEN))
                 bar.update(table.num_rows)
     bar.close()
     if stats is not None and judges.reuse:
@@ -422,7 +236,8 @@ def oracle_summary(cfg: SPAConfig, judgments: Path, out: Path) -> dict[str, Any]
     table = table.filter(pc.invert(table.column("tie")))
     verdicts = annotate(load_annotator(cfg.judge.oracle), table.column("prompt").to_pylist(),
                         table.column("chosen").to_pylist(), table.column("rejected").to_pylist())
-    write_table(pa.table({"prompt_id": table.column("prompt_id"), "oracle_verdict": pa.array(verdicts, pa.float64())}),
+    write_table(pa.table({"prompt_id": table.column("prompt_id"), "oracle_verdict": pa.array(verdicts, pa.float64())},
+                         schema=ORACLE_VERDICTS.schema),
                 out)
     return oracle_label_quality(verdicts, table.column("chosen_tokens").to_numpy(),
                                 table.column("rejected_tokens").to_numpy())
@@ -431,7 +246,7 @@ def oracle_summary(cfg: SPAConfig, judgments: Path, out: Path) -> dict[str, Any]
 def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | None = None,
         merge: int | None = None) -> StageResult:
     """Judge iteration ``t`` whole, one shard of it (``shard="i/N"``), or merge ``merge`` shards."""
-    layout = RunLayout(Path(cfg.run_dir))
+    layout = RunLayout.of(cfg)
     responses = require(layout.responses(t), "responses", f"spa sample --iteration {t}")
     policy = require(model_dir(cfg, t - 1), f"pi_{t-1}", "spa seed" if t == 1 else f"spa train --iteration {t-1}")
     ref = reference_dir(cfg, t)
@@ -473,6 +288,6 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
                       "policy_logps_rescored": stats["policy_rescored"]} if stats else {})
             return finish(a, reuse) if whole else _summary(output) | {"length_penalty": a} | reuse
 
-    key = f"judge/{t}" if part is None else shard_key(f"judge/{t}", part)
+    key = Stage.JUDGE.key(t, part)
     outputs = [output] + (diagnostics if whole else [])
     return run_stage(cfg, key, inputs, SECTIONS, outputs, body, extra_key={"iteration": t}, force=force, echo=echo)

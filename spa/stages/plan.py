@@ -1,6 +1,6 @@
 """The resolved rounds of a run, printed before any heavy work (``spa plan``).
 
-PITFALLS.md, "The recipe": which model each round samples from, which reference the judge and the
+docs/guarantees.md, "The recipe": which model each round samples from, which reference the judge and the
 trainer use, whether prompts are fresh, the pairing rule and the schedule (lambda per iteration,
 optimiser steps) are config; users see them resolved here, with what a rerun would redo, before
 they spend GPU hours. Reads the config, the manifest, Parquet footers and the source's hash: no model is
@@ -16,7 +16,8 @@ from typing import Any
 
 from spa.config import SPAConfig
 from spa.run.layout import RunLayout
-from spa.run.manifest import Manifest, code_version, hash_inputs
+from spa.run.manifest import Manifest, Stage, code_version, hash_inputs
+from spa.training.rounds import resolve_round
 
 
 def _stage_sections() -> dict[str, list[str]]:
@@ -86,13 +87,11 @@ def _judge_text(cfg: SPAConfig, t: int) -> str:
 
 
 def _loss_text(cfg: SPAConfig, t: int) -> str:
-    from spa.stages.train import dnd_lambda_of, loss_kind, refines  # the trainer's own resolution
-
-    tc = cfg.train
-    text = {"dpo": "DPO", "rpo": "RPO", "spo": "SPO", "dro": "DRO", "sr+dro": "SR+DRO"}[loss_kind(cfg, t)]
+    tc, rnd = cfg.train, resolve_round(cfg, t)  # the trainer's own resolution
+    text = rnd.loss.kind.label
     text += f", beta {tc.beta:g}, lr {tc.learning_rate:g} ({tc.lr_scheduler}, {tc.warmup_ratio:.0%} warm-up)"
-    if refines(cfg, t):
-        r, lam = tc.refinement, dnd_lambda_of(cfg, t)
+    if rnd.refine is not None:
+        r, lam = rnd.refine, rnd.dnd_lambda
         text += (f"; SR: label smoothing {r.alpha:g} on the {r.k_percent:g}% least confident of the last "
                  f"{r.window} pairs after {r.warmup_fraction:.0%} of the steps")
         text += f"; DND lambda {lam:g}" if lam > 0 else "; DND off (pi_theta's own confidence)"
@@ -109,7 +108,7 @@ def stage_status(cfg: SPAConfig, keys: list[str]) -> dict[str, str]:
     non-evaluation stage: each model feeds all later rounds). Outputs are checked for existence only:
     ``spa plan`` never hashes weights.
     """
-    layout = RunLayout(Path(cfg.run_dir))
+    layout = RunLayout.of(cfg)
     entries = Manifest(layout.manifest).entries()
     sections = _stage_sections()
     status: dict[str, str] = {}
@@ -146,7 +145,7 @@ def _same_source(cfg: SPAConfig, entry: dict[str, Any], root: Path) -> bool:
 
 def plan(cfg: SPAConfig) -> list[Round]:
     """The rounds of ``cfg`` resolved: seed (``t = 0``) then iterations ``1..T`` (Algorithm 1)."""
-    layout = RunLayout(Path(cfg.run_dir))
+    layout = RunLayout.of(cfg)
     tc, sc, d = cfg.train, cfg.sample, cfg.data
     rounds = []
     seed_rows = _rows(layout.seed)
@@ -179,7 +178,7 @@ def plan(cfg: SPAConfig) -> list[Round]:
         rounds.append(Round(t, lines))
     keys = {0: ["prepare"] + ([] if cfg.model.pi_0 else ["seed", "evaluate/0"])}
     for t in range(1, cfg.iterations + 1):
-        keys[t] = [f"sample/{t}", f"judge/{t}", f"train/{t}", f"evaluate/{t}"]
+        keys[t] = [s.key(t) for s in (Stage.SAMPLE, Stage.JUDGE, Stage.TRAIN, Stage.EVALUATE)]
     status = stage_status(cfg, [k for t in sorted(keys) for k in keys[t]])
     for r in rounds:
         r.stages = {k: status[k] for k in keys[r.t]}
@@ -187,11 +186,11 @@ def plan(cfg: SPAConfig) -> list[Round]:
 
 
 def _ref_mode(cfg: SPAConfig, t: int) -> str:
-    from spa.stages.train import precomputes_reference
-
     if cfg.train.lora is not None:
         return " (the base weights, adapter disabled)"
-    return " (log-probs computed once before training)" if precomputes_reference(cfg, t) else " (model in memory: DND)"
+    if resolve_round(cfg, t).precompute_reference:
+        return " (log-probs computed once before training)"
+    return " (model in memory: DND)"
 
 
 def _eval_text(cfg: SPAConfig, t: int) -> str:

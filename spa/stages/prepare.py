@@ -1,6 +1,6 @@
 """``spa prepare``: split preference data into the seed D_0, prompt sets X_1..X_T and held-out gold pairs.
 
-Prompt sets are disjoint from each other and from the seed (SPA.md, iteration step 1)
+Prompt sets are disjoint from each other and from the seed (docs/algorithm.md, iteration step 1)
 by a hash of the normalised prompt; duplicates and empty prompts are dropped and counted.
 """
 
@@ -22,6 +22,8 @@ from spa.config import SPAConfig
 from spa.errors import StageInputError
 from spa.run.artifacts import atomic_path, conform, write_table
 from spa.run.layout import RunLayout
+from spa.run.manifest import Stage
+from spa.schemas import PREFERENCE_PAIRS, PROMPTS
 from spa.stages.runner import StageResult, run_stage
 
 SECTIONS = ["data", "iterations"]  # config this stage's resume key covers
@@ -230,8 +232,6 @@ def assign_splits(index: SourceIndex, cfg: SPAConfig, source: str) -> tuple[np.n
     return split, rank, report
 
 
-PAIRS_SCHEMA = pa.schema([(k, pa.string()) for k in ("prompt_id", "prompt", "chosen", "rejected")])
-PROMPTS_SCHEMA = pa.schema([(k, pa.string()) for k in ("prompt_id", "prompt")])
 
 
 def write_splits(source: str, split: np.ndarray, rank: np.ndarray, layout: RunLayout, iterations: int,
@@ -250,14 +250,14 @@ def write_splits(source: str, split: np.ndarray, rank: np.ndarray, layout: RunLa
     pairs: dict[int, list[tuple[int, tuple]]] = {SEED: [], HELDOUT: []}
     with ExitStack() as stack:
         paths = {t: stack.enter_context(atomic_path(layout.prompts(t))) for t in range(1, iterations + 1)}
-        writers = {t: stack.enter_context(pq.ParquetWriter(p, PROMPTS_SCHEMA)) for t, p in paths.items()}
+        writers = {t: stack.enter_context(pq.ParquetWriter(p, PROMPTS.schema)) for t, p in paths.items()}
         buffers: dict[int, list[tuple[str, str]]] = {t: [] for t in writers}
         written = dict.fromkeys(writers, 0)
 
         def flush(t: int) -> None:
             if buffers[t]:
                 pid, prompt = zip(*buffers[t], strict=True)
-                table = pa.table({"prompt_id": list(pid), "prompt": list(prompt)}, schema=PROMPTS_SCHEMA)
+                table = pa.table({"prompt_id": list(pid), "prompt": list(prompt)}, schema=PROMPTS.schema)
                 conform(table, KINDS["prompts"], str(layout.prompts(t)), written[t])
                 writers[t].write_table(table)
                 written[t] += table.num_rows
@@ -283,13 +283,13 @@ def write_splits(source: str, split: np.ndarray, rank: np.ndarray, layout: RunLa
             flush(t)
         for code, target, kind in ((SEED, layout.seed, "seed"), (HELDOUT, layout.heldout, "heldout")):
             rows = [r for _, r in sorted(pairs[code])]
-            table = pa.table({k: [r[n] for r in rows] for n, k in enumerate(PAIRS_SCHEMA.names)}, schema=PAIRS_SCHEMA)
+            table = pa.table({k: [r[n] for r in rows] for n, k in enumerate(PREFERENCE_PAIRS.schema.names)}, schema=PREFERENCE_PAIRS.schema)
             write_table(table, target, kind)
 
 
 def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
-    """Write ``data/seed.parquet``, ``data/prompts_<t>.parquet`` and ``data/heldout.parquet``."""
-    layout = RunLayout(Path(cfg.run_dir))
+    """Write ``<run>/data/seed.parquet``, ``<run>/data/prompts_<t>.parquet`` and ``<run>/data/heldout.parquet``."""
+    layout = RunLayout.of(cfg)
     if not cfg.data.source:
         raise StageInputError("data.source is not set: give a Parquet/JSONL file of preference pairs")
     source = Path(cfg.data.source)
@@ -306,5 +306,5 @@ def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
         return report
 
     inputs = [source] if source.exists() else []
-    return run_stage(cfg, "prepare", inputs, SECTIONS, outputs, body,
+    return run_stage(cfg, Stage.PREPARE.key(), inputs, SECTIONS, outputs, body,
                      extra_key={"source": cfg.data.source}, force=force, echo=echo)

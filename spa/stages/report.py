@@ -8,7 +8,7 @@ from pathlib import Path
 from spa.config import SPAConfig
 from spa.run.artifacts import write_text_atomic
 from spa.run.layout import RunLayout
-from spa.run.manifest import Manifest
+from spa.run.manifest import Manifest, Stage
 
 
 def _fmt(value, digits=3) -> str:
@@ -20,7 +20,7 @@ def _fmt(value, digits=3) -> str:
 
 
 def build_report(cfg: SPAConfig) -> str:
-    layout = RunLayout(Path(cfg.run_dir))
+    layout = RunLayout.of(cfg)
     stages = Manifest(layout.manifest).entries()
     lines = [
         f"# SPA run `{layout.root}`", "",
@@ -33,8 +33,8 @@ def build_report(cfg: SPAConfig) -> str:
     ]
     t = 0
     while layout.iteration(t).exists():
-        judge = stages.get(f"judge/{t}", {}).get("summary", {})
-        train = stages.get("seed" if t == 0 else f"train/{t}", {}).get("summary", {})
+        judge = stages.get(Stage.JUDGE.key(t), {}).get("summary", {})
+        train = stages.get(Stage.TRAIN.key(t), {}).get("summary", {})
         ev_path = layout.eval_summary(t)
         ev = json.loads(ev_path.read_text()) if ev_path.exists() else {}
         lines.append("| " + " | ".join([
@@ -63,7 +63,7 @@ DIAGNOSTICS = [  # (stage, key, header)
 def diagnostics_table(stages: dict, iterations: int) -> list[str]:
     """What the labels and the refinement flags are worth, per iteration (``spa.judges.diagnostics``); columns
     that no iteration has (no oracle, no flips, SR off) are left out."""
-    rows = [(t, stages.get(f"judge/{t}", {}).get("summary", {}), stages.get(f"train/{t}", {}).get("summary", {}))
+    rows = [(t, stages.get(Stage.JUDGE.key(t), {}).get("summary", {}), stages.get(Stage.TRAIN.key(t), {}).get("summary", {}))
             for t in range(1, iterations + 1)]
     rows = [r for r in rows if r[1] or r[2]]
     cols = [(stage, key, head) for stage, key, head in DIAGNOSTICS
@@ -122,7 +122,7 @@ def evaluation_table(layout: RunLayout) -> list[str]:
 
 
 def run(cfg: SPAConfig, echo=print) -> Path:
-    layout = RunLayout(Path(cfg.run_dir))
+    layout = RunLayout.of(cfg)
     write_text_atomic(layout.report, build_report(cfg))
     echo(f"[report] wrote {layout.report}")
     return layout.report

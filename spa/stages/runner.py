@@ -45,7 +45,7 @@ def run_stage(
 
     ``body`` writes ``outputs`` (atomically) and returns a small summary dict.
     """
-    layout = RunLayout(Path(cfg.run_dir))
+    layout = RunLayout.of(cfg)
     save_resolved(cfg)
     manifest = Manifest(layout.manifest)
     expected = stage_key(hash_inputs(inputs, layout.root), cfg.section_hash(*config_sections))

@@ -1,4 +1,4 @@
-"""``spa sample --iteration t``: two responses per prompt of ``X_t`` from ``pi_{t-1}`` (SPA.md step 2).
+"""``spa sample --iteration t``: two responses per prompt of ``X_t`` from ``pi_{t-1}`` (docs/algorithm.md step 2).
 
 T = 0.7, 300 new tokens, seeded; finish reasons and token counts recorded. Prompts are
 processed in chunks (streamed to Parquet); ``--shard i/N`` does one chunk-aligned shard
@@ -22,19 +22,12 @@ from tqdm.auto import tqdm
 from spa.config import SPAConfig, load_config
 from spa.run.artifacts import atomic_path, iter_chunks, merge_parquet, num_rows, read_table
 from spa.run.layout import RunLayout, model_dir
-from spa.run.sharding import parse_shard, shard_bounds, shard_key, shard_path
-from spa.schemas import RESPONSES
+from spa.run.manifest import Stage
+from spa.run.sharding import parse_shard, shard_bounds, shard_path
+from spa.schemas import RESPONSES_WRITTEN
 from spa.stages.runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "sample"]
-RESPONSES_SCHEMA = pa.schema(list(RESPONSES.schema) + [
-    pa.field("backend", pa.string()),
-    # what the judge's ``policy_logps: from_sampling`` reuses (issue P3): the sampled ids (stop token included
-    # when finished), the sum of their raw log-probs under pi_{t-1}, and the precision they were computed in
-    pa.field("token_ids", pa.list_(pa.list_(pa.int32()))),
-    pa.field("sampled_logps", pa.list_(pa.float64())),
-    pa.field("logp_dtype", pa.string()),
-])
 
 
 def spec_from(cfg: SPAConfig):
@@ -53,7 +46,7 @@ def sample_worker(cfg: SPAConfig, t: int, shard: tuple[int, int] | None = None) 
     """Sample (a shard of) ``X_t`` with ``pi_{t-1}`` into ``responses.parquet`` (or its shard file)."""
     from spa.models.sampling import choose_backend, make_sampler
 
-    layout = RunLayout(Path(cfg.run_dir))
+    layout = RunLayout.of(cfg)
     prompts_path = layout.prompts(t)
     start, stop = shard_bounds(num_rows(prompts_path), shard, cfg.sample.chunk_rows)
     out = layout.responses(t) if shard is None else shard_path(layout.responses(t), shard)
@@ -63,7 +56,7 @@ def sample_worker(cfg: SPAConfig, t: int, shard: tuple[int, int] | None = None) 
     # a model inside the run directory is named relative to it, so a moved run keeps its artifacts' hashes
     model_id = str(policy.relative_to(layout.root)) if policy.is_relative_to(layout.root) else str(policy)
     bar = tqdm(total=stop - start, desc=f"sample iter {t}", unit="prompt")
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, RESPONSES_SCHEMA) as writer:
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, RESPONSES_WRITTEN) as writer:
         for _, chunk in iter_chunks(prompts_path, "prompts", cfg.sample.chunk_rows, start, stop):
             samples = sampler(chunk.column("prompt").to_pylist())
             writer.write_table(pa.table({
@@ -77,7 +70,7 @@ def sample_worker(cfg: SPAConfig, t: int, shard: tuple[int, int] | None = None) 
                 "token_ids": pa.array([s.token_ids for s in samples], pa.list_(pa.list_(pa.int32()))),
                 "sampled_logps": pa.array([s.logps for s in samples], pa.list_(pa.float64()), from_pandas=True),
                 "logp_dtype": pa.array([sampler.logp_dtype] * len(samples), pa.string()),
-            }, schema=RESPONSES_SCHEMA))
+            }, schema=RESPONSES_WRITTEN))
             bar.update(chunk.num_rows)
     bar.close()
 
@@ -99,7 +92,7 @@ def _summary(path: Path) -> dict[str, Any]:
 def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | None = None,
         merge: int | None = None) -> StageResult:
     """Sample iteration ``t`` whole, one shard of it (``shard="i/N"``), or merge ``merge`` shards."""
-    layout = RunLayout(Path(cfg.run_dir))
+    layout = RunLayout.of(cfg)
     prompts = require(layout.prompts(t), f"prompt set X_{t}", "spa prepare")
     policy = require(model_dir(cfg, t - 1), f"pi_{t-1}", "spa seed" if t == 1 else f"spa train --iteration {t-1}")
     part = parse_shard(shard) if shard else None
@@ -125,7 +118,7 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
                 sample_worker(cfg, t, part)
             return _summary(out)
 
-    key = f"sample/{t}" if part is None else shard_key(f"sample/{t}", part)
+    key = Stage.SAMPLE.key(t, part)
     output = final if part is None else shard_path(final, part)
     return run_stage(cfg, key, [prompts, policy], SECTIONS, [output], body,
                      extra_key={"iteration": t}, force=force, echo=echo)

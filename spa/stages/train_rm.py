@@ -13,16 +13,20 @@ from typing import Any
 from spa.config import SPAConfig
 from spa.run.artifacts import read_table
 from spa.run.layout import RunLayout
+from spa.run.manifest import Stage
 from spa.stages.runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "judge"]
-EPOCHS, LR = 3, 1e-4
 
 
-def run(cfg: SPAConfig, force: bool = False, echo=print, epochs: int = EPOCHS, lr: float = LR) -> StageResult:
+def run(cfg: SPAConfig, force: bool = False, echo=print, epochs: int | None = None,
+        lr: float | None = None) -> StageResult:
+    """Train the reward model (``epochs``/``lr``: the command line's overrides of judge.rm_epochs / rm_learning_rate)."""
+    epochs = cfg.judge.rm_epochs if epochs is None else epochs
+    lr = cfg.judge.rm_learning_rate if lr is None else lr
     if not cfg.judge.reward_model:
         raise ValueError("spa train-rm writes to judge.reward_model: set it in the config")
-    layout = RunLayout(Path(cfg.run_dir))
+    layout = RunLayout.of(cfg)
     seed = require(layout.seed, "the seed set", "spa prepare")
     out = Path(cfg.judge.reward_model)
 
@@ -35,5 +39,5 @@ def run(cfg: SPAConfig, force: bool = False, echo=print, epochs: int = EPOCHS, l
             table.column("rejected").to_pylist(), epochs=epochs, lr=lr, batch_size=cfg.judge.batch_size,
             max_length=cfg.model.max_length, seed=cfg.train.seed, trust_remote_code=cfg.model.trust_remote_code)
 
-    return run_stage(cfg, "train-rm", [seed, Path(cfg.model.pi_init)], SECTIONS, [out], body,
+    return run_stage(cfg, Stage.TRAIN_RM.key(), [seed, Path(cfg.model.pi_init)], SECTIONS, [out], body,
                      extra_key={"epochs": epochs, "lr": lr}, force=force, echo=echo)

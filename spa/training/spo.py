@@ -1,4 +1,4 @@
-"""SPO: Self-supervised Preference Optimization (Li et al.; VARIANTS.md section 1).
+"""SPO: Self-supervised Preference Optimization (Li et al.; docs/variants.md section 1).
 
 Key phrases (RAKE) are removed from each training response by masking their tokens; a head on the
 policy's last hidden states of the remaining response tokens predicts how many were removed (class
@@ -8,7 +8,7 @@ dispreferred responses (SPO Eq. 4-7)::
     loss = L_align + gamma * (CE_pref + CE_dispref)
 
 The hidden states come from the policy's ordinary forward pass (no extra pass). Decisions of
-VARIANTS.md 1.6: per-token MLP (Linear-ReLU-Linear-ReLU, width ``min(d, 1024)``) on hidden state plus
+docs/variants.md 1.6: per-token MLP (Linear-ReLU-Linear-ReLU, width ``min(d, 1024)``) on hidden state plus
 sinusoidal position encoding (positions re-indexed over the kept tokens), mean over kept tokens,
 then a linear layer to ``N`` classes; fp32; a response with fewer than ``c + 1`` key phrases is left
 out of that head's loss for the step. Written by hand: no library has SPO.
@@ -16,19 +16,10 @@ out of that head's loss for the step. Written by hand: no library has SPO.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class SPOSettings:
-    n_classes: int = 5
-    gamma: float = 0.1
-    head_lr: float = 1e-4
-    width: int = 1024
-    draw: str = "uniform"  # uniform: c in 0..N-1 (paper); available: c in 0..min(N, phrases)-1
+from spa.config import SPOConfig
 
 
 def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -61,7 +52,7 @@ class RemovalHead(nn.Module):
 
 
 class SPOHeads(nn.Module):
-    def __init__(self, hidden: int, settings: SPOSettings):
+    def __init__(self, hidden: int, settings: SPOConfig):
         super().__init__()
         self.pref = RemovalHead(hidden, settings.n_classes, settings.width)
         self.dispref = RemovalHead(hidden, settings.n_classes, settings.width)
@@ -71,7 +62,7 @@ def draw_removals(spans: list[list[list[int]]], n_classes: int, gen: torch.Gener
                   ) -> tuple[list[int], list[set[int]], list[bool]]:
     """Per response: the class ``c`` (``c + 1`` phrases removed), the token indices to mask, and whether
     the response has enough key phrases to take part. ``draw="available"`` draws ``c`` only among the
-    classes the response can support (VARIANTS.md 1.6, item 5's option)."""
+    classes the response can support (docs/variants.md 1.6, item 5's option)."""
     classes, masked, usable = [], [], []
     for phrases in spans:
         top = n_classes if draw == "uniform" else max(1, min(n_classes, len(phrases)))

@@ -1,0 +1,198 @@
+"""The training process of one round: set up, train, save (the shape of torchtune's recipes).
+
+``train_worker`` runs in the stage's own process, or once per device under ``torchrun`` when
+``train.num_processes > 1`` (gloo on CPU); this module is then the workers' entry point
+(``python -m spa.stages.train_worker``). What the round does is decided in
+:func:`spa.training.rounds.resolve_round`; this module only carries it out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from spa.config import SPAConfig, load_config
+from spa.run.artifacts import write_table
+from spa.run.layout import RunLayout
+from spa.stages.train_data import load_training_set, reference_logps_once
+from spa.training.rounds import TrainRound, resolve_round
+
+
+def _device() -> str:
+    import torch
+
+    return "cpu" if not torch.cuda.is_available() else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def load_models(cfg: SPAConfig, rnd: TrainRound):
+    """The policy (a LoRA adapter on it when configured) and, only where the loss needs its logits and
+    they are not precomputed, a frozen reference copy (docs/algorithm.md, "Which reference where")."""
+    from spa.models.loading import load_causal_lm
+    from spa.training.pairs import disable_dropout
+
+    tc, trust = cfg.train, cfg.model.trust_remote_code
+    policy = load_causal_lm(rnd.start, "float32", _device(), trust)
+    disable_dropout(policy)
+    ref_model = None
+    if tc.lora is not None:  # the reference is the base weights with the adapter disabled
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(
+            r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
+            target_modules=tc.lora.target_modules, task_type="CAUSAL_LM",
+        ))
+    elif not rnd.precompute_reference:
+        ref_model = load_causal_lm(rnd.start, "auto" if rnd.bf16 else "float32", _device(), trust)
+        disable_dropout(ref_model)
+        ref_model.requires_grad_(False)
+    policy.train()
+    return policy, ref_model
+
+
+def training_arguments(cfg: SPAConfig, rnd: TrainRound, output_dir: Path):
+    """transformers' ``TrainingArguments`` of the round: every optimiser setting comes from ``train:``."""
+    import torch
+    from transformers import TrainingArguments
+
+    tc = cfg.train
+    return TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=tc.micro_batch_size,
+        gradient_accumulation_steps=tc.gradient_accumulation_steps, learning_rate=tc.learning_rate,
+        num_train_epochs=rnd.epochs, lr_scheduler_type=tc.lr_scheduler,
+        warmup_steps=tc.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        optim="adamw_torch", weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, logging_steps=1,
+        save_strategy="steps", save_steps=tc.save_steps, save_total_limit=1, report_to=[], seed=tc.seed,
+        data_seed=tc.seed, bf16=rnd.bf16, gradient_checkpointing=tc.gradient_checkpointing,
+        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if not torch.cuda.is_available() and _world() > 1 else None, disable_tqdm=False,
+    )
+
+
+def setup(cfg: SPAConfig, rnd: TrainRound, run_key: str):
+    """Tokenizer, pairs, models and a ``RefinedDPOTrainer`` resumed from this run's own last checkpoint."""
+    import torch
+
+    from spa.models.rendering import load_tokenizer
+    from spa.training.checkpoints import STATE_FILE, latest_checkpoint, prepare_checkpoint_dir
+    from spa.training.pairs import PairCollator, PairDataset
+    from spa.training.trainer import SPO_HEADS, RefinedDPOTrainer
+
+    tok = load_tokenizer(rnd.start, cfg.model.trust_remote_code)
+    pairs, emb = load_training_set(cfg, rnd)
+    if not pairs["prompt"]:
+        raise ValueError(f"iteration {rnd.t}: no training pairs (all ties or dropped)")
+    dataset = PairDataset(tok, pairs["prompt"], pairs["chosen"], pairs["rejected"], cfg.model.max_length,
+                          pairs.get("chosen_finished"), pairs.get("rejected_finished"), prompt_emb=emb,
+                          key_phrases=rnd.loss.kind.needs_key_phrases)
+    policy, ref_model = load_models(cfg, rnd)
+    ckpt_dir = RunLayout.of(cfg).checkpoints(rnd.t)
+    args = training_arguments(cfg, rnd, ckpt_dir)
+    # TrainingArguments has set up the process group: rank 0 vets the checkpoints, then all read them
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_checkpoint_dir(ckpt_dir, run_key)
+    if _world() > 1:
+        torch.distributed.barrier()
+    if rnd.precompute_reference:  # before any step: the policy still holds the reference's weights
+        dataset.ref_logps = reference_logps_once(cfg, rnd, run_key, policy, dataset, tok.pad_token_id)
+    resume = latest_checkpoint(ckpt_dir)
+    state = json.loads((resume / STATE_FILE).read_text()) if resume and (resume / STATE_FILE).exists() else None
+    trainer = RefinedDPOTrainer(
+        model=policy, args=args, train_dataset=dataset, data_collator=PairCollator(tok.pad_token_id),
+        ref_model=ref_model, beta=cfg.train.beta, refine=rnd.refine, resume_state=state, loss=rnd.loss,
+        group_by_length=cfg.train.group_by_length,
+    )
+    if trainer.spo_heads is not None and resume is not None and (resume / SPO_HEADS).exists():
+        from safetensors.torch import load_file
+
+        trainer.spo_heads.load_state_dict(load_file(str(resume / SPO_HEADS)))
+    return trainer, tok, pairs["prompt_id"], resume
+
+
+def save(cfg: SPAConfig, rnd: TrainRound, trainer, tok, prompt_ids: list[str]) -> None:
+    """Rank 0 writes pi_t (LoRA merged), the train log, the refinement flags and SPO's heads."""
+    from spa.training.trainer import gather_samples, rows_to_table, samples_to_table
+
+    layout = RunLayout.of(cfg)
+    trainer.accelerator.wait_for_everyone()
+    samples = gather_samples(trainer.samples)
+    if trainer.is_world_process_zero():
+        _save_model(trainer, tok, layout.model(rnd.t), cfg.train.lora is not None)
+        if trainer.refine is not None:
+            write_table(samples_to_table(samples, prompt_ids), layout.refinement(rnd.t), "refinement")
+        write_table(rows_to_table(trainer.rows), layout.train_log(rnd.t), "train_log")
+        if trainer.spo_heads is not None:
+            from safetensors.torch import save_file
+
+            save_file(trainer.spo_heads.state_dict(), str(layout.spo_heads(rnd.t)))
+    trainer.accelerator.wait_for_everyone()
+
+
+def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
+    """Train ``pi_t`` (in this process; one of several under torchrun)."""
+    rnd = resolve_round(cfg, t)
+    trainer, tok, prompt_ids, resume = setup(cfg, rnd, run_key)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    save(cfg, rnd, trainer, tok, prompt_ids)
+
+
+def _save_model(trainer, tok, target: Path, lora: bool) -> None:
+    """Save ``pi_t`` as a full safetensors model (a LoRA adapter is merged), atomically as a directory."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if lora:
+        model = model.merge_and_unload()
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def launch(cfg: SPAConfig, t: int, run_key: str, config_path: Path) -> None:
+    """Run ``train_worker`` in ``train.num_processes`` processes under torchrun; a failure says why."""
+    n = cfg.train.num_processes
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "spa.stages.train_worker", "--config", str(config_path), "--iteration", str(t), "--run-key", run_key]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # stderr is passed through live (progress bars) and its tail is kept: a failed launch then
+    # says why in the exception itself, not only somewhere up in a long log
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed training ({n} processes) failed with exit code {proc.returncode}; "
+                           f"last lines of the workers' stderr:\n{''.join(tail)}")
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="SPA training worker (one process of a torchrun launch)")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--iteration", type=int, required=True)
+    parser.add_argument("--run-key", required=True)
+    ns = parser.parse_args()
+    train_worker(load_config(ns.config), ns.iteration, ns.run_key)
+    # Every artifact is written (atomically, by rank 0) and every rank passed the final barrier.
+    # Leave without interpreter teardown: on CPU/gloo a worker can abort in C++ destructors at
+    # exit ("terminate called without an active exception", SIGABRT) after the work succeeded,
+    # which torchrun reports as a failed launch (seen about 1 run in 15 on 2 cores).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    _main()
