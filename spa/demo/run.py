@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from spa.config import ModelConfig, SampleConfig
 from spa.demo.policy import train_pi_init
 from spa.demo.world import FEATURES, features, make_prompts, score
 from spa.models.sampling import SamplingSpec, TransformersSampler
@@ -67,8 +68,10 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
     else:
         echo("[demo] training pi_init on mixed-quality demonstrations ...")
         pi_init = train_pi_init(world / "pi_init", num_demos=sizes.sft_demos, seed=seed)
-    sampler = TransformersSampler(pi_init, SamplingSpec(n=2, max_new_tokens=MAX_NEW_TOKENS, max_length=MAX_LENGTH[preset],
-                                                        batch_size=64, seed=seed, dtype="float32"))
+    spec = SamplingSpec.from_config(SampleConfig(), ModelConfig(pi_init=str(pi_init), max_length=MAX_LENGTH[preset],
+                                                                dtype="float32"), n=2, max_new_tokens=MAX_NEW_TOKENS,
+                                    batch_size=64, seed=seed)
+    sampler = TransformersSampler(pi_init, spec)
     n_data = sizes.seed_pairs + sizes.heldout_pairs + sizes.iterations * sizes.prompts_per_iteration
     prompts = make_prompts(n_data + sizes.eval_prompts, seed=seed)
     data_prompts, eval_prompts = prompts[:n_data], prompts[n_data:]

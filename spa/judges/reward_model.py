@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from spa.models.loading import ModelLoadError, default_device, resolve_dtype
+from spa.errors import ModelLoadError
+from spa.models.loading import default_device, resolve_dtype, save_model_dir
 from spa.models.logprobs import collate, encode_pair, length_sorted_batches
 
 
@@ -73,8 +74,6 @@ def train_reward_model(base: str | Path, out: Path, prompts, chosen, rejected, e
     Written by hand (a few lines of loop): transformers has no pairwise reward trainer; TRL's would be a
     dependency for this one step. Saves safetensors + tokenizer to ``out`` atomically.
     """
-    import os
-    import shutil
 
     from transformers import AutoModelForSequenceClassification
 
@@ -108,12 +107,6 @@ def train_reward_model(base: str | Path, out: Path, prompts, chosen, rejected, e
                 losses.append(loss.item())
                 correct += float((sc > sr).sum())
                 bar.update(1)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    save_model_dir(model, tok, out)
     return {"pairs": n, "epochs": epochs, "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None, "last_epoch_accuracy": correct / max(1, n)}

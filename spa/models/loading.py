@@ -64,3 +64,20 @@ def load_causal_lm(
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{path}: cannot load the model safely ({exc})") from exc
     return model.to(device).eval()
+
+
+def save_model_dir(model: PreTrainedModel, tok, target: Path) -> Path:
+    """Save weights (safetensors) and tokenizer as ``target``, atomically: a crash leaves the old directory
+    or none, never a half-written one (written beside it, then renamed into place)."""
+    import os
+    import shutil
+
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target

@@ -19,23 +19,36 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from spa.config import ModelConfig, SampleConfig
+
 from spa.errors import BackendUnavailable  # noqa: F401 - raised here, defined without torch for the CLI
 from spa.models.rendering import load_tokenizer, prompt_ids, stop_token_ids
 
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    n: int = 2
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 300
-    seed: int = 0
-    batch_size: int = 16
-    max_length: int = 1024
-    gpu_memory_utilization: float = 0.9
-    max_num_batched_tokens: int | None = None
-    dtype: str = "auto"
-    trust_remote_code: bool = False
+    """What a sampler needs, taken from the config (``sample:`` and ``model:``; no defaults of its own)."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    batch_size: int
+    max_length: int
+    gpu_memory_utilization: float
+    max_num_batched_tokens: int | None
+    dtype: str
+    trust_remote_code: bool
+
+    @classmethod
+    def from_config(cls, sample: SampleConfig, model: ModelConfig, **overrides) -> SamplingSpec:
+        """``sample``'s settings with ``model``'s length, dtype and trust flag; ``overrides`` replace fields."""
+        fields = {name: getattr(sample, name) for name in ("n", "temperature", "top_p", "max_new_tokens", "seed",
+                                                           "batch_size", "gpu_memory_utilization",
+                                                           "max_num_batched_tokens")}
+        fields |= {"max_length": model.max_length, "dtype": model.dtype, "trust_remote_code": model.trust_remote_code}
+        return cls(**(fields | overrides))
 
 
 @dataclass

@@ -125,9 +125,8 @@ def _answer(cfg: SPAConfig, t: int, model: Path, prompts: list[str], echo):
     from spa.models.sampling import SamplingSpec, make_sampler, vllm_available
 
     ec = cfg.evaluate
-    spec = SamplingSpec(n=1, temperature=ec.temperature, max_new_tokens=ec.max_new_tokens, seed=cfg.sample.seed,
-                        batch_size=ec.batch_size, max_length=cfg.model.max_length, dtype=cfg.model.dtype,
-                        trust_remote_code=cfg.model.trust_remote_code)
+    spec = SamplingSpec.from_config(cfg.sample, cfg.model, n=1, temperature=ec.temperature,
+                                    max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size)
     backend = cfg.sample.backend if cfg.sample.backend != "vllm" or vllm_available() else "transformers"
     if backend != cfg.sample.backend:
         echo(f"[evaluate/{t}] vLLM is not importable here; answering with the transformers backend")

@@ -33,13 +33,7 @@ SECTIONS = ["model", "sample"]
 def spec_from(cfg: SPAConfig):
     from spa.models.sampling import SamplingSpec
 
-    s = cfg.sample
-    return SamplingSpec(
-        n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=s.seed,
-        batch_size=s.batch_size, max_length=cfg.model.max_length, gpu_memory_utilization=s.gpu_memory_utilization,
-        max_num_batched_tokens=s.max_num_batched_tokens, dtype=cfg.model.dtype,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    return SamplingSpec.from_config(cfg.sample, cfg.model)
 
 
 def sample_worker(cfg: SPAConfig, t: int, shard: tuple[int, int] | None = None) -> None:

@@ -12,7 +12,6 @@ import argparse
 import collections
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,13 +149,9 @@ def _save_model(trainer, tok, target: Path, lora: bool) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     if lora:
         model = model.merge_and_unload()
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    from spa.models.loading import save_model_dir
+
+    save_model_dir(model, tok, target)
 
 
 def launch(cfg: SPAConfig, t: int, run_key: str, config_path: Path) -> None:
