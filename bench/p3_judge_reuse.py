@@ -70,12 +70,12 @@ def compare(full: Path, reused: Path, responses: Path, tok) -> dict:
     from spa.models.rendering import response_ids
 
     f, r = pq.read_table(full).to_pylist(), pq.read_table(reused).to_pylist()
-    resp = pq.read_table(responses, columns=["responses", "finish_reasons", "token_ids"]).to_pylist()
+    resp = pq.read_table(responses, columns=["prompt", "responses", "finish_reasons", "token_ids"]).to_pylist()
     agree, disagreements, gaps, round_trip = 0, [], [], 0
     for a, b, s in zip(f, r, resp, strict=True):
         same = (a["chosen_index"], a["tie"]) == (b["chosen_index"], b["tie"])
         agree += same
-        trips = all(response_ids(tok, y, why == "stop") == ids
+        trips = all(response_ids(tok, s["prompt"], y, why == "stop") == ids
                     for y, why, ids in zip(s["responses"], s["finish_reasons"], s["token_ids"], strict=True))
         round_trip += trips
         for side in ("chosen", "rejected"):

@@ -32,7 +32,7 @@ def test_prompt_has_exactly_one_bos_and_generation_prompt(tok):
 
 def test_eot_only_for_finished_responses(tok):
     assert eot_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
-    fin, cut = response_ids(tok, "apple banana", True), response_ids(tok, "apple banana", False)
+    fin, cut = response_ids(tok, "q", "apple banana", True), response_ids(tok, "q", "apple banana", False)
     assert fin == cut + [eot_id(tok)]
     assert eot_id(tok) not in cut
 
@@ -64,7 +64,7 @@ def test_pickled_weights_are_refused(tmp_path, tiny_model_dir, model):
 def dense_logp(model, tok, prompt, response, finished):
     """Straightforward reference: one unpadded sequence, full log-softmax."""
     p = prompt_ids(tok, prompt)
-    r = response_ids(tok, response, finished)
+    r = response_ids(tok, prompt, response, finished)
     ids = torch.tensor([p + r])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)

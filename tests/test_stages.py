@@ -13,7 +13,7 @@ import yaml
 from conftest import copy_without_chat_template, dense_logp_of_ids, tiny_config
 
 from spa.models.loading import load_causal_lm
-from spa.models.rendering import load_tokenizer, prompt_ids, response_ids
+from spa.models.rendering import eot_id, load_tokenizer, prompt_ids, response_ids
 from spa.run.artifacts import read_table
 from spa.run.layout import RunLayout
 
@@ -81,7 +81,7 @@ def test_responses_record_finish_reasons_and_counts(chained):
 
 
 def _dense_logp(model, tok, prompt, response, finished):
-    return dense_logp_of_ids(model, prompt_ids(tok, prompt), response_ids(tok, response, finished))
+    return dense_logp_of_ids(model, prompt_ids(tok, prompt), response_ids(tok, prompt, response, finished))
 
 
 def test_judge_p_chosen_recomputed_independently(chained):
@@ -99,6 +99,29 @@ def test_judge_p_chosen_recomputed_independently(chained):
         p = 1 / (1 + math.exp(-(rc - rr)))
         assert row["p_chosen"] == pytest.approx(p, abs=1e-5)
         assert row["p_chosen"] >= 0.5
+
+
+def test_judged_lengths_have_one_definition(chained):
+    """|y| (Eq. 13's length, chosen_tokens/rejected_tokens) is the response's tokens without the end-of-turn
+    token, finished or not: the count ``responses.parquet`` records for the same text."""
+    import pyarrow as pa
+
+    from spa.stages.judge import judge_rows
+    from spa.stages.judge_scoring import Judges
+
+    cfg, _, _ = chained
+    lay = RunLayout(cfg.run_dir)
+    tok = load_tokenizer(lay.model(0))
+    rows = pa.table({"prompt_id": ["a", "b"], "prompt": ["q1", "q2"],
+                     "responses": [["apple pie", "banana"], ["cherry and grape", "x y z"]],
+                     "finish_reasons": [["stop", "length"], ["length", "stop"]]})
+    judged = judge_rows(rows, Judges(cfg, 1), cfg, 1).to_pylist()
+    judged += read_table(lay.judgments(1), "judgments").to_pylist()
+    sides = [r[f"{s}_finished"] for r in judged for s in ("chosen", "rejected")]
+    assert any(sides) and not all(sides)
+    for row in judged:
+        for side in ("chosen", "rejected"):
+            assert row[f"{side}_tokens"] == len(response_ids(tok, row["prompt"], row[side], False)), row
 
 
 def test_seed_loss_starts_at_ln2_and_decreases(chained):
@@ -197,7 +220,7 @@ def test_sampler_records_raw_logps_of_the_sampled_ids(chained):
     lay = RunLayout(cfg.run_dir)
     rows = read_table(lay.responses(1), "responses").to_pylist()
     policy, tok = load_causal_lm(lay.model(0), "float32", "cpu"), load_tokenizer(lay.model(0))
-    end = response_ids(tok, "", True)[-1]
+    end = eot_id(tok)
     checked = 0
     for row in rows[:6]:
         assert row["logp_dtype"] == "float32"
@@ -259,7 +282,7 @@ def test_judge_reusing_sampled_logps_agrees_with_rescoring(chained, tmp_path):
     policy, tok = load_causal_lm(lay.model(0), "float32", "cpu"), load_tokenizer(lay.model(0))
     # (1) the tiny model's own samples: partial UTF-8 bytes, which rarely survive decode + encode
     rows = table.to_pylist()
-    expected = sum(response_ids(tok, y, why == "stop") != ids for row in rows for y, why, ids in
+    expected = sum(response_ids(tok, row["prompt"], y, why == "stop") != ids for row in rows for y, why, ids in
                    zip(row["responses"], row["finish_reasons"], row["token_ids"], strict=True))
     stats = {}
     _assert_same_judgments(full, _judge_with(cfg, tmp_path, lay.responses(1), stats, policy_logps="from_sampling")
@@ -269,7 +292,7 @@ def test_judge_reusing_sampled_logps_agrees_with_rescoring(chained, tmp_path):
     ids_col, logp_col = [], []
     for row in rows:
         fins = [r == "stop" for r in row["finish_reasons"]]
-        ids_col.append([response_ids(tok, y, f) for y, f in zip(row["responses"], fins, strict=True)])
+        ids_col.append([response_ids(tok, row["prompt"], y, f) for y, f in zip(row["responses"], fins, strict=True)])
         logp_col.append([_dense_logp(policy, tok, row["prompt"], y, f) for y, f in zip(row["responses"], fins,
                                                                                         strict=True)])
     table = table.set_column(table.schema.get_field_index("token_ids"), "token_ids",

@@ -185,8 +185,8 @@ def test_reference_logps_computed_once_and_no_reference_model_loaded(tmp_path, t
     model = real(tiny_model_dir, "float32", "cpu")
     for r, pair in list(zip(ref, seed, strict=True))[:3]:
         p = prompt_ids(tok, pair["prompt"])
-        assert r["ref_logp_chosen"] == pytest.approx(dense_logp_of_ids(model, p, response_ids(tok, pair["chosen"], True)), abs=1e-4)
-        assert r["ref_logp_rejected"] == pytest.approx(dense_logp_of_ids(model, p, response_ids(tok, pair["rejected"], True)), abs=1e-4)
+        assert r["ref_logp_chosen"] == pytest.approx(dense_logp_of_ids(model, p, response_ids(tok, pair["prompt"], pair["chosen"], True)), abs=1e-4)
+        assert r["ref_logp_rejected"] == pytest.approx(dense_logp_of_ids(model, p, response_ids(tok, pair["prompt"], pair["rejected"], True)), abs=1e-4)
     assert not (RunLayout(tmp_path / "online").reference_logps(0)).exists()
     # DND needs the reference's full logits: iterations with lambda > 0 keep the reference model
     assert resolve_round(cfg, 0).precompute_reference and not resolve_round(cfg, 1).precompute_reference

@@ -41,8 +41,10 @@ def load_reward_model(path: str | Path, dtype: str = "auto", trust_remote_code: 
     return model.to(device).eval(), load_tokenizer(path, trust_remote_code)
 
 
-def _scores(model, tok, prompts, responses, batch_size, max_length, grad=False) -> torch.Tensor:
-    encoded = [encode_pair(tok, p, r, True, max_length, row=i) for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
+def _scores(model, tok, prompts, responses, batch_size, max_length, grad=False, finished=None) -> torch.Tensor:
+    fins = finished if finished is not None else [True] * len(responses)
+    encoded = [encode_pair(tok, p, r, f, max_length, row=i)
+               for i, (p, r, f) in enumerate(zip(prompts, responses, fins, strict=True))]
     out = torch.zeros(len(encoded), dtype=torch.float32)
     device = next(model.parameters()).device
     parts = []
@@ -61,9 +63,10 @@ def _scores(model, tok, prompts, responses, batch_size, max_length, grad=False) 
 
 
 def reward_scores(model, tok, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8,
-                  max_length: int | None = None) -> np.ndarray:
-    """One scalar reward per (prompt, response), float64."""
-    return _scores(model, tok, prompts, responses, batch_size, max_length).double().numpy()
+                  max_length: int | None = None, finished: Sequence[bool] | None = None) -> np.ndarray:
+    """One scalar reward per (prompt, response), float64; a truncated response (``finished`` False) is scored
+    without an end-of-turn token, as every other judge renders it."""
+    return _scores(model, tok, prompts, responses, batch_size, max_length, finished=finished).double().numpy()
 
 
 def train_reward_model(base: str | Path, out: Path, prompts, chosen, rejected, epochs: int, lr: float,

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from spa.errors import SequenceTooLongError  # noqa: F401 - raised here, defined without torch for the CLI
-from spa.models.rendering import prompt_ids, response_ids
+from spa.models.rendering import render
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,7 @@ def encode_pair(
     row: int | None = None,
 ) -> Encoded:
     """Render one pair through the shared path; longer than ``max_length`` is an error naming the row."""
-    p_ids = prompt_ids(tok, prompt)
-    r_ids = response_ids(tok, response, finished)
+    p_ids, r_ids = render(tok, prompt, response, finished)
     ids = p_ids + r_ids
     if max_length is not None and len(ids) > max_length:
         where = f"row {row}: " if row is not None else ""

@@ -5,6 +5,14 @@ token ids here: the prompt through the model's own chat template with the
 generation prompt, exactly one BOS, then the response tokens, then the
 end-of-turn token only if the response finished (a truncated response never
 gets one: docs/algorithm.md, "Truncated responses").
+
+The response's tokens are those of the whole conversation tokenized at once, as the
+model was trained and as it generates, not of the response alone: SentencePiece
+tokenizers (Llama 2, Mistral, Zephyr) start a text tokenized alone with a word-boundary
+piece (``'▁Hello'``) that the same text after the prompt's newline does not get
+(``'Hello'``). Only where the tokenizer merges across the prompt's end (the joint ids
+do not start with the prompt's ids) are the response's own ids used: generation
+conditions on the prompt's ids, so a token spanning the boundary cannot occur.
 """
 
 from __future__ import annotations
@@ -55,15 +63,32 @@ def prompt_text(tok: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def prompt_ids(tok: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
-    """Token ids of the rendered prompt with exactly one BOS (when the model uses one)."""
-    ids = tok(prompt_text(tok, prompt), add_special_tokens=False)["input_ids"]
+def _with_one_bos(tok: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
     bos = tok.bos_token_id
     if bos is not None and _adds_bos_by_default(tok):
         while ids and ids[0] == bos:  # template already wrote it, maybe twice (trl#1591)
             ids = ids[1:]
         ids = [bos] + ids
     return ids
+
+
+def prompt_ids(tok: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
+    """Token ids of the rendered prompt with exactly one BOS (when the model uses one)."""
+    return _with_one_bos(tok, tok(prompt_text(tok, prompt), add_special_tokens=False)["input_ids"])
+
+
+def render(tok: PreTrainedTokenizerBase, prompt: Prompt, response: str, finished: bool = True
+           ) -> tuple[list[int], list[int]]:
+    """``(prompt ids, response ids)`` of one conversation: the joint tokenization of prompt + response (module
+    docstring), then the end-of-turn token only when the response finished."""
+    text = prompt_text(tok, prompt)
+    p_ids = _with_one_bos(tok, tok(text, add_special_tokens=False)["input_ids"])
+    joint = _with_one_bos(tok, tok(text + response, add_special_tokens=False)["input_ids"])
+    if joint[: len(p_ids)] == p_ids:
+        r_ids = joint[len(p_ids):]
+    else:  # a token would span the prompt's end: the model, conditioned on the prompt's ids, cannot make it
+        r_ids = tok(response, add_special_tokens=False)["input_ids"]
+    return p_ids, r_ids + [eot_id(tok)] if finished else r_ids
 
 
 def _find_eot_id(tok: PreTrainedTokenizerBase) -> int:
@@ -91,10 +116,9 @@ def eot_id(tok: PreTrainedTokenizerBase) -> int:
     return cached
 
 
-def response_ids(tok: PreTrainedTokenizerBase, response: str, finished: bool = True) -> list[int]:
-    """Response token ids, plus the end-of-turn token only when the response finished."""
-    ids = tok(response, add_special_tokens=False)["input_ids"]
-    return ids + [eot_id(tok)] if finished else ids
+def response_ids(tok: PreTrainedTokenizerBase, prompt: Prompt, response: str, finished: bool = True) -> list[int]:
+    """The response's token ids after ``prompt`` (:func:`render`), end-of-turn token only when it finished."""
+    return render(tok, prompt, response, finished)[1]
 
 
 def stop_token_ids(tok: PreTrainedTokenizerBase) -> list[int]:

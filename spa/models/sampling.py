@@ -159,6 +159,10 @@ class TransformersSampler:
             max_new_tokens=spec.max_new_tokens, num_return_sequences=spec.n, eos_token_id=sorted(self.stops),
             pad_token_id=self.tok.pad_token_id, repetition_penalty=1.0, bos_token_id=self.tok.bos_token_id,
         )
+        # generate() fills what a passed config leaves unset from the model's own generation_config.json
+        # (min_p, no_repeat_ngram_size, min_new_tokens...), and those processors would run before the raw
+        # log-prob recorder: replace the model's defaults with ours, as vLLM's backend does (generation_config="vllm")
+        self.model.generation_config = copy.deepcopy(self.gen)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence, progress: str | None = None, max_new_tokens: int | None = None) -> list[Samples]:

@@ -19,6 +19,12 @@ from spa.errors import UntrustedSampledLogps
 from spa.run.layout import model_dir
 
 
+def response_lengths(rendered_counts, finished) -> np.ndarray:
+    """|y| of Eq. 13 and of ``chosen_tokens``/``rejected_tokens``: the response's tokens without the end-of-turn
+    token, for every judge (a rendered finished response carries one more token than its text)."""
+    return np.asarray(rendered_counts, np.int32) - np.asarray(finished, np.int32)
+
+
 def reference_dir(cfg: SPAConfig, t: int) -> Path | None:
     """The judge's reference: pi_init (paper), pi_{t-1}'s predecessor, or none."""
     if cfg.judge.reference == "none":
@@ -132,6 +138,7 @@ class Judges:
     def score(self, prompts: list[str], cands: list[list[str]], fins: list[list[bool]],
               sampled: Sampled | None = None) -> Scores:
         from spa.models.logprobs import sequence_logps
+        from spa.models.rendering import render
 
         cfg = self.cfg
         n, k = len(prompts), len(cands[0]) if cands else 2
@@ -145,15 +152,16 @@ class Judges:
                 raise ValueError("judge.policy_logps: from_sampling needs the sampled log-probs of each chunk")
             return self._score_reused(flat_p, flat_y, flat_f, sampled, n, k)
         if self.policy is not None:
-            pol, lens = sequence_logps(self.policy, self.tok, flat_p, flat_y, flat_f, bs, ml)
+            pol, counts = sequence_logps(self.policy, self.tok, flat_p, flat_y, flat_f, bs, ml)
+            lens = response_lengths(counts, flat_f)
             ref = sequence_logps(self.ref, self.tok, flat_p, flat_y, flat_f, bs, ml)[0] if self.ref is not None else nan
             reward = cfg.judge.beta * (pol - ref) if self.ref is not None else cfg.judge.beta * pol
             return Scores(reward.reshape(n, k), pol.reshape(n, k), ref.reshape(n, k), lens.reshape(n, k))
-        lens = np.array([len(self.tok(y, add_special_tokens=False)["input_ids"]) for y in flat_y], np.int32)
+        lens = np.array([len(render(self.tok, p, y, False)[1]) for p, y in zip(flat_p, flat_y, strict=True)], np.int32)
         if self.rm is not None:
             from spa.judges.reward_model import reward_scores
 
-            reward = reward_scores(self.rm, self.rm_tok, flat_p, flat_y, bs, ml)
+            reward = reward_scores(self.rm, self.rm_tok, flat_p, flat_y, bs, ml, finished=flat_f)
             return Scores(reward.reshape(n, k), nan.reshape(n, k), nan.reshape(n, k), lens.reshape(n, k))
         from spa.judges.llm import pairwise_preference
 
@@ -184,7 +192,7 @@ class Judges:
                                       cfg.judge.batch_size)[0]
         self.stats["responses"] += len(encoded)
         self.stats["policy_rescored"] += len(redo)
-        lens = np.array([e.num_response_tokens for e in encoded], dtype=np.int32)
+        lens = response_lengths([e.num_response_tokens for e in encoded], flat_f)
         if self.ref is None:
             ref = np.full(n * k, np.nan)
             reward = cfg.judge.beta * pol
