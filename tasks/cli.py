@@ -7,6 +7,7 @@ demo world; ``spa plan`` and ``spa check-config`` read a config without loading 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -22,13 +23,29 @@ app = typer.Typer(
 )
 app.registered_commands.extend(stage_app.registered_commands)
 
+# Prefect settings for the temporary API server a flow starts when PREFECT_API_URL is unset: its telemetry
+# heartbeat writes to the same SQLite file as the flow's own state updates and, racing them, printed a
+# "database is locked" traceback in a user's first `spa demo`. A value the user set always wins.
+EMBEDDED_SERVER_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def embedded_server_defaults(environ=os.environ) -> dict[str, str]:
+    """Apply :data:`EMBEDDED_SERVER_DEFAULTS` where the user set nothing and no outside API server is named."""
+    if environ.get("PREFECT_API_URL"):
+        return {}
+    applied = {k: v for k, v in EMBEDDED_SERVER_DEFAULTS.items() if k not in environ}
+    environ.update(applied)
+    return applied
+
 
 @app.command("run")
 def run_pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),
                  shards: int = typer.Option(1, min=1, help="split sample and judge into N shards mapped over the task runner"),
                  ray_address: str = typer.Option(None, help="run tasks on a Ray cluster ('auto', 'ray://host:10001'); needs prefect-ray")) -> None:
     """Run the whole SPA pipeline as a Prefect flow (embedded API unless PREFECT_API_URL is set)."""
-    from spa.run.runlock import RunLocked
+    from spa.errors import RunLocked
+
+    embedded_server_defaults()
     from spa_flows.pipeline import pipeline_with_runner
 
     try:
@@ -42,7 +59,9 @@ def run_pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False,
 def expand(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),
            incoming: Path = typer.Option(None, help="folder of new prompt batches (default <run_dir>/incoming)")) -> None:
     """Run one more iteration per new prompt batch in the incoming folder, from the newest model."""
-    from spa.run.runlock import RunLocked
+    from spa.errors import RunLocked
+
+    embedded_server_defaults()
     from spa_flows.expand import expand as expand_flow
 
     try:
@@ -70,15 +89,16 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the world and t
     from spa.demo.arms import demo_comparison
     from spa.demo.metrics import write_demo_report
     from spa.demo.run import SMALL, WorldSizes, build_world, demo_config, write_config
+    from spa.errors import BadInput
+
+    embedded_server_defaults()
     from spa_flows.pipeline import spa_pipeline
 
     started = time.time()
     sizes = SMALL if small else WorldSizes()
-    from spa.models.smollm2 import SmolLM2Unavailable
-
     try:
         world = build_world(out / "world", seed=seed, sizes=sizes, echo=typer.echo, preset=preset)
-    except (ValueError, SmolLM2Unavailable) as exc:
+    except (ValueError, BadInput) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     config = write_config(demo_config(world, out / "run", sizes, seed=seed, iterations=iterations, preset=preset),

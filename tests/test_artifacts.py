@@ -142,3 +142,32 @@ def test_invalid_table_is_not_written(tmp_path):
     with pytest.raises(ArtifactError):
         write_table(pairs(chosen=["bad", "meh", "no"]), tmp_path / "s.parquet", "seed")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_stage_removes_the_temporaries_a_killed_attempt_left(tmp_path, tiny_model_dir, prefs_file):
+    """A SIGKILL mid-write leaves ``.<output>.<random>.tmp`` (and a model save's ``.<dir>.tmp``); the rerun of
+    the stage removes its own, and only its own."""
+    from conftest import tiny_config
+
+    from spa.run.artifacts import write_text_atomic
+    from spa.stages.runner import run_stage
+
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file)
+    out_file, out_dir = tmp_path / "run" / "iter_1" / "judgments.parquet", tmp_path / "run" / "iter_1" / "model"
+    out_dir.parent.mkdir(parents=True)
+    orphans = [out_file.parent / ".judgments.parquet.k3j4h5.tmp", out_file.parent / ".judgments.parquet.zz9.tmp"]
+    for orphan in orphans:
+        orphan.write_text("half a file")
+    (out_dir.parent / ".model.tmp").mkdir()
+    (out_dir.parent / ".model.tmp" / "model.safetensors").write_text("half a model")
+    other = out_file.parent / ".responses.parquet.abc.tmp"  # another stage's: not ours to remove
+    other.write_text("x")
+
+    def body():
+        write_text_atomic(out_file, "done")
+        out_dir.mkdir()
+        return {}
+
+    run_stage(cfg, "judge/1", [], ["judge"], [out_file, out_dir], body, echo=lambda _m: None)
+    assert not any(o.exists() for o in orphans) and not (out_dir.parent / ".model.tmp").exists()
+    assert other.exists() and out_file.read_text() == "done"

@@ -44,3 +44,18 @@ def test_console_script_is_installed():
     assert exe.exists(), f"the `spa` console script is not installed beside {sys.executable}"
     out = subprocess.run([str(exe), "version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == __import__("spa").__version__
+
+
+def test_flow_commands_quiet_the_temporary_servers_telemetry():
+    """`spa run/expand/demo` start Prefect's temporary API server when PREFECT_API_URL is unset; its telemetry
+    heartbeat races the flow on the same SQLite file ("database is locked" traceback in a first `spa demo`).
+    Off by default there; a value the user set, or an outside server, is left alone."""
+    from spa_tasks.cli import embedded_server_defaults
+
+    env: dict[str, str] = {}
+    assert embedded_server_defaults(env) == {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    mine = {"PREFECT_SERVER_ANALYTICS_ENABLED": "true"}
+    assert embedded_server_defaults(mine) == {} and mine["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
+    outside = {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}
+    assert embedded_server_defaults(outside) == {} and "PREFECT_SERVER_ANALYTICS_ENABLED" not in outside

@@ -193,3 +193,23 @@ def test_reference_logps_computed_once_and_no_reference_model_loaded(tmp_path, t
     no_dnd = cfg.model_copy(update={"train": cfg.train.model_copy(update={"refinement": cfg.train.refinement.model_copy(
         update={"decoupled": False})})})
     assert resolve_round(no_dnd, 1).precompute_reference
+
+
+def test_dnd_reference_is_loaded_in_the_policys_precision(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+    """With DND the reference model is kept in memory; it must run in exactly the policy's precision (fp32
+    weights under the same autocast), or pi_theta = pi_ref no longer gives margin 0 at step 0. On a bf16 GPU
+    ``auto`` loads bf16 weights: simulated here by making ``auto`` resolve to bf16."""
+    import dataclasses
+
+    import spa.models.loading as loading
+    from spa.stages.train_worker import load_models
+
+    real_resolve = loading.resolve_dtype
+    monkeypatch.setattr(loading, "resolve_dtype",
+                        lambda name, device="cpu": torch.bfloat16 if name == "auto" else real_resolve(name, device))
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file, train={"precision": "bf16"})
+    rnd = dataclasses.replace(resolve_round(cfg, 1), start=Path(tiny_model_dir))  # pi_0 stands in for pi_{t-1}
+    assert rnd.dnd_lambda > 0 and not rnd.precompute_reference
+    policy, ref = load_models(cfg, rnd)
+    assert ref is not None
+    assert next(ref.parameters()).dtype == next(policy.parameters()).dtype == torch.float32

@@ -9,10 +9,12 @@ partial artifact. Reads validate against :mod:`spa.schemas` and fail with an
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -56,6 +58,25 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_orphans(outputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Remove the temporaries a killed writer of ``outputs`` left behind (``.<name>.<random>.tmp`` files of
+    :func:`atomic_path`, ``.<name>.tmp`` directories of a model save); other files are never touched. A
+    stage calls this before it starts, so repeated kills do not pile up (a model's would be gigabytes)."""
+    removed = []
+    for out in map(Path, outputs):
+        if not out.parent.is_dir():
+            continue
+        for orphan in [*out.parent.glob(f".{glob.escape(out.name)}.*.tmp"), out.parent / f".{out.name}.tmp"]:
+            if orphan.is_dir():
+                shutil.rmtree(orphan, ignore_errors=True)
+            elif orphan.exists():
+                orphan.unlink(missing_ok=True)
+            else:
+                continue
+            removed.append(orphan)
+    return removed
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:

@@ -11,6 +11,7 @@ from typing import Any
 
 from spa.config import SPAConfig, save_resolved
 from spa.errors import StageInputError
+from spa.run.artifacts import remove_orphans
 from spa.run.layout import RunLayout
 from spa.run.manifest import Manifest, hash_inputs, is_up_to_date, make_entry, stage_key
 
@@ -56,6 +57,8 @@ def run_stage(
         echo(f"[{key}] up to date (same inputs and config); nothing to do")
         return StageResult(key, True, [str(o) for o in outputs], summary)
     manifest.forget(key)
+    for orphan in remove_orphans(outputs):
+        echo(f"[{key}] removed {orphan.name}, left by an interrupted earlier attempt")
     started = time.time()
     summary = body()
     missing = [str(o) for o in outputs if not Path(o).exists()]

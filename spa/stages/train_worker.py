@@ -51,7 +51,9 @@ def load_models(cfg: SPAConfig, rnd: TrainRound):
             target_modules=tc.lora.target_modules, task_type="CAUSAL_LM",
         ))
     elif not rnd.precompute_reference:
-        ref_model = load_causal_lm(rnd.start, "auto" if rnd.bf16 else "float32", _device(), trust)
+        # the reference in exactly the policy's precision (fp32 weights, the same autocast in the same forward
+        # code), so that pi_theta = pi_ref gives margin 0 at step 0; a bf16 copy would not (~0.01 nats)
+        ref_model = load_causal_lm(rnd.start, "float32", _device(), trust)
         disable_dropout(ref_model)
         ref_model.requires_grad_(False)
     policy.train()
