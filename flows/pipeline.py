@@ -9,6 +9,7 @@ from prefect import flow
 from prefect.futures import wait
 
 from spa.config import load_config
+from spa.run.preflight import preflight
 from spa.run.runlock import RunLock
 from spa_tasks import stage_tasks as stages
 
@@ -28,6 +29,7 @@ def sharded(step, merge, config: str, t: int, shards: int) -> dict[str, Any]:
 def spa_pipeline(config: str, shards: int = 1) -> str:
     """prepare -> seed -> for t in 1..T: sample -> judge -> train -> evaluate -> report."""
     cfg = load_config(config)
+    preflight(cfg, config)  # missing model folders or data: one error before any task starts (never retried)
     with RunLock(cfg.run_dir, "spa-pipeline"):
         stages.prepare(config)
         if not cfg.model.pi_0:  # no-seed mode: pi_0 is given

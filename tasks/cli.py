@@ -38,6 +38,21 @@ def embedded_server_defaults(environ=os.environ) -> dict[str, str]:
     return applied
 
 
+def checked_config(config: Path, overrides: list[str] | None = None):
+    """The config loaded and its files checked (:func:`spa.run.preflight.preflight`); bad input is one line
+    and exit code 2, before any server starts or any model loads."""
+    from spa.errors import BadInput
+    from spa.run.preflight import preflight
+
+    try:
+        cfg = load_with_overrides(config, overrides)
+        preflight(cfg, str(config))
+    except BadInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return cfg
+
+
 @app.command("run")
 def run_pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),
                  shards: int = typer.Option(1, min=1, help="split sample and judge into N shards mapped over the task runner"),
@@ -45,14 +60,19 @@ def run_pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False,
     """Run the whole SPA pipeline as a Prefect flow (embedded API unless PREFECT_API_URL is set)."""
     from spa.errors import RunLocked
 
+    checked_config(config)  # bad input ends here, in one line, before Prefect's server starts
     embedded_server_defaults()
     from spa_flows.pipeline import pipeline_with_runner
+    from spa_tasks.stage_tasks import BadStageInput
 
     try:
         pipeline_with_runner(ray_address)(config=str(config.resolve()), shards=shards)
     except RunLocked as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(3) from None
+    except BadStageInput as exc:  # a stage refused its input (exit 2 there): one line here too, no retry
+        typer.echo(f"error: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -61,6 +81,7 @@ def expand(config: Path = typer.Argument(..., exists=True, dir_okay=False, help=
     """Run one more iteration per new prompt batch in the incoming folder, from the newest model."""
     from spa.errors import RunLocked
 
+    checked_config(config)
     embedded_server_defaults()
     from spa_flows.expand import expand as expand_flow
 
@@ -115,14 +136,11 @@ def check_config(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),
     save: bool = typer.Option(False, "--save", help="also write the resolved config into the run directory"),
 ) -> None:
-    """Validate a config and print it resolved (every default filled in)."""
-    from spa.config import ConfigError, load_config, save_resolved
+    """Validate a config and the files it names (model folders, data, eval set), and print it resolved (every
+    default filled in)."""
+    from spa.config import save_resolved
 
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    cfg = checked_config(config)
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
     typer.echo(f"derived: gradient_accumulation_steps={cfg.train.gradient_accumulation_steps}", err=True)
     if save:
@@ -139,10 +157,10 @@ def plan_command(
     redo, before any heavy work. Loads no model."""
     from spa.stages.plan import format_plan, plan, plan_as_dict
 
+    cfg = checked_config(config, overrides)
     try:
-        cfg = load_with_overrides(config, overrides)
         rounds = plan(cfg)
-    except ValueError as exc:  # ConfigError, a corrupt manifest
+    except ValueError as exc:  # a corrupt manifest
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(plan_as_dict(rounds), indent=2) if as_json else format_plan(cfg, rounds))

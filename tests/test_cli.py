@@ -16,9 +16,18 @@ def test_help_lists_commands():
     assert "check-config" in res.output and "tiny-model" in res.output
 
 
+def _model_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
 def test_check_config_ok_and_saves(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": {"pi_init": "m"}}))
+    source = tmp_path / "prefs.jsonl"
+    source.write_text("")
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "data": {"source": str(source)},
+                                    "model": {"pi_init": str(_model_folder(tmp_path / "m"))}}))
     res = runner.invoke(app, ["check-config", str(path), "--save"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "config.yaml").exists()
@@ -59,3 +68,21 @@ def test_flow_commands_quiet_the_temporary_servers_telemetry():
     assert embedded_server_defaults(mine) == {} and mine["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
     outside = {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}
     assert embedded_server_defaults(outside) == {} and "PREFECT_SERVER_ANALYTICS_ENABLED" not in outside
+
+
+def test_missing_model_folder_is_one_line_before_any_server_starts(tmp_path):
+    """A valid config naming a model folder that does not exist: check-config, plan and run all say so in one
+    line with exit code 2, and `spa run` starts no Prefect server (it used to fail minutes in, retried)."""
+    source = tmp_path / "prefs.jsonl"
+    source.write_text("")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "data": {"source": str(source)},
+                                    "model": {"pi_init": str(tmp_path / "no-such-model")}}))
+    for args in (["check-config", str(path)], ["plan", str(path)], ["run", str(path)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and "model.pi_init" in lines[0], (args, lines)
+        assert "no-such-model" in lines[0] and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()
+

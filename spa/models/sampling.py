@@ -20,7 +20,6 @@ import torch
 from tqdm.auto import tqdm
 
 from spa.config import ModelConfig, SampleConfig
-
 from spa.errors import BackendUnavailable  # noqa: F401 - raised here, defined without torch for the CLI
 from spa.models.rendering import load_tokenizer, prompt_ids, stop_token_ids
 

@@ -1,0 +1,54 @@
+"""Checks of a run's files before any server starts or any model loads.
+
+A config can be valid as a document and still name a model directory that does not exist; the
+stage that first opens it would then fail minutes in (under ``spa run``, after Prefect's server
+started). ``preflight`` looks at what must exist on disk now and raises one ``ConfigError`` listing
+every problem. It reads no weights (a directory holding ``config.json`` or ``adapter_config.json``
+counts as a model) and imports no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spa.config import SPAConfig
+from spa.errors import ConfigError
+from spa.run.layout import RunLayout
+
+MODEL_MARKERS = ("config.json", "adapter_config.json")
+
+
+def _model_problem(key: str, value: str | None) -> str | None:
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_dir():
+        return f"{key}: {value} is not a directory (a local model folder; download hub models first)"
+    if not any((path / m).exists() for m in MODEL_MARKERS):
+        return f"{key}: {value} holds no config.json or adapter_config.json (not a model folder)"
+    return None
+
+
+def problems(cfg: SPAConfig) -> list[str]:
+    """Everything a run needs on disk now that is missing (empty when the run can start)."""
+    layout = RunLayout.of(cfg)
+    found = [_model_problem("model.pi_init", cfg.model.pi_init), _model_problem("model.pi_0", cfg.model.pi_0)]
+    if cfg.judge.type == "llm_judge":
+        found.append(_model_problem("judge.llm_judge_model", cfg.judge.llm_judge_model))
+    if not layout.seed.exists():  # prepare has not run yet: it will read the source
+        source = cfg.data.source
+        if not source:
+            found.append("data.source: not set (the preference file `spa prepare` splits)")
+        elif not Path(source).exists():
+            found.append(f"data.source: {source} does not exist")
+    eval_set = cfg.evaluate.eval_set
+    if eval_set not in ("alpaca_eval", "heldout") and not Path(eval_set).exists():
+        found.append(f"evaluate.eval_set: {eval_set} does not exist")
+    return [p for p in found if p]
+
+
+def preflight(cfg: SPAConfig, where: str = "<config>") -> None:
+    """Raise ``ConfigError`` naming every missing file or folder of the run (see :func:`problems`)."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError(f"{where}: the run cannot start: " + "; ".join(found))
