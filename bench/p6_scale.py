@@ -82,6 +82,7 @@ def child(kind: str, n: int) -> dict:
                             "model": {"pi_init": str(model), "pi_0": str(model), "max_length": 64},
                             "data": {"source": str(WORK / f"source_{n}.parquet"), "seed_size": 100,
                                      "prompt_sizes": [prompts if kind == "prepare" else 10], "heldout_size": 100},
+                            "sample": {"max_new_tokens": 16},  # room for the prompt in a 64-token context
                             "judge": {"batch_size": 256, "reference": "none"}})
         if kind == "prepare":
             res = prepare.run(cfg, echo=lambda _m: None)

@@ -45,7 +45,12 @@ class DataConfig(_Section):
     prompt_sizes: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [8000, 20000, 30000])
     heldout_size: Annotated[float, Field(ge=0)] = 500
     shuffle_seed: int = 42
-    on_overlap: str = Field("fail", pattern="^(fail|drop)$", description="prompt sets overlapping earlier ones")
+    overlong: str = Field(
+        "drop", pattern="^(drop|fail)$",
+        description="rows too long for the context, measured with pi_init's tokenizer on the rows the splits draw: a "
+                    "prompt over model.max_length - sample.max_new_tokens (kept out of the prompt sets), a seed or "
+                    "held-out pair whose prompt + a response is over model.max_length (kept out of those): drop "
+                    "them (counted in the summary, the next rows drawn instead), or fail naming the first")
 
 
 class SampleConfig(_Section):
@@ -274,7 +279,9 @@ class EvalConfig(_Section):
     eval_set: str = Field("alpaca_eval", description="'alpaca_eval' (805 instructions, GPT-4-turbo reference "
                           "outputs), 'heldout' (held-out prompts, no reference: lengths only), or a JSON/JSONL/"
                           "Parquet file of (instruction, output) reference rows")
-    max_prompts: PositiveInt = Field(200, description="held-out prompts answered when eval_set is 'heldout'")
+    max_prompts: PositiveInt | None = Field(
+        None, description="answer only the first N prompts of the eval set (all when unset); a win rate on a subset "
+                          "is marked as one in eval.json and the report")
     annotator: str | None = Field(None, description="'python:module:function' or 'alpaca_eval:<config name or "
                                   "path>' (e.g. alpaca_eval:weighted_alpaca_eval_gpt4_turbo); API keys from the env")
     judge_endpoint: JudgeEndpoint | None = None

@@ -65,11 +65,21 @@ def run_cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
                           env={**os.environ}, timeout=300)
 
 
+@pytest.fixture(autouse=True)
+def _tokenizer_model(tiny_model_dir):
+    """prepare measures token lengths with pi_init's tokenizer: the tiny model stands in for it."""
+    global TOKENIZER_MODEL
+    TOKENIZER_MODEL = tiny_model_dir
+
+
+TOKENIZER_MODEL: Path | None = None
+
+
 def prepare_run(tmp_path: Path, source: Path, **data):
     """``spa prepare`` (the stage itself) on ``source``; returns (summary, seed rows, prompt set 1 rows)."""
     cfg = parse_config({
         "run_dir": str(tmp_path / "run"), "iterations": len(data["prompt_sizes"]),
-        "model": {"pi_init": str(tmp_path / "unused-model")},  # prepare loads no model
+        "model": {"pi_init": str(TOKENIZER_MODEL)},
         "data": {"source": str(source), "shuffle_seed": 1, **data},
     })
     result = prepare.run(cfg, echo=lambda *_: None)
@@ -228,7 +238,7 @@ def test_shipped_sample_prepares_with_the_quickstart_splits(tmp_path):
     assert len(rows) == 60 and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
     assert all(r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"] for r in rows)
     cfg = load_config(ROOT / "configs" / "quickstart_sample.yaml",
-                      {"run_dir": str(tmp_path / "run"), "data.source": str(SAMPLE)})
+                      {"run_dir": str(tmp_path / "run"), "data.source": str(SAMPLE), "model.pi_init": str(TOKENIZER_MODEL)})
     result = prepare.run(cfg, echo=lambda *_: None)
     s = result.summary
     assert (s["rows_in"], s["distinct_prompts"], s["duplicate_prompts"], s["unusable_pairs"]) == (60, 60, 0, 0)

@@ -1,7 +1,8 @@
 """``spa prepare``: split preference data into the seed D_0, prompt sets X_1..X_T and held-out gold pairs.
 
 Prompt sets are disjoint from each other and from the seed (docs/algorithm.md, iteration step 1)
-by a hash of the normalised prompt; duplicates and empty prompts are dropped and counted.
+by a hash of the normalised prompt; duplicates and empty prompts are dropped and counted, and so are rows too
+long for the context (``data.overlong``, measured with the model's tokenizer on the rows the splits draw).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from spa.run.artifacts import atomic_path, conform, write_table
 from spa.run.layout import RunLayout
 from spa.run.manifest import Stage
 from spa.schemas import PREFERENCE_PAIRS, PROMPTS
+from spa.stages.overlong import Overlong, tokenizer_digest
 from spa.stages.runner import StageResult, run_stage
 
 SECTIONS = ["data", "iterations"]  # config this stage's resume key covers
@@ -45,6 +47,8 @@ def _last_assistant(value: Any, column: str, row: int, source: str) -> str:
     """A response given as a string, or as a message list (UltraFeedback-binarized layout)."""
     if isinstance(value, str):
         return value
+    if value is None:
+        raise StageInputError(f"{source}: row {row}: no {column!r} (the column is missing or the value is null)")
     if isinstance(value, list | tuple) and value:
         for msg in reversed(value):
             if isinstance(msg, dict) and msg.get("role") == "assistant":
@@ -70,7 +74,7 @@ def _source_kind(source: str) -> str:
         if path.suffix == ".parquet":
             return "parquet"
         if path.suffix in (".jsonl", ".json"):
-            with open(path, encoding="utf-8") as fh:
+            with open(path, encoding="utf-8", errors="replace") as fh:
                 head = fh.read(4096).lstrip()
             return "json_array" if path.suffix == ".json" and head.startswith("[") else "jsonl"
         raise StageInputError(f"{path}: unsupported file type {path.suffix!r}; give .parquet, .jsonl or .json")
@@ -82,6 +86,55 @@ def _source_kind(source: str) -> str:
 BATCH_ROWS = 4096  # rows per streamed batch of the source
 
 
+def _loads(raw: bytes, source: str, line: int | None = None) -> Any:
+    """Parse JSON text; broken text is one error naming the file and the line."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise StageInputError(f"{source}: {f'line {line}: ' if line else ''}not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise StageInputError(f"{source}: line {line or exc.lineno}, column {exc.colno}: not valid JSON "
+                              f"({exc.msg.removesuffix(' at')})") from None
+
+
+def _object(value: Any, source: str, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise StageInputError(f"{source}: {where}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _parquet_batches(source: str, batch_rows: int) -> Iterator[list[dict[str, Any]]]:
+    """A Parquet file's rows in batches; an unreadable file (truncated, not Parquet) is one error naming it."""
+    def unreadable(exc: Exception) -> StageInputError:
+        return StageInputError(f"{source}: not a readable Parquet file ({(str(exc) or type(exc).__name__).splitlines()[0]})")
+
+    try:
+        batches = pq.ParquetFile(source).iter_batches(batch_size=batch_rows)
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable(exc) from None
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as exc:
+            raise unreadable(exc) from None
+        if batch is None:
+            return
+        yield batch.to_pylist()
+
+
+def _jsonl_batches(source: str, batch_rows: int) -> Iterator[list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = []
+    with open(source, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if raw.strip():
+                rows.append(_object(_loads(raw, source, number), source, f"line {number}"))
+                if len(rows) == batch_rows:
+                    yield rows
+                    rows = []
+    if rows:
+        yield rows
+
+
 def iter_source(source: str, batch_rows: int | None = None) -> Iterator[list[dict[str, Any]]]:
     """Rows of a local Parquet/JSONL file (or a Hugging Face dataset name when online), in batches.
 
@@ -90,24 +143,14 @@ def iter_source(source: str, batch_rows: int | None = None) -> Iterator[list[dic
     """
     kind = _source_kind(source)
     batch_rows = batch_rows or BATCH_ROWS
-    if kind == "parquet":
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
-            yield batch.to_pylist()
-        return
-    if kind == "jsonl":
-        rows: list[dict[str, Any]] = []
-        with open(source, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    rows.append(json.loads(line))
-                    if len(rows) == batch_rows:
-                        yield rows
-                        rows = []
-        if rows:
-            yield rows
+    if kind in ("parquet", "jsonl"):
+        yield from (_parquet_batches if kind == "parquet" else _jsonl_batches)(source, batch_rows)
         return
     if kind == "json_array":
-        everything = json.loads(Path(source).read_text(encoding="utf-8"))
+        everything = _loads(Path(source).read_bytes(), source)
+        if not isinstance(everything, list):
+            raise StageInputError(f"{source}: expected a JSON array of objects")
+        everything = [_object(row, source, f"item {i}") for i, row in enumerate(everything)]
     else:
         try:
             import datasets
@@ -179,6 +222,8 @@ def index_source(source: str, progress: bool = False) -> SourceIndex:
             keys.append(k), usable.append(u), ids.append(d), empty.append(e)
             i += len(batch)
             bar.update(len(batch))
+    if not i:
+        raise StageInputError(f"{source}: no rows; give a Parquet/JSONL/JSON file of preference pairs")
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
     return SourceIndex(cat(keys, np.uint64), cat(usable, bool), cat(ids, np.uint64), cat(empty, bool))
 
@@ -186,9 +231,11 @@ def index_source(source: str, progress: bool = False) -> SourceIndex:
 SEED, HELDOUT = -2, -3  # split codes besides prompt set t (1..T); -1: unused
 
 
-def assign_splits(index: SourceIndex, cfg: SPAConfig, source: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+def assign_splits(index: SourceIndex, cfg: SPAConfig, source: str, over: Overlong | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Deduplicate (first occurrence of each normalised prompt wins), shuffle with ``data.shuffle_seed``, and
-    assign every source row a split: returns ``(split code per row, rank within seed/held-out, report)``."""
+    assign every source row a split: returns ``(split code per row, rank within seed/held-out, report)``.
+    Rows ``over`` found too long for a role are passed over for it (the next rows in the shuffle take their place)."""
     rows_in = len(index.keys)
     nonempty = np.flatnonzero(~index.empty)
     _, first = np.unique(index.keys[nonempty], return_index=True)  # index of each key's first occurrence
@@ -209,20 +256,22 @@ def assign_splits(index: SourceIndex, cfg: SPAConfig, source: str) -> tuple[np.n
     n_held = _resolve_size(cfg.data.heldout_size, total, "data.heldout_size")
     n_prompts = [_resolve_size(s, total, f"data.prompt_sizes[{k}]") for k, s in enumerate(cfg.data.prompt_sizes[: cfg.iterations])]
     # pairs for the seed and held-out sets must be usable; prompt sets only need the prompt
-    pairs = order[index.usable[order]]
+    long_pair, long_prompt = (over.pair, over.prompt) if over is not None else (np.zeros(rows_in, bool),) * 2
+    pairs = order[index.usable[order] & ~long_pair[order]]
     need_pairs = n_seed + n_held
     if len(pairs) < need_pairs:
-        raise StageInputError(f"{source}: {len(pairs)} usable gold pairs, but seed ({n_seed}) + held-out ({n_held}) need {need_pairs}")
+        more = f" ({long_pair.sum()} more over the token limit)" if long_pair.any() else ""
+        raise StageInputError(f"{source}: {len(pairs)} usable gold pairs{more}, but seed ({n_seed}) + held-out ({n_held}) "
+                              f"need {need_pairs}")
     split = np.full(rows_in, -1, dtype=np.int32)
     rank = np.full(rows_in, -1, dtype=np.int64)
     split[pairs[:n_seed]], rank[pairs[:n_seed]] = SEED, np.arange(n_seed)
     split[pairs[n_seed:need_pairs]], rank[pairs[n_seed:need_pairs]] = HELDOUT, np.arange(n_held)
-    rest = order[split[order] == -1]
+    rest = order[(split[order] == -1) & ~long_prompt[order]]
     if len(rest) < sum(n_prompts):
-        raise StageInputError(
-            f"{source}: {total} distinct prompts; seed {n_seed} + held-out {n_held} + prompt sets {n_prompts} "
-            f"need {need_pairs + sum(n_prompts)}"
-        )
+        more = f", {long_prompt.sum()} of them over the token limit" if long_prompt.any() else ""
+        raise StageInputError(f"{source}: {total} distinct prompts{more}; seed {n_seed} + held-out {n_held} + prompt sets "
+                              f"{n_prompts} need {need_pairs + sum(n_prompts)}")
     start = 0
     for t, n in enumerate(n_prompts, start=1):
         split[rest[start : start + n]] = t
@@ -232,6 +281,27 @@ def assign_splits(index: SourceIndex, cfg: SPAConfig, source: str) -> tuple[np.n
     return split, rank, report
 
 
+def _records(source: str, rows: np.ndarray) -> Iterator[tuple[int, tuple[str, str, str, str]]]:
+    """``(row, record)`` of the source rows where ``rows`` is true, streamed in source order."""
+    start = 0
+    for batch in iter_source(source) if rows.any() else ():
+        for j in np.flatnonzero(rows[start : start + len(batch)]):
+            yield start + int(j), _row_record(batch[j], start + int(j), source)  # type: ignore[misc]
+        start += len(batch)
+
+
+def draw_splits(index: SourceIndex, cfg: SPAConfig, source: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Overlong]:
+    """Assign the splits, measure the drawn rows' token lengths, and redraw past the overlong ones until every
+    drawn row fits its role (one more streamed pass per redraw, over the newly drawn rows only)."""
+    split, rank, report = assign_splits(index, cfg, source)
+    over = Overlong(cfg, source, len(split))
+    while True:
+        todo = over.todo(split > 0, (split == SEED) | (split == HELDOUT))
+        if not over.measure(todo, _records(source, todo["prompt"] | todo["pair"])):
+            break
+        split, rank, report = assign_splits(index, cfg, source, over)
+    report.update(over.report())
+    return split, rank, report, over
 
 
 def write_splits(source: str, split: np.ndarray, rank: np.ndarray, layout: RunLayout, iterations: int,
@@ -297,14 +367,19 @@ def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
 
     def body() -> dict[str, Any]:
         # two streaming passes (bench P6): index and split on hashes only, then write the selected rows
+        # (and a third, over the drawn rows only, to measure their token lengths)
         index = index_source(cfg.data.source)
-        split, rank, report = assign_splits(index, cfg, cfg.data.source)
+        split, rank, report, over = draw_splits(index, cfg, cfg.data.source)
         del index
         write_splits(cfg.data.source, split, rank, layout, cfg.iterations)
         if report["duplicate_prompts"] or report["empty_prompts"]:
             echo(f"[prepare] dropped {report['duplicate_prompts']} duplicate and {report['empty_prompts']} empty prompts")
+        if over.line():
+            echo(over.line())
         return report
 
     inputs = [source] if source.exists() else []
     return run_stage(cfg, Stage.PREPARE.key(), inputs, SECTIONS, outputs, body,
-                     extra_key={"source": cfg.data.source}, force=force, echo=echo)
+                     extra_key={"source": cfg.data.source, "max_length": cfg.model.max_length,
+                                "max_new_tokens": cfg.sample.max_new_tokens,
+                                "tokenizer": tokenizer_digest(cfg.model.pi_init)}, force=force, echo=echo)
