@@ -152,10 +152,10 @@ def test_function_annotator_end_to_end(tmp_path, tiny_model_dir, prefs_file):
     from alpaca_eval import utils as ae_utils
 
     ref = _reference_set(tmp_path / "ref.json")
-    cfg, lay, summary = _run(tmp_path, tiny_model_dir, prefs_file, eval_set=str(ref),
+    cfg, lay, summary = _run(tmp_path, tiny_model_dir, prefs_file, eval_set=str(ref), max_prompts=None,
                              annotator="python:test_evaluation:prefer_longer")
     table = pq.read_table(lay.eval_table(0)).to_pylist()
-    assert len(table) == 12 and summary["n"] == 12
+    assert len(table) == 12 and summary["n"] == 12 and "eval_set_size" not in summary
     for row in table:  # the annotator saw the reference as output_1 and the model as output_2
         assert row["preference"] == prefer_longer(row["instruction"], row["reference_output"], row["output"])
     wins = sum(r["preference"] == 2.0 for r in table) + 0.5 * sum(r["preference"] == 1.5 for r in table)
@@ -175,10 +175,26 @@ def test_function_annotator_end_to_end(tmp_path, tiny_model_dir, prefs_file):
     assert f"{summary['win_rate']:.2f} ± {summary['standard_error']:.2f}" in report
 
 
+def test_max_prompts_answers_a_subset_of_an_eval_set_and_says_so(tmp_path, tiny_model_dir, prefs_file):
+    """evaluate.max_prompts holds for reference sets too (it used to apply to the held-out prompts only): the
+    first N instructions with their own reference outputs, marked as a subset in eval.json and the report."""
+    from spa.stages.report import build_report
+
+    ref = _reference_set(tmp_path / "ref.json")
+    cfg, lay, summary = _run(tmp_path, tiny_model_dir, prefs_file, eval_set=str(ref), max_prompts=5,
+                             annotator="python:test_evaluation:prefer_longer")
+    table = pq.read_table(lay.eval_table(0)).to_pylist()
+    full = json.loads(ref.read_text())
+    assert summary["n"] == len(table) == 5 and summary["eval_set_size"] == len(full) == 12
+    assert [r["instruction"] for r in table] == [r["instruction"] for r in full[:5]]
+    assert [r["reference_output"] for r in table] == [r["output"] for r in full[:5]]
+    assert "(n=5 of 12, a subset)" in build_report(cfg)
+
+
 def test_no_annotator_available_still_writes_outputs(tmp_path, tiny_model_dir, prefs_file, monkeypatch, capsys):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     ref = _reference_set(tmp_path / "ref.json")
-    _, lay, summary = _run(tmp_path, tiny_model_dir, prefs_file, eval_set=str(ref),
+    _, lay, summary = _run(tmp_path, tiny_model_dir, prefs_file, eval_set=str(ref), max_prompts=None,
                            annotator="alpaca_eval:weighted_alpaca_eval_gpt4_turbo")
     assert summary["win_rate"] is None and "$OPENAI_API_KEY" in summary["win_rate_note"]
     assert "OPENAI_API_KEY" in capsys.readouterr().out
@@ -193,7 +209,7 @@ def test_api_annotator_through_a_local_openai_compatible_server(tmp_path, tiny_m
     monkeypatch.setenv("JUDGE_KEY", SECRET)
     ref = _reference_set(tmp_path / "ref.json")
     endpoint = {"base_url": judge_server, "model": "judge-model", "api_key_env": "JUDGE_KEY"}
-    _, lay, summary = _run(tmp_path, tiny_model_dir, prefs_file, eval_set=str(ref),
+    _, lay, summary = _run(tmp_path, tiny_model_dir, prefs_file, eval_set=str(ref), max_prompts=None,
                            annotator="alpaca_eval:weighted_alpaca_eval_gpt4_turbo", judge_endpoint=endpoint)
     judged = [r for r in FakeJudge.requests if r["body"].get("logprobs")]
     assert len(judged) == 12

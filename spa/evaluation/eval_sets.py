@@ -36,6 +36,7 @@ class EvalSet:
     instructions: list[str]
     reference_outputs: list[str]
     reference_generator: str
+    full_size: int | None = None  # set on a subset: how many instructions the whole set has
 
     def __len__(self) -> int:
         return len(self.instructions)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spa.config import ModelConfig, SampleConfig
-from spa.errors import BackendUnavailable  # noqa: F401 - raised here, defined without torch for the CLI
+from spa.errors import BackendUnavailable, SequenceTooLongError
 from spa.models.rendering import load_tokenizer, prompt_ids, stop_token_ids
 
 
@@ -95,7 +95,7 @@ def _check_prompt_lengths(encoded: Sequence[list[int]], spec: SamplingSpec) -> N
     room = spec.max_length - spec.max_new_tokens
     for i, ids in enumerate(encoded):
         if len(ids) > room:
-            raise ValueError(
+            raise SequenceTooLongError(
                 f"row {i}: prompt has {len(ids)} tokens; with max_new_tokens={spec.max_new_tokens} it exceeds "
                 f"model.max_length={spec.max_length}. Shorten or drop the prompt, or raise model.max_length"
             )

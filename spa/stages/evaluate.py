@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,13 @@ def _eval_set(cfg: SPAConfig, heldout: pa.Table):
     """The instructions to answer and the reference set (``None`` for the held-out prompts)."""
     from spa.evaluation.eval_sets import HELDOUT, load_eval_set
 
+    n = cfg.evaluate.max_prompts
     if cfg.evaluate.eval_set == HELDOUT:
-        return heldout.column("prompt").to_pylist()[: cfg.evaluate.max_prompts], None
+        return heldout.column("prompt").to_pylist()[:n], None
     eval_set = load_eval_set(cfg.evaluate.eval_set)
+    if n is not None and n < len(eval_set):  # the first n, with their own reference outputs
+        eval_set = dataclasses.replace(eval_set, instructions=eval_set.instructions[:n],
+                                       reference_outputs=eval_set.reference_outputs[:n], full_size=len(eval_set))
     return list(eval_set.instructions), eval_set
 
 
@@ -142,11 +147,12 @@ def _score(cfg: SPAConfig, t: int, prompts, outputs, generator: str, eval_set, c
         return dict(eval_set="heldout", annotator=None, win_rate=None, lc_win_rate=None, lc_model=None,
                     win_rate_note="eval_set 'heldout' has no reference outputs: lengths only")
     columns["reference_output"] = eval_set.reference_outputs
+    subset = {"eval_set_size": eval_set.full_size} if eval_set.full_size else {}
     prefs, scored = score_outputs(prompts, outputs, generator, eval_set, cfg.evaluate.annotator, _endpoint(cfg),
                                   seed=cfg.sample.seed, echo=lambda m: echo(m.replace("[evaluate]", f"[evaluate/{t}]")))
     if prefs is not None:
         columns["preference"] = pa.array(prefs, pa.float64())
-    return scored
+    return scored | subset
 
 
 def evaluate_model(cfg: SPAConfig, t: int, model: Path, heldout_path: Path, echo=print) -> dict[str, Any]:

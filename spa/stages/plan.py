@@ -195,7 +195,8 @@ def _ref_mode(cfg: SPAConfig, t: int) -> str:
 
 def _eval_text(cfg: SPAConfig, t: int) -> str:
     e = cfg.evaluate
-    what = e.eval_set if e.eval_set != "heldout" else f"{e.max_prompts} held-out prompts"
+    what = e.eval_set if e.eval_set != "heldout" else "the held-out prompts"
+    what += f" (the first {e.max_prompts})" if e.max_prompts else ""
     annotator = e.annotator or "none (outputs only, no win rate)"
     return f"pi_{t} on {what}, annotator {annotator}; gold agreement on the held-out pairs"
 

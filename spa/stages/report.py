@@ -104,7 +104,9 @@ def evaluation_table(layout: RunLayout) -> list[str]:
                 _pm(ev.get("lc_win_rate"), ev.get("lc_standard_error")),
                 _pm(ev.get("win_rate"), ev.get("standard_error")),
                 _fmt(mt.get("score"), 2), _fmt(ev.get("gold_agreement")), _fmt(ev.get("avg_length"), 1),
-                f"{ev.get('eval_set', '-')} (n={ev.get('n', '-')})", str(ev.get("annotator") or "-"),
+                f"{ev.get('eval_set', '-')} (n={ev.get('n', '-')}"
+                + (f" of {ev['eval_set_size']}, a subset" if ev.get("eval_set_size") else "") + ")",
+                str(ev.get("annotator") or "-"),
                 str(ev.get("lc_model") or "-"),
             ]) + " |")
             for key in ("win_rate_note", "lc_note"):
