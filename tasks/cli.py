@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from spa_tasks.stage_cli import SetOpt, load_with_overrides
+from spa_tasks.stage_cli import ConfigArg, ConfigOpt, SetOpt, load_with_overrides, which_config
 from spa_tasks.stage_cli import app as stage_app
 
 app = typer.Typer(
@@ -54,12 +54,13 @@ def checked_config(config: Path, overrides: list[str] | None = None):
 
 
 @app.command("run")
-def run_pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),
+def run_pipeline(config_file: Path = ConfigArg, config: Path = ConfigOpt,
                  shards: int = typer.Option(1, min=1, help="split sample and judge into N shards mapped over the task runner"),
                  ray_address: str = typer.Option(None, help="run tasks on a Ray cluster ('auto', 'ray://host:10001'); needs prefect-ray")) -> None:
     """Run the whole SPA pipeline as a Prefect flow (embedded API unless PREFECT_API_URL is set)."""
     from spa.errors import RunLocked
 
+    config = which_config(config_file, config)
     checked_config(config)  # bad input ends here, in one line, before Prefect's server starts
     embedded_server_defaults()
     from spa_flows.pipeline import pipeline_with_runner
@@ -76,11 +77,12 @@ def run_pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False,
 
 
 @app.command()
-def expand(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),
+def expand(config_file: Path = ConfigArg, config: Path = ConfigOpt,
            incoming: Path = typer.Option(None, help="folder of new prompt batches (default <run_dir>/incoming)")) -> None:
     """Run one more iteration per new prompt batch in the incoming folder, from the newest model."""
     from spa.errors import RunLocked
 
+    config = which_config(config_file, config)
     checked_config(config)
     embedded_server_defaults()
     from spa_flows.expand import expand as expand_flow
@@ -133,14 +135,14 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the world and t
 
 @app.command("check-config")
 def check_config(
-    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),
+    config_file: Path = ConfigArg, config: Path = ConfigOpt,
     save: bool = typer.Option(False, "--save", help="also write the resolved config into the run directory"),
 ) -> None:
     """Validate a config and the files it names (model folders, data, eval set), and print it resolved (every
     default filled in)."""
     from spa.config import save_resolved
 
-    cfg = checked_config(config)
+    cfg = checked_config(which_config(config_file, config))
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
     typer.echo(f"derived: gradient_accumulation_steps={cfg.train.gradient_accumulation_steps}", err=True)
     if save:
@@ -149,7 +151,7 @@ def check_config(
 
 @app.command("plan")
 def plan_command(
-    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML config of the run"),
+    config_file: Path = ConfigArg, config: Path = ConfigOpt,
     overrides: list[str] = SetOpt,
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
@@ -157,7 +159,7 @@ def plan_command(
     redo, before any heavy work. Loads no model."""
     from spa.stages.plan import format_plan, plan, plan_as_dict
 
-    cfg = checked_config(config, overrides)
+    cfg = checked_config(which_config(config_file, config), overrides)
     try:
         rounds = plan(cfg)
     except ValueError as exc:  # a corrupt manifest

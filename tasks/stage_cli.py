@@ -15,12 +15,25 @@ app = typer.Typer(name="spa", help="The stages of an SPA run, one command each."
                   add_completion=False)
 
 
-ConfigOpt = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="YAML config of the run")
+# every command takes the config either way: `spa prepare run.yaml` or `spa prepare -c run.yaml`
+ConfigArg = typer.Argument(None, exists=True, dir_okay=False, show_default=False,
+                           help="YAML config of the run (or give it with -c)")
+ConfigOpt = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="YAML config of the run")
 IterOpt = typer.Option(..., "--iteration", "-t", min=1, help="iteration t (1..T)")
 ForceOpt = typer.Option(False, "--force", help="rerun even if the manifest says the stage is up to date")
 ShardOpt = typer.Option(None, "--shard", help="do only chunk-aligned shard i of N: --shard i/N")
 MergeOpt = typer.Option(None, "--merge", min=1, help="merge N finished shards into the stage's artifact")
 SetOpt = typer.Option(None, "--set", "-s", help="override a config value: -s train.beta=0.05 (repeatable)")
+
+
+def which_config(positional: Path | None, option: Path | None) -> Path:
+    """The config given as the argument or with ``-c`` (exactly one of them)."""
+    if positional is not None and option is not None and positional != option:
+        raise typer.BadParameter(f"two configs given ({positional} and -c {option}): give one")
+    config = positional if positional is not None else option
+    if config is None:
+        raise typer.BadParameter("give the run's YAML config: spa <command> run.yaml (or -c run.yaml)")
+    return config
 
 
 def load_with_overrides(config: Path, overrides: list[str] | None):
@@ -51,74 +64,74 @@ def _run(fn, config: Path, overrides: list[str] | None, *args, **kwargs) -> None
 
 
 @app.command()
-def prepare(config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
+def prepare(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
     """Split preference data into seed pairs, disjoint prompt sets and held-out gold pairs."""
     from spa.stages import prepare as stage
 
-    _run(stage.run, config, overrides, force=force)
+    _run(stage.run, which_config(config_file, config), overrides, force=force)
 
 
 @app.command()
-def seed(config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
+def seed(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
     """DPO of pi_init on the seed pairs -> iter_0/model (3 epochs by default)."""
     from spa.stages import train as stage
 
-    _run(stage.run, config, overrides, 0, force=force)
+    _run(stage.run, which_config(config_file, config), overrides, 0, force=force)
 
 
 @app.command()
-def sample(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
+def sample(config_file: Path = ConfigArg, config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
            overrides: list[str] = SetOpt, shard: str = ShardOpt, merge: int = MergeOpt) -> None:
     """Sample n responses per prompt of X_t from pi_{t-1} -> iter_t/responses.parquet."""
     from spa.stages import sample as stage
 
-    _run(stage.run, config, overrides, iteration, force=force, shard=shard, merge=merge)
+    _run(stage.run, which_config(config_file, config), overrides, iteration, force=force, shard=shard, merge=merge)
 
 
 @app.command()
-def judge(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
+def judge(config_file: Path = ConfigArg, config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
            overrides: list[str] = SetOpt, shard: str = ShardOpt, merge: int = MergeOpt) -> None:
     """Label response pairs (implicit reward Eq. 7-8, or the configured judge variant) -> iter_t/judgments.parquet."""
     from spa.stages import judge as stage
 
-    _run(stage.run, config, overrides, iteration, force=force, shard=shard, merge=merge)
+    _run(stage.run, which_config(config_file, config), overrides, iteration, force=force, shard=shard, merge=merge)
 
 
 @app.command()
-def train(config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
+def train(config_file: Path = ConfigArg, config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
           overrides: list[str] = SetOpt) -> None:
     """Refined DPO (Eq. 9-12) from pi_{t-1} on the judged pairs -> iter_t/model, train_log.parquet."""
     from spa.stages import train as stage
 
-    _run(stage.run, config, overrides, iteration, force=force)
+    _run(stage.run, which_config(config_file, config), overrides, iteration, force=force)
 
 
 @app.command("train-rm")
-def train_rm(config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt,
+def train_rm(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt,
              epochs: int = typer.Option(None, min=1, help="passes over the seed pairs (default: judge.rm_epochs)"),
              lr: float = typer.Option(None, help="AdamW learning rate (default: judge.rm_learning_rate)")) -> None:
     """Train a Bradley-Terry reward model on the seed pairs -> judge.reward_model (judge.type external_rm)."""
     from spa.stages import train_rm as stage
 
-    _run(stage.run, config, overrides, force=force, epochs=epochs, lr=lr)
+    _run(stage.run, which_config(config_file, config), overrides, force=force, epochs=epochs, lr=lr)
 
 
 @app.command()
-def evaluate(config: Path = ConfigOpt,
+def evaluate(config_file: Path = ConfigArg, config: Path = ConfigOpt,
              iteration: int = typer.Option(..., "--iteration", "-t", min=0, help="0 evaluates pi_0"),
              force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
     """Answer the eval set with pi_t, score it (win rate, LC win rate, MT-Bench), gold agreement -> iter_t/eval.*"""
     from spa.stages import evaluate as stage
 
-    _run(stage.run, config, overrides, iteration, force=force)
+    _run(stage.run, which_config(config_file, config), overrides, iteration, force=force)
 
 
 @app.command()
-def report(config: Path = ConfigOpt, overrides: list[str] = SetOpt) -> None:
+def report(config_file: Path = ConfigArg, config: Path = ConfigOpt, overrides: list[str] = SetOpt) -> None:
     """Write report.md with the per-iteration table."""
     from spa.stages import report as stage
 
-    _run(stage.run, config, overrides)
+    _run(stage.run, which_config(config_file, config), overrides)
 
 
 def main() -> None:

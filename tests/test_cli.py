@@ -86,3 +86,22 @@ def test_missing_model_folder_is_one_line_before_any_server_starts(tmp_path):
         assert "no-such-model" in lines[0] and "Traceback" not in res.output
     assert not (tmp_path / "run").exists()
 
+
+
+def test_every_command_takes_the_config_as_argument_or_with_c(tmp_path, tiny_model_dir, prefs_file):
+    """`spa prepare run.yaml` and `spa plan -c run.yaml` both work (commands used to disagree on the form)."""
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    for command in ("prepare", "check-config", "plan", "report"):
+        for args in ([command, str(path)], [command, "-c", str(path)]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 0, (args, res.output)
+    neither = runner.invoke(app, ["prepare"])
+    assert neither.exit_code == 2 and "give the run's YAML config" in neither.output
+    other = tmp_path / "other.yaml"
+    other.write_text(path.read_text())
+    both = runner.invoke(app, ["plan", str(path), "-c", str(other)])
+    assert both.exit_code == 2 and "two configs given" in both.output

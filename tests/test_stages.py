@@ -167,7 +167,13 @@ def test_model_without_chat_template_is_one_clear_error(tmp_path, tiny_model_dir
     cfg = tiny_config(tmp_path / "run", bad, prefs_file)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    spa("prepare", "-c", str(path))
+    # prepare measures token lengths with pi_init's tokenizer: the first stage to open it says so
+    res = spa("prepare", "-c", str(path), check=False)
+    assert res.returncode == 2 and "no chat template" in res.stderr
+    assert not RunLayout(cfg.run_dir).seed.exists()
+    good = tmp_path / "good.yaml"  # the seed stage says the same when the data were prepared with another model
+    good.write_text(yaml.safe_dump(tiny_config(tmp_path / "run", tiny_model_dir, prefs_file).model_dump(mode="json")))
+    spa("prepare", "-c", str(good))
     res = spa("seed", "-c", str(path), check=False)
     assert res.returncode == 2 and "no chat template" in res.stderr
     assert not RunLayout(cfg.run_dir).model(0).exists()
