@@ -47,9 +47,12 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 
 
 def _adds_bos_by_default(tok: PreTrainedTokenizerBase) -> bool:
-    if tok.bos_token_id is None:
-        return False
-    return tok("x", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]
+    """Whether the tokenizer prepends BOS itself; asked once per tokenizer (every rendered pair needs it twice)."""
+    cached = getattr(tok, "_spa_adds_bos", None)
+    if cached is None:
+        cached = tok.bos_token_id is not None and tok("x", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]
+        tok._spa_adds_bos = cached
+    return cached
 
 
 Prompt = str | Sequence[Mapping[str, str]]  # one user message, or a conversation ending with a user turn
