@@ -6,6 +6,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One OpenMP thread per process (inherited by every stage subprocess): the tests run stage processes beside
+# a Prefect server and pytest itself on 2 cores, and OpenMP threads spin-waiting for a busy core made one
+# seed stage of the tiny model 8x slower under that load (18.9 s with 2 threads, 2.3 s with 1; 2026-12-01).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Prefect: a private home (SQLite API database) per test session, no telemetry, no outside server
 import tempfile  # noqa: E402
 

@@ -174,22 +174,39 @@ def test_reward_model_learns_the_seed_preferences(tmp_path, tiny_model_dir, pref
 # --- end to end through `spa run` (Prefect), one iteration -----------------------------------------
 
 
-def _spa_run(tmp_path, tiny_model_dir, prefs_file, name, before=(), **sections):
+def _spa_run(tmp_path, tiny_model_dir, prefs_file, name, before=(), via="flow", **sections):
+    """One iteration of ``sections``: through ``spa run`` (the Prefect flow, a process per stage) with
+    ``via="flow"``, or through the same stage functions in this process with ``via="stages"`` (the flow itself
+    is tested in tests/test_flows.py; what varies here is the stage code)."""
     cfg = tiny_config(tmp_path / name, tiny_model_dir, prefs_file, **sections)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    for cmd in before:
-        out = subprocess.run([SPA, *cmd, "-c", str(path)], capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-3000:]
-    res = subprocess.run([SPA, "run", str(path)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    if via == "flow":
+        for cmd in before:
+            out = subprocess.run([SPA, *cmd, "-c", str(path)], capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr[-3000:]
+        res = subprocess.run([SPA, "run", str(path)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    else:
+        from spa.demo.arms import run_iterations, run_seed_stage
+        from spa.stages import train_rm
+
+        steps = {("prepare",): lambda: prepare.run(cfg, echo=quiet), ("train-rm",): lambda: train_rm.run(cfg, echo=quiet)}
+        for cmd in before:
+            steps[tuple(cmd)]()
+        run_iterations(run_seed_stage(cfg.model_dump(mode="json"), echo=quiet), echo=quiet)
     lay = RunLayout(cfg.run_dir)
     stages = json.loads(lay.manifest.read_text())["stages"]
     return cfg, lay, stages
 
 
+def quiet(_msg: str) -> None:
+    pass
+
+
 VARIANT_RUNS = {
-    # name: (config sections, commands before `spa run`)
+    # name: (config sections, commands before the run); the first runs through `spa run`, the others through
+    # the stage functions in this process (FLOW_VARIANT)
     "sr+dro_dice_flip_replay": ({
         "train": {"loss": "sr+dro", "replay_fraction": 0.25},
         "sample": {"n": 4}, "judge": {"select": "best_worst", "length_penalty": "auto", "flip_fraction": 0.25},
@@ -212,9 +229,13 @@ SINGLE_VARIANT_RUNS = {
 }
 
 
+FLOW_VARIANT = "sr+dro_dice_flip_replay"
+
+
 @pytest.mark.parametrize("name", list(VARIANT_RUNS))
 def test_variants_run_end_to_end(tmp_path, tiny_model_dir, prefs_file, name):
-    _check_variant_run(tmp_path, tiny_model_dir, prefs_file, name, *VARIANT_RUNS[name])
+    _check_variant_run(tmp_path, tiny_model_dir, prefs_file, name, *VARIANT_RUNS[name],
+                       via="flow" if name == FLOW_VARIANT else "stages")
 
 
 @pytest.mark.slow
@@ -223,11 +244,11 @@ def test_each_variant_alone_end_to_end(tmp_path, tiny_model_dir, prefs_file, nam
     _check_variant_run(tmp_path, tiny_model_dir, prefs_file, name, *SINGLE_VARIANT_RUNS[name])
 
 
-def _check_variant_run(tmp_path, tiny_model_dir, prefs_file, name, sections, before):
+def _check_variant_run(tmp_path, tiny_model_dir, prefs_file, name, sections, before, via="flow"):
     sections = json.loads(json.dumps(sections))
     if sections.get("judge", {}).get("type") == "external_rm":
         sections["judge"]["reward_model"] = str(tmp_path / "rm")
-    cfg, lay, stages = _spa_run(tmp_path, tiny_model_dir, prefs_file, name.replace("+", ""), before, **sections)
+    cfg, lay, stages = _spa_run(tmp_path, tiny_model_dir, prefs_file, name.replace("+", ""), before, via, **sections)
     assert {"seed", "judge/1", "train/1", "evaluate/1"} <= set(stages)
     log = pq.read_table(lay.train_log(1)).to_pylist()
     judgments = pq.read_table(lay.judgments(1)).to_pylist()
