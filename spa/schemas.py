@@ -145,6 +145,10 @@ ORACLE_VERDICTS = ArtifactKind(
     unique="prompt_id",
 )
 
+# seed and held-out pairs as ``spa prepare`` writes them: with the 0-based row of data.source each one is, so that a
+# later stage can name a bad pair by its source row (the files are in the shuffle's order)
+PAIRS_WRITTEN = pa.schema(list(PREFERENCE_PAIRS.schema) + [pa.field("source_row", pa.int64())])
+
 RESPONSES_WRITTEN = pa.schema(list(RESPONSES.schema) + [
     pa.field("backend", pa.string()),
     # what the judge's ``policy_logps: from_sampling`` reuses (bench P3): the sampled ids (stop token included

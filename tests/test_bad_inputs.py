@@ -82,6 +82,13 @@ def no_chosen_column(tmp_path, prefs_file):
     return path, ["'chosen'", "row 0"]
 
 
+def no_rejected_column(tmp_path, prefs_file):
+    lines = [{k: v for k, v in json.loads(line).items() if k != "rejected"} for line in prefs_file.read_text().splitlines()]
+    path = tmp_path / "norejected.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path, ["row 0 has no column 'rejected'", "its columns: prompt, chosen"]
+
+
 def empty_jsonl(tmp_path, prefs_file):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
@@ -104,8 +111,8 @@ def overlong_prompt(tmp_path, prefs_file):
     return path, ["row 7", "tokens", "max_length"]
 
 
-CATALOGUE = [truncated_parquet, text_named_parquet, jsonl_with_a_broken_line, no_chosen_column, empty_jsonl,
-             empty_parquet, overlong_prompt]
+CATALOGUE = [truncated_parquet, text_named_parquet, jsonl_with_a_broken_line, no_chosen_column, no_rejected_column,
+             empty_jsonl, empty_parquet, overlong_prompt]
 
 
 def run_prepare(cfg_path: Path, cwd: Path) -> subprocess.CompletedProcess:

@@ -85,3 +85,15 @@ def test_section_hash_changes_only_with_its_section(tmp_path):
     b = parse_config(minimal(tmp_path, sample={"seed": 1}))
     assert a.section_hash("train") == b.section_hash("train")
     assert a.section_hash("sample") != b.section_hash("sample")
+
+
+def test_operational_settings_stay_out_of_the_resume_keys(tmp_path):
+    """train.save_steps (checkpoint cadence) cannot change an output: no resume key covers it; the resolved
+    config still holds it, and every other value of its section still counts."""
+    from spa.config import OPERATIONAL
+
+    assert "train.save_steps" in OPERATIONAL
+    a = parse_config(minimal(tmp_path))
+    b = parse_config(minimal(tmp_path, train={"save_steps": 7}))
+    assert b.train.save_steps == 7 and a.section_hash("model", "train") == b.section_hash("model", "train")
+    assert a.section_hash("train") != parse_config(minimal(tmp_path, train={"seed": 1})).section_hash("train")

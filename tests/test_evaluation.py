@@ -191,6 +191,16 @@ def test_max_prompts_answers_a_subset_of_an_eval_set_and_says_so(tmp_path, tiny_
     assert "(n=5 of 12, a subset)" in build_report(cfg)
 
 
+def test_a_missing_eval_set_names_its_config_key_and_path(tmp_path, tiny_model_dir, prefs_file):
+    """evaluate.eval_set is a file the user gives, which no stage writes: the error says so, not "run prepare"."""
+    from spa.errors import EvalSetError
+
+    missing = tmp_path / "no_such_eval.jsonl"
+    with pytest.raises(EvalSetError, match=rf"evaluate.eval_set: {re.escape(str(missing))} does not exist; give a "):
+        _run(tmp_path, tiny_model_dir, prefs_file, eval_set=str(missing))
+    assert not RunLayout(tmp_path / "run").eval_summary(0).exists()
+
+
 def test_no_annotator_available_still_writes_outputs(tmp_path, tiny_model_dir, prefs_file, monkeypatch, capsys):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     ref = _reference_set(tmp_path / "ref.json")

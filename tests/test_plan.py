@@ -90,6 +90,35 @@ def test_status_of_a_finished_run_and_what_a_change_reruns(full_run):
     assert status["sample/2"] == "reruns (config changed)"
 
 
+def test_a_new_checkpoint_cadence_reruns_nothing(full_run):
+    """train.save_steps only decides where checkpoints go: every finished stage stays done."""
+    cfg, _, _ = full_run
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"save_steps": cfg.train.save_steps + 6})})
+    status = {k: v for r in plan(changed) for k, v in r.stages.items()}
+    assert set(status.values()) == {"done"}, status
+
+
+def test_iterations_added_by_expand_are_planned(full_run, tmp_path):
+    """`spa expand` claims iteration T + 1 for a new prompt batch (expansion.json): the plan shows that round
+    with its prompts and what is still to run, after the configured ones."""
+    from spa.stages.expansion import plan_batch
+
+    cfg, _, _ = full_run
+    shutil.copytree(cfg.run_dir, tmp_path / "run")
+    cfg = cfg.model_copy(update={"run_dir": str(tmp_path / "run")})
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps({"prompt": f"A brand new question {i}?"}) + "\n" for i in range(5)))
+    claimed = plan_batch(cfg, batch)
+    assert claimed is not None and claimed.iteration == 3 == cfg.iterations + 1
+    rounds = plan(cfg)
+    assert [r.t for r in rounds] == [0, 1, 2, 3]
+    assert dict(rounds[3].lines)["sample"].startswith("X_3: 5 prompts of batch.jsonl (spa expand)")
+    assert "pi_2 -> pi_3" in dict(rounds[3].lines)["train"]
+    assert rounds[3].stages == {"sample/3": "to run", "judge/3": "to run", "train/3": "to run", "evaluate/3": "to run"}
+    assert all(s == "done" for r in rounds[:3] for s in r.stages.values())
+    assert "2 iteration(s) + 1 from spa expand" in format_plan(cfg, rounds)
+
+
 def test_cli_prints_json_and_refuses_a_bad_config(tmp_path, full_run):
     _, path, _ = full_run
     spa = str(Path(sys.executable).parent / "spa")

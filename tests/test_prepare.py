@@ -217,6 +217,28 @@ def test_a_pair_of_exactly_max_length_is_kept_and_one_token_more_is_refused(tmp_
         prepare.run(over)
 
 
+def test_a_seed_pair_too_long_for_the_seed_stage_is_named_by_its_source_row(tmp_path, tiny_model_dir, prefs_file):
+    """prepare records each seed and held-out pair's source row; the seed stage, run with a shorter context than
+    prepare measured with, names an overlong pair by the source file and row, not by its place in the shuffle."""
+    from spa.errors import SequenceTooLongError
+    from spa.stages import train
+
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file)
+    prepare.run(cfg)
+    lay, source = RunLayout(cfg.run_dir), _rows(prefs_file)
+    seed, held = read_table(lay.seed, "seed").to_pylist(), read_table(lay.heldout, "heldout").to_pylist()
+    assert all(source[r["source_row"]]["prompt"] == r["prompt"] for r in seed + held)
+    tok = _tok(tiny_model_dir)
+    lengths = [_pair_len(tok, r["prompt"], r["chosen"], r["rejected"]) for r in seed]
+    first = lengths.index(max(lengths))  # the first pair the seed stage refuses at max_length - 1
+    row, pid = seed[first]["source_row"], seed[first]["prompt_id"]
+    assert row != first  # the shuffle moved it: its seed-set index would name another source row
+    short = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file, model={"max_length": max(lengths) - 1})
+    with pytest.raises(SequenceTooLongError,
+                       match=rf"^{re.escape(str(prefs_file))} row {row} \(prompt_id '{pid}', seed pair {first}\): prompt"):
+        train.run(short, 0)
+
+
 def test_only_drawn_rows_are_measured_and_a_skipped_rerun_loads_no_tokenizer(tmp_path, tiny_model_dir, prefs_file,
                                                                             monkeypatch):
     from spa.models import logprobs, rendering

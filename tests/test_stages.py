@@ -68,6 +68,14 @@ def test_rerun_says_up_to_date_and_changed_config_reruns(chained):
     spa("judge", "-c", str(path), "-t", "1")  # back to the original labels for the other tests
 
 
+def test_a_new_checkpoint_cadence_keeps_the_trained_stages(chained):
+    """train.save_steps is operational (spa.config.OPERATIONAL): the seed and train stages stay up to date."""
+    cfg, path, _ = chained
+    for stage, extra in (("seed", []), ("train", ["-t", "1"])):
+        res = spa(stage, "-c", str(path), *extra, "-s", f"train.save_steps={cfg.train.save_steps + 5}")
+        assert "up to date" in res.stdout, res.stdout[-2000:]
+
+
 def test_responses_record_finish_reasons_and_counts(chained):
     cfg, _, _ = chained
     table = read_table(RunLayout(cfg.run_dir).responses(1), "responses")
@@ -160,6 +168,16 @@ def test_missing_previous_artifact_is_one_clear_error(tmp_path, tiny_model_dir, 
     assert "responses.parquet: responses is missing; run `spa sample --iteration 1` first" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "run" / "iter_1").exists()
+
+
+def test_sampling_an_iteration_beyond_the_configured_ones_says_how_many_there_are(tmp_path, tiny_model_dir, prefs_file):
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file)  # iterations: 1
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    res = spa("sample", "-c", str(path), "-t", "3", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "no prompt set for iteration 3: the run has 1 iteration(s) configured" in res.stderr, res.stderr
+    assert "`spa expand`" in res.stderr and "run `spa prepare` first" not in res.stderr
 
 
 def test_model_without_chat_template_is_one_clear_error(tmp_path, tiny_model_dir, prefs_file, chained):

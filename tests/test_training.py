@@ -83,7 +83,24 @@ def _fake_judgments(lay):
         lay.judgments(1), "judgments")
 
 
+def test_a_judged_pair_too_long_for_training_is_named_by_its_prompt_id(tmp_path, tiny_model_dir, prefs_file):
+    import shutil
+
+    from spa.errors import SequenceTooLongError
+
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file)
+    prepare.run(cfg)
+    lay = RunLayout(cfg.run_dir)
+    _fake_judgments(lay)
+    shutil.copytree(cfg.model.pi_init, lay.model(0))
+    first = read_table(lay.judgments(1), "judgments")["prompt_id"][0].as_py()
+    short = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file, model={"max_length": 8})
+    with pytest.raises(SequenceTooLongError, match=rf"judgments.parquet, prompt_id '{first}': prompt \("):
+        train.run(short, 1)
+
+
 def test_killed_training_resumes_from_checkpoint_with_same_result(tmp_path, tiny_model_dir, prefs_file):
+    """Resumed, even under another checkpoint cadence (train.save_steps is operational), silently and exactly."""
     over = {"seed_epochs": 12, "save_steps": 3}
     _, uninterrupted = _seed_run(tmp_path, "ref", tiny_model_dir, prefs_file, **over)
 
@@ -103,8 +120,14 @@ def test_killed_training_resumes_from_checkpoint_with_same_result(tmp_path, tiny
     assert ckpts, "no checkpoint was written before the kill"
     assert not lay.model(0).exists() and not lay.train_log(0).exists()  # nothing partial left behind
 
-    res = subprocess.run([SPA, "seed", "-c", str(path)], capture_output=True, text=True)
+    res = subprocess.run([SPA, "seed", "-c", str(path), "-s", "train.save_steps=4"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    assert "[seed] resuming from checkpoint-" in out  # the checkpoint's run key ignores save_steps
+    # tied embeddings: the checkpoint has no lm_head.weight, which is the embedding itself (not "missing"); and
+    # the new cadence is adopted (no "arguments do not match the ones in the trainer_state.json")
+    assert "missing keys" not in out, out[-3000:]
+    assert "do not match" not in out, out[-3000:]
     resumed = read_table(lay.train_log(0), "train_log").to_pylist()
     assert len(resumed) == len(uninterrupted) == 48
     for a, b in zip(resumed, uninterrupted, strict=True):
@@ -112,6 +135,16 @@ def test_killed_training_resumes_from_checkpoint_with_same_result(tmp_path, tiny
     a = load_causal_lm(lay.model(0), "float32", "cpu").state_dict()
     b = load_causal_lm(RunLayout(tmp_path / "ref").model(0), "float32", "cpu").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_the_checkpoint_key_ignores_the_checkpoint_cadence(tmp_path, tiny_model_dir, prefs_file):
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file)
+    prepare.run(cfg)
+    key = train.run_key(cfg, resolve_round(cfg, 0))
+    other = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file, train={"save_steps": 9})
+    assert train.run_key(other, resolve_round(other, 0)) == key
+    beta = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file, train={"beta": 0.2})
+    assert train.run_key(beta, resolve_round(beta, 0)) != key
 
 
 def test_lora_training_merges_the_adapter(tmp_path, tiny_model_dir, prefs_file):

@@ -33,13 +33,14 @@ class Encoded:
 
 def encode_pair(
     tok: PreTrainedTokenizerBase, prompt: str, response: str, finished: bool = True, max_length: int | None = None,
-    row: int | None = None,
+    row: int | str | None = None,
 ) -> Encoded:
-    """Render one pair through the shared path; longer than ``max_length`` is an error naming the row."""
+    """Render one pair through the shared path; longer than ``max_length`` is an error naming the row (an index,
+    or a description of where the pair comes from)."""
     p_ids, r_ids = render(tok, prompt, response, finished)
     ids = p_ids + r_ids
     if max_length is not None and len(ids) > max_length:
-        where = f"row {row}: " if row is not None else ""
+        where = f"row {row}: " if isinstance(row, int) else f"{row}: " if row else ""
         raise SequenceTooLongError(
             f"{where}prompt ({len(p_ids)} tokens) + response ({len(r_ids)} tokens) exceed max_length={max_length}; "
             "raise model.max_length or drop the row"

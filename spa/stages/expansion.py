@@ -49,6 +49,11 @@ def write_ledger(layout: RunLayout, ledger: dict) -> None:
     write_text_atomic(ledger_path(layout), json.dumps(ledger, indent=2, sort_keys=True))
 
 
+def expanded_iterations(layout: RunLayout) -> dict[int, str]:
+    """The iterations ``spa expand`` claimed (pending or done), each with the batch file its prompts came from."""
+    return {e["iteration"]: e["file"] for e in read_ledger(layout)["batches"].values() if e.get("iteration")}
+
+
 def existing_iterations(layout: RunLayout) -> list[int]:
     return sorted(int(p.stem.split("_")[1]) for p in layout.data.glob("prompts_*.parquet"))
 

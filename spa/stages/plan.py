@@ -143,10 +143,41 @@ def _same_source(cfg: SPAConfig, entry: dict[str, Any], root: Path) -> bool:
     return entry.get("inputs") == hash_inputs([source], root)
 
 
+def _iteration_lines(cfg: SPAConfig, t: int, batch: str | None) -> list[tuple[str, str]]:
+    """Iteration ``t``'s resolved lines; ``batch``: the prompt batch ``spa expand`` took its prompts from."""
+    layout, tc, sc = RunLayout.of(cfg), cfg.train, cfg.sample
+    n_prompts = _rows(layout.prompts(t))
+    if batch is None:
+        size = cfg.data.prompt_sizes[t - 1]
+        prompts = _size(size, n_prompts, "prompts")
+    else:
+        size, prompts = n_prompts or 0, f"{'the' if n_prompts is None else n_prompts} prompts of {batch} (spa expand)"
+    return [
+        ("sample", f"X_{t}: {prompts} (fresh: disjoint from every earlier set), {sc.n} responses each from "
+                   f"pi_{t - 1} (T {sc.temperature:g}, top_p {sc.top_p:g}, {sc.max_new_tokens} new tokens, "
+                   f"backend {sc.backend})"),
+        ("judge", _judge_text(cfg, t)),
+        ("train", f"pi_{t - 1} -> pi_{t}, reference pi_{t - 1}{_ref_mode(cfg, t)}, "
+                  f"{_steps(n_prompts, size, tc.epochs, tc.batch_size)}"
+                  + (f", plus {tc.replay_fraction:.0%} replayed seed pairs" if tc.replay_fraction else "")),
+        ("loss", _loss_text(cfg, t)),
+        ("evaluate", _eval_text(cfg, t)),
+    ]
+
+
+def iterations(cfg: SPAConfig) -> dict[int, str | None]:
+    """The run's iterations: ``1..T`` of the config, then those ``spa expand`` added (with their batch file)."""
+    from spa.stages.expansion import expanded_iterations
+
+    added = {t: f for t, f in expanded_iterations(RunLayout.of(cfg)).items() if t > cfg.iterations}
+    return {**dict.fromkeys(range(1, cfg.iterations + 1)), **dict(sorted(added.items()))}
+
+
 def plan(cfg: SPAConfig) -> list[Round]:
-    """The rounds of ``cfg`` resolved: seed (``t = 0``) then iterations ``1..T`` (Algorithm 1)."""
+    """The rounds of ``cfg`` resolved: seed (``t = 0``), iterations ``1..T`` (Algorithm 1), then the rounds
+    ``spa expand`` added."""
     layout = RunLayout.of(cfg)
-    tc, sc, d = cfg.train, cfg.sample, cfg.data
+    tc, d = cfg.train, cfg.data
     rounds = []
     seed_rows = _rows(layout.seed)
     if cfg.model.pi_0:
@@ -160,24 +191,10 @@ def plan(cfg: SPAConfig) -> list[Round]:
             ("evaluate", _eval_text(cfg, 0)),
         ]
     rounds.append(Round(0, seed_lines))
-    for t in range(1, cfg.iterations + 1):
-        n_prompts = _rows(layout.prompts(t))
-        size = d.prompt_sizes[t - 1]
-        pairs = _size(size, n_prompts, "prompts")
-        lines = [
-            ("sample", f"X_{t}: {pairs} (fresh: disjoint from every earlier set), {sc.n} responses each from "
-                       f"pi_{t - 1} (T {sc.temperature:g}, top_p {sc.top_p:g}, {sc.max_new_tokens} new tokens, "
-                       f"backend {sc.backend})"),
-            ("judge", _judge_text(cfg, t)),
-            ("train", f"pi_{t - 1} -> pi_{t}, reference pi_{t - 1}{_ref_mode(cfg, t)}, "
-                      f"{_steps(n_prompts, size, tc.epochs, tc.batch_size)}"
-                      + (f", plus {tc.replay_fraction:.0%} replayed seed pairs" if tc.replay_fraction else "")),
-            ("loss", _loss_text(cfg, t)),
-            ("evaluate", _eval_text(cfg, t)),
-        ]
-        rounds.append(Round(t, lines))
+    ts = iterations(cfg)
+    rounds += [Round(t, _iteration_lines(cfg, t, batch)) for t, batch in ts.items()]
     keys = {0: ["prepare"] + ([] if cfg.model.pi_0 else ["seed", "evaluate/0"])}
-    for t in range(1, cfg.iterations + 1):
+    for t in ts:
         keys[t] = [s.key(t) for s in (Stage.SAMPLE, Stage.JUDGE, Stage.TRAIN, Stage.EVALUATE)]
     status = stage_status(cfg, [k for t in sorted(keys) for k in keys[t]])
     for r in rounds:
@@ -203,7 +220,9 @@ def _eval_text(cfg: SPAConfig, t: int) -> str:
 
 def format_plan(cfg: SPAConfig, rounds: list[Round]) -> str:
     """The plan as text for a terminal."""
-    out = [f"run {cfg.run_dir}: pi_init {cfg.model.pi_init}, {cfg.iterations} iteration(s), spa {code_version()}"]
+    added = sum(r.t > cfg.iterations for r in rounds)
+    count = f"{cfg.iterations} iteration(s)" + (f" + {added} from spa expand" if added else "")
+    out = [f"run {cfg.run_dir}: pi_init {cfg.model.pi_init}, {count}, spa {code_version()}"]
     for r in rounds:
         out.append("")
         out.append("seed (t = 0)" if r.t == 0 else f"iteration {r.t}")

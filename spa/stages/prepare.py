@@ -24,7 +24,7 @@ from spa.errors import StageInputError
 from spa.run.artifacts import atomic_path, conform, write_table
 from spa.run.layout import RunLayout
 from spa.run.manifest import Stage
-from spa.schemas import PREFERENCE_PAIRS, PROMPTS
+from spa.schemas import PAIRS_WRITTEN, PROMPTS
 from spa.stages.overlong import Overlong, tokenizer_digest
 from spa.stages.runner import StageResult, run_stage
 
@@ -43,17 +43,22 @@ def prompt_hash(text: str) -> str:
     return hashlib.sha256(normalise_prompt(text).encode("utf-8")).hexdigest()[:16]
 
 
-def _last_assistant(value: Any, column: str, row: int, source: str) -> str:
+def _last_assistant(record: dict[str, Any], column: str, row: int, source: str) -> str:
     """A response given as a string, or as a message list (UltraFeedback-binarized layout)."""
+    value = record.get(column)
     if isinstance(value, str):
         return value
+    if column not in record:
+        raise StageInputError(f"{source}: row {row} has no column {column!r} (its columns: {', '.join(record)}); "
+                              "a preference source needs 'chosen' and 'rejected' beside the prompt")
     if value is None:
-        raise StageInputError(f"{source}: row {row}: no {column!r} (the column is missing or the value is null)")
+        raise StageInputError(f"{source}: column {column!r} row {row}: the value is null")
     if isinstance(value, list | tuple) and value:
         for msg in reversed(value):
             if isinstance(msg, dict) and msg.get("role") == "assistant":
                 return str(msg.get("content") or "")
-    raise StageInputError(f"{source}: column {column!r} row {row}: expected a string or a message list with an assistant turn")
+    raise StageInputError(f"{source}: column {column!r} row {row}: expected a string or a message list with an "
+                          f"assistant turn, got {type(value).__name__}")
 
 
 def _prompt_of(row: dict[str, Any], i: int, source: str) -> str:
@@ -194,8 +199,8 @@ def _row_record(row: dict[str, Any], i: int, source: str) -> tuple[str, str, str
     prompt = _prompt_of(row, i, source)
     if not prompt.strip():
         return None
-    chosen = _last_assistant(row.get("chosen"), "chosen", i, source)
-    rejected = _last_assistant(row.get("rejected"), "rejected", i, source)
+    chosen = _last_assistant(row, "chosen", i, source)
+    rejected = _last_assistant(row, "rejected", i, source)
     pid = str(row["prompt_id"]) if row.get("prompt_id") else prompt_hash(prompt)
     return pid, prompt, chosen, rejected
 
@@ -346,14 +351,14 @@ def write_splits(source: str, split: np.ndarray, rank: np.ndarray, layout: RunLa
                         if len(buffers[code]) >= flush_rows:
                             flush(code)
                     else:
-                        pairs[code].append((int(rank[i + j]), (pid, prompt, chosen, rejected)))
+                        pairs[code].append((int(rank[i + j]), (pid, prompt, chosen, rejected, i + j)))
                 i += len(batch)
                 bar.update(len(batch))
         for t in writers:
             flush(t)
         for code, target, kind in ((SEED, layout.seed, "seed"), (HELDOUT, layout.heldout, "heldout")):
             rows = [r for _, r in sorted(pairs[code])]
-            table = pa.table({k: [r[n] for r in rows] for n, k in enumerate(PREFERENCE_PAIRS.schema.names)}, schema=PREFERENCE_PAIRS.schema)
+            table = pa.table({k: [r[n] for r in rows] for n, k in enumerate(PAIRS_WRITTEN.names)}, schema=PAIRS_WRITTEN)
             write_table(table, target, kind)
 
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from spa.config import SPAConfig, load_config
+from spa.errors import StageInputError
 from spa.run.artifacts import atomic_path, iter_chunks, merge_parquet, num_rows, read_table
 from spa.run.layout import RunLayout, model_dir
 from spa.run.manifest import Stage
@@ -87,6 +88,11 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
         merge: int | None = None) -> StageResult:
     """Sample iteration ``t`` whole, one shard of it (``shard="i/N"``), or merge ``merge`` shards."""
     layout = RunLayout.of(cfg)
+    if t > cfg.iterations and not layout.prompts(t).exists():  # prepare writes X_1..X_T only
+        raise StageInputError(f"{layout.prompts(t)}: no prompt set for iteration {t}: the run has {cfg.iterations} "
+                              f"iteration(s) configured (iterations), and `spa prepare` writes prompts for those only; "
+                              "raise iterations (and data.prompt_sizes) and rerun it, or put a prompt batch in "
+                              f"{layout.incoming} and run `spa expand` for more rounds")
     prompts = require(layout.prompts(t), f"prompt set X_{t}", "spa prepare")
     policy = require(model_dir(cfg, t - 1), f"pi_{t-1}", "spa seed" if t == 1 else f"spa train --iteration {t-1}")
     part = parse_shard(shard) if shard else None

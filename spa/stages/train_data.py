@@ -21,16 +21,24 @@ PAIR_COLUMNS = ("prompt_id", "prompt", "chosen", "rejected")
 
 
 def training_pairs(cfg: SPAConfig, t: int) -> dict[str, list]:
-    """The stage's own pairs as columns: the seed set (``t = 0``), or the judged pairs without ties and drops."""
+    """The stage's own pairs as columns: the seed set (``t = 0``), or the judged pairs without ties and drops.
+
+    ``where`` names each pair for errors (a pair too long for the context): a seed pair by the file and row of
+    ``data.source`` it came from (the seed set is shuffled), a judged pair by its prompt id."""
     layout = RunLayout.of(cfg)
     if t == 0:
         table = read_table(layout.seed, "seed")
-        return {k: table.column(k).to_pylist() for k in PAIR_COLUMNS}
+        out = {k: table.column(k).to_pylist() for k in PAIR_COLUMNS}
+        if "source_row" in table.column_names:  # written by spa prepare
+            out["where"] = [f"{cfg.data.source} row {r} (prompt_id {p!r}, seed pair {i})" for i, (r, p) in
+                            enumerate(zip(table.column("source_row").to_pylist(), out["prompt_id"], strict=True))]
+        return out
     table = read_table(layout.judgments(t), "judgments")
     table = table.filter(pc.invert(table.column("tie")))
     if "dropped" in table.column_names:
         table = table.filter(pc.invert(table.column("dropped")))
     out = {k: table.column(k).to_pylist() for k in PAIR_COLUMNS}
+    out["where"] = [f"{layout.judgments(t)}, prompt_id {p!r}" for p in out["prompt_id"]]
     for side in ("chosen", "rejected"):
         col = f"{side}_finished"
         out[col] = table.column(col).to_pylist() if col in table.column_names else None
@@ -66,6 +74,7 @@ def build_training_set(cfg: SPAConfig, rnd: TrainRound) -> dict[str, Any]:
 
     t = rnd.t
     pairs = training_pairs(cfg, t)
+    pairs.pop("where", None)  # for messages only, not a column of the set
     n = len(pairs["prompt"])
     for side in ("chosen_finished", "rejected_finished"):
         if pairs.get(side) is None:

@@ -94,13 +94,15 @@ def setup(cfg: SPAConfig, rnd: TrainRound, run_key: str):
         raise ValueError(f"iteration {rnd.t}: no training pairs (all ties or dropped)")
     dataset = PairDataset(tok, pairs["prompt"], pairs["chosen"], pairs["rejected"], cfg.model.max_length,
                           pairs.get("chosen_finished"), pairs.get("rejected_finished"), prompt_emb=emb,
-                          key_phrases=rnd.loss.kind.needs_key_phrases)
+                          key_phrases=rnd.loss.kind.needs_key_phrases, where=pairs.get("where"))
     policy, ref_model = load_models(cfg, rnd)
     ckpt_dir = RunLayout.of(cfg).checkpoints(rnd.t)
     args = training_arguments(cfg, rnd, ckpt_dir)
     # TrainingArguments has set up the process group: rank 0 vets the checkpoints, then all read them
     if int(os.environ.get("RANK", "0")) == 0:
-        prepare_checkpoint_dir(ckpt_dir, run_key)
+        last = prepare_checkpoint_dir(ckpt_dir, run_key, cfg.train.save_steps)
+        if last is not None:
+            print(f"[{rnd.stage_key}] resuming from {last.name} (this run's last checkpoint)", flush=True)
     if _world() > 1:
         torch.distributed.barrier()
     if rnd.precompute_reference:  # before any step: the policy still holds the reference's weights

@@ -20,7 +20,9 @@ class PairDataset(Dataset):
     """Rendered (chosen, rejected) pairs; rendering goes through :mod:`spa.models.rendering`."""
 
     def __init__(self, tok: PreTrainedTokenizerBase, prompts, chosen, rejected, max_length: int,
-                 chosen_finished=None, rejected_finished=None, prompt_emb=None, key_phrases: bool = False):
+                 chosen_finished=None, rejected_finished=None, prompt_emb=None, key_phrases: bool = False,
+                 where: list[str] | None = None):
+        """``where``: each pair's name in errors (its source row); the pair's index when not given."""
         n = len(prompts)
         self.prompt_emb = torch.as_tensor(prompt_emb, dtype=torch.float32) if prompt_emb is not None else None
         self.spans = None
@@ -33,9 +35,10 @@ class PairDataset(Dataset):
             self.spans = [(info(c), info(r)) for c, r in zip(chosen, rejected, strict=True)]
         cf = chosen_finished if chosen_finished is not None else [True] * n
         rf = rejected_finished if rejected_finished is not None else [True] * n
+        names = where if where is not None else list(range(n))
         self.items = [
-            (encode_pair(tok, p, c, fc, max_length, row=i), encode_pair(tok, p, r, fr, max_length, row=i))
-            for i, (p, c, r, fc, fr) in enumerate(zip(prompts, chosen, rejected, cf, rf, strict=True))
+            (encode_pair(tok, p, c, fc, max_length, row=w), encode_pair(tok, p, r, fr, max_length, row=w))
+            for p, c, r, fc, fr, w in zip(prompts, chosen, rejected, cf, rf, names, strict=True)
         ]
         self.ref_logps: torch.Tensor | None = None  # [n, 2] precomputed reference log-probs (chosen, rejected)
 

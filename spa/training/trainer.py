@@ -128,6 +128,17 @@ class RefinedDPOTrainer(Trainer):
             self.samples = [FlagRecord(*s) for s in resume_state.get("samples", [])] if is_main else []
         self.add_callback(_SPACallback(self))
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """A checkpoint leaves out a tied weight (``lm_head.weight``, which is the input embedding itself);
+        loading the embedding loads it, as one tensor. transformers 5's ``Trainer`` recognises such keys only
+        by the old ``_keys_to_ignore_on_save`` marker and would warn that they are missing: a key that is the
+        very tensor of a loaded key is not missing. Any other missing key is still reported."""
+        tensors = self.model.state_dict(keep_vars=True)
+        absent = set(load_result.missing_keys)
+        loaded = {id(v) for k, v in tensors.items() if k not in absent}
+        missing = [k for k in load_result.missing_keys if id(tensors.get(k)) not in loaded]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _get_train_sampler(self, train_dataset=None):
         """Trainer's random order, or (``train.group_by_length``) transformers' ``LengthGroupedSampler`` over
         the optimiser batch: similar lengths share a micro-batch, less padding (bench P4: ~2.5x tokens/s on a
