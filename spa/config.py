@@ -21,6 +21,10 @@ from spa.run.artifacts import write_text_atomic
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
+# Operational settings ("section.key"): how a stage runs, never what it writes (batch and chunk sizes are not:
+# padding numerics, seeding units). No resume key (section_hash) holds them: changing one reruns no stage and
+# keeps the training checkpoints (tests/test_training.py resumes under another save_steps, with the same result).
+OPERATIONAL = ("train.save_steps",)
 
 
 class _Section(BaseModel):
@@ -30,8 +34,12 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """``pi_init``: the SFT model every iteration is measured against."""
 
-    pi_init: str = Field(description="AutoModelForCausalLM directory (safetensors) or a peft adapter directory")
+    pi_init: str = Field(description="AutoModelForCausalLM directory (safetensors), a peft adapter directory, or a "
+                                     "hub id org/name[@revision] (resolved to a cached snapshot: spa/models/hub.py)")
     pi_0: str | None = Field(None, description="no-seed mode (paper Fig. 4): a given pi_0, the seed stage is skipped")
+    hub_refs: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="written by the loader, not by hand: for each model setting given as a "
+                                          "hub id, its repo id, the revision asked for and the commit resolved")
     trust_remote_code: bool = False
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
     max_length: PositiveInt = Field(1024, description="prompt + response tokens; longer prompts are an error")
@@ -215,7 +223,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     precision: str = Field("auto", pattern="^(auto|fp32|bf16)$")
     num_processes: PositiveInt = 1
-    save_steps: PositiveInt = 50
+    save_steps: PositiveInt = Field(50, description="checkpoint cadence in optimiser steps (operational: OPERATIONAL)")
     seed: int = 0
     lora: LoraConfig | None = None
     refinement: RefinementConfig = Field(default_factory=RefinementConfig)
@@ -301,7 +309,6 @@ class EvalConfig(_Section):
         return self
 
 
-
 class SPAConfig(_Section):
     """Everything a run needs; ``load_config`` reads it from YAML."""
 
@@ -345,11 +352,14 @@ class SPAConfig(_Section):
         return self
 
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of some sections of the resolved config (for resume keys)."""
+        """Stable hash of some sections of the resolved config (for resume keys), ``OPERATIONAL`` left out."""
         dumped = self.model_dump(mode="json")
+        for section, key in (dotted.split(".") for dotted in OPERATIONAL):
+            dumped[section].pop(key)
+        if not dumped["model"]["hub_refs"]:  # local models only: the same keys as before hub ids existed
+            dumped["model"].pop("hub_refs")
         payload = {name: dumped[name] for name in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SPAConfig:
@@ -367,7 +377,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SP
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return parse_config(raw, where=str(path))
+    from spa.models.hub import resolve_model_refs  # hub ids -> snapshot directories, once, at load time
+
+    return parse_config(resolve_model_refs(raw), where=str(path))
 
 
 def parse_config(raw: dict[str, Any], where: str = "<config>") -> SPAConfig:

@@ -47,8 +47,12 @@ class Stage(StrEnum):
         return key if shard is None else f"{key}/shard-{shard[0]}-of-{shard[1]}"
 
 
+_MODEL_CARD = "README.md"
+
+
 def dir_sha256(path: str | os.PathLike) -> str:
-    """Content hash of a directory: its files' relative paths and contents.
+    """Content hash of a directory: its files' relative paths and contents (a top-level README.md, the
+    model card, left out).
 
     File hashes are cached beside the files keyed by (size, mtime_ns), so a 14 GB
     checkpoint is read once, not at every resume check.
@@ -61,7 +65,10 @@ def dir_sha256(path: str | os.PathLike) -> str:
         cache = {}
     digest = hashlib.sha256()
     fresh: dict[str, Any] = {}
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != _HASH_CACHE):
+    # the model card (README.md at the top) is metadata written after the weights (spa/run/model_card.py)
+    files = (p for p in path.rglob("*") if p.is_file() and p.name != _HASH_CACHE
+             and not (p.parent == path and p.name == _MODEL_CARD))
+    for file in sorted(files):
         rel = file.relative_to(path).as_posix()
         st = file.stat()
         key = [st.st_size, st.st_mtime_ns]

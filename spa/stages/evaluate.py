@@ -20,9 +20,11 @@ import numpy as np
 import pyarrow as pa
 
 from spa.config import SPAConfig
+from spa.errors import EvalSetError
 from spa.run.artifacts import read_table, write_table, write_text_atomic
 from spa.run.layout import RunLayout, model_dir
 from spa.run.manifest import Stage
+from spa.run.model_card import write_model_card
 from spa.stages.runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "evaluate", "judge"]
@@ -192,15 +194,19 @@ def evaluate_model(cfg: SPAConfig, t: int, model: Path, heldout_path: Path, echo
 def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
     """Evaluate pi_t (``t = 0``: pi_0) unless the manifest says this exact evaluation is done."""
     layout = RunLayout.of(cfg)
+    es = cfg.evaluate.eval_set
+    if es not in ("alpaca_eval", "heldout") and not Path(es).exists():  # a config value: no stage writes it
+        looked = "" if Path(es).is_absolute() else f" (looked for {Path(es).resolve()})"
+        raise EvalSetError(f"evaluate.eval_set: {es} does not exist{looked}; give a JSON, JSONL or Parquet file of "
+                           "(instruction, output) rows, 'alpaca_eval' or 'heldout'")
     heldout_path = require(layout.heldout, "the held-out gold set", "spa prepare")
     model = require(model_dir(cfg, t), f"pi_{t}", "spa seed" if t == 0 else f"spa train --iteration {t}")
     outputs = [layout.eval_table(t), layout.eval_summary(t), layout.model_outputs(t)]
     if cfg.evaluate.mt_bench.enabled:
         outputs.append(layout.mt_bench(t))
-    inputs = [heldout_path, model, Path(cfg.model.pi_init)]
-    es = cfg.evaluate.eval_set
-    if es not in ("alpaca_eval", "heldout"):
-        inputs.append(require(Path(es), "evaluate.eval_set", "the data preparation"))
-    return run_stage(cfg, Stage.EVALUATE.key(t), inputs, SECTIONS, outputs,
-                     lambda: evaluate_model(cfg, t, model, heldout_path, echo),
-                     extra_key={"iteration": t}, force=force, echo=echo)
+    inputs = [heldout_path, model, Path(cfg.model.pi_init)] + ([] if es in ("alpaca_eval", "heldout") else [Path(es)])
+    result = run_stage(cfg, Stage.EVALUATE.key(t), inputs, SECTIONS, outputs,
+                       lambda: evaluate_model(cfg, t, model, heldout_path, echo),
+                       extra_key={"iteration": t}, force=force, echo=echo)
+    write_model_card(cfg, t)  # the card of pi_t, now with this evaluation's numbers
+    return result

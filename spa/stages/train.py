@@ -20,6 +20,7 @@ from spa.config import SPAConfig
 from spa.run.artifacts import read_table
 from spa.run.layout import RunLayout
 from spa.run.manifest import content_hash
+from spa.run.model_card import write_model_card
 from spa.stages.runner import StageResult, require, run_stage
 from spa.training.rounds import TrainRound, resolve_round
 
@@ -59,6 +60,15 @@ def refinement_summary(cfg: SPAConfig, rnd: TrainRound) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in diag.items()}
 
 
+def run_key(cfg: SPAConfig, rnd: TrainRound) -> str:
+    """What the round's checkpoints and reference log-probs belong to: the start model's and the data's content,
+    the config sections (without the operational settings: a checkpoint written under one ``train.save_steps``
+    resumes under another) and the iteration."""
+    return hashlib.sha256(json.dumps(
+        {"start": content_hash(rnd.start), "data": content_hash(rnd.data), "cfg": cfg.section_hash(*SECTIONS),
+         "t": rnd.t}, sort_keys=True).encode()).hexdigest()
+
+
 def train_round(cfg: SPAConfig, rnd: TrainRound) -> dict[str, Any]:
     """Train the round (materialising its pairs first where needed) and summarise its train log."""
     from spa.stages.train_data import build_training_set
@@ -66,15 +76,14 @@ def train_round(cfg: SPAConfig, rnd: TrainRound) -> dict[str, Any]:
 
     layout, t = RunLayout.of(cfg), rnd.t
     extra_summary = build_training_set(cfg, rnd) if rnd.training_set is not None else {}
-    run_key = hashlib.sha256(json.dumps(
-        {"start": content_hash(rnd.start), "data": content_hash(rnd.data), "cfg": cfg.section_hash(*SECTIONS), "t": t},
-        sort_keys=True).encode()).hexdigest()
+    key = run_key(cfg, rnd)
     if cfg.train.num_processes > 1:
-        launch(cfg, t, run_key, layout.config)
+        launch(cfg, t, key, layout.config)
     else:
-        train_worker(cfg, t, run_key)
+        train_worker(cfg, t, key)
     log = read_table(layout.train_log(t), "train_log")
     shutil.rmtree(layout.checkpoints(t), ignore_errors=True)  # the stage is done; keep only pi_t
+    write_model_card(cfg, t)  # lineage and config now; the evaluate stage adds its numbers
     losses = log.column("loss").to_pylist()
     return {
         "steps": log.num_rows, "first_loss": losses[0], "final_loss": losses[-1],
