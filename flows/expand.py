@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from spa.config import load_config
+from spa.config import load_config, save_resolved
 from spa.run.layout import RunLayout
 from spa.run.runlock import RunLock
 from spa.stages.expansion import incoming_batches, mark_done, plan_batch
@@ -23,6 +23,7 @@ def expand(config: str, incoming: str | None = None) -> list[dict]:
     logger = get_run_logger()
     done = []
     with RunLock(cfg.run_dir, "spa-expand"):
+        config = str(save_resolved(cfg))  # hub ids resolved once: every stage reads the same snapshot
         for batch in incoming_batches(folder):
             plan = plan_batch(cfg, batch)
             if plan is None:

@@ -8,10 +8,11 @@ from typing import Any
 from prefect import flow
 from prefect.futures import wait
 
-from spa.config import load_config
+from spa.config import load_config, save_resolved
 from spa.run.preflight import preflight
 from spa.run.runlock import RunLock
 from spa_tasks import stage_tasks as stages
+from spa_tasks.artifacts import Progress
 
 
 def sharded(step, merge, config: str, t: int, shards: int) -> dict[str, Any]:
@@ -27,20 +28,34 @@ def sharded(step, merge, config: str, t: int, shards: int) -> dict[str, Any]:
 
 @flow(name="spa-pipeline", log_prints=True)
 def spa_pipeline(config: str, shards: int = 1) -> str:
-    """prepare -> seed -> for t in 1..T: sample -> judge -> train -> evaluate -> report."""
-    cfg = load_config(config)
+    """prepare -> seed -> for t in 1..T: sample -> judge -> train -> evaluate -> report.
+
+    Results as Prefect artifacts (``spa_tasks.artifacts``): metrics after each evaluate, the report, progress."""
+    cfg = load_config(config)  # hub ids resolve here, once (spa/models/hub.py)
     preflight(cfg, config)  # missing model folders or data: one error before any task starts (never retried)
     with RunLock(cfg.run_dir, "spa-pipeline"):
+        # every stage reads the resolved config: a hub branch that moves during the run changes nothing
+        config = str(save_resolved(cfg))
+        progress = Progress(cfg.run_dir, total=2 + 2 * (not cfg.model.pi_0) + 4 * cfg.iterations)
         stages.prepare(config)
+        progress.step("prepare")
         if not cfg.model.pi_0:  # no-seed mode: pi_0 is given
             stages.seed(config)
+            progress.step("seed")
             stages.evaluate(config, 0)
+            progress.step("evaluate t=0")
         for t in range(1, cfg.iterations + 1):
             sharded(stages.sample, stages.merge_samples, config, t, shards)  # y1, y2 ~ pi_{t-1}
+            progress.step(f"sample t={t}")
             sharded(stages.judge, stages.merge_judgments, config, t, shards)  # Eq. 7-8
+            progress.step(f"judge t={t}")
             stages.train(config, t)  # Eq. 9-12
+            progress.step(f"train t={t}")
             stages.evaluate(config, t)
-        return stages.report(config)
+            progress.step(f"evaluate t={t}")
+        report = stages.report(config)
+        progress.step("report")
+        return report
 
 
 def pipeline_with_runner(ray_address: str | None = None):

@@ -4,7 +4,8 @@ A separate process per stage returns GPU memory between stages (vllm#1908) and l
 stage run under torchrun. Task results are small manifests (artifact paths and content
 hashes from ``manifest.json``), never data. Resume is the stage's own content-hash check,
 not Prefect's cache (prefect#12229). Retries only for failures worth retrying: exit code 2
-is bad input and fails at once.
+is bad input and fails at once. Task runs are named by stage and iteration (``train t=2``); evaluate
+and report publish the run's results as Prefect artifacts (``spa_tasks.artifacts``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from spa.run.manifest import Stage
 from spa.run.sharding import parse_shard
+from spa_tasks import artifacts
 
 
 class BadStageInput(RuntimeError):
@@ -122,60 +124,84 @@ def stage_record(config: str, key: str) -> dict[str, Any]:
     return {"stage": key, "outputs": entry["outputs"], "summary": entry.get("summary", {})}
 
 
-_TASK = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
+def _run_name(stage: str):
+    """A task-run name from the task's parameters, as the Prefect UI lists it: ``prepare``, ``evaluate t=0``,
+    ``sample t=2 shard 1/4`` (the ``--shard`` value), ``merge samples t=2 (4 shards)``."""
+
+    def name(parameters: dict[str, Any]) -> str:
+        out = stage if parameters.get("t") is None else f"{stage} t={parameters['t']}"
+        if parameters.get("shard"):
+            out += f" shard {parameters['shard']}"
+        if parameters.get("shards"):
+            out += f" ({parameters['shards']} shards)"
+        return out
+
+    return name
 
 
-@task(name="prepare", **_TASK)
+def task_run_name(stage_task, **parameters: Any) -> str:
+    """The name a run of ``stage_task`` with these parameters gets."""
+    return stage_task.task_run_name(parameters=parameters)
+
+
+def _task(stage: str):
+    return task(name=stage.replace(" ", "-"), task_run_name=_run_name(stage), retries=2, retry_delay_seconds=10,
+                retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
+
+
+@_task("prepare")
 def prepare(config: str) -> dict[str, Any]:
     run_command(stage_command("prepare", config))
     return stage_record(config, "prepare")
 
 
-@task(name="seed", **_TASK)
+@_task("seed")
 def seed(config: str) -> dict[str, Any]:
     run_command(stage_command("seed", config))
     return stage_record(config, Stage.SEED.key())
 
 
-@task(name="sample", **_TASK)
+@_task("sample")
 def sample(config: str, t: int, shard: str | None = None) -> dict[str, Any]:
     run_command(stage_command("sample", config, t, *(["--shard", shard] if shard else [])))
     return stage_record(config, Stage.SAMPLE.key(t, parse_shard(shard) if shard else None))
 
 
-@task(name="merge-samples", **_TASK)
+@_task("merge samples")
 def merge_samples(config: str, t: int, shards: int) -> dict[str, Any]:
     run_command(stage_command("sample", config, t, "--merge", str(shards)))
     return stage_record(config, Stage.SAMPLE.key(t))
 
 
-@task(name="judge", **_TASK)
+@_task("judge")
 def judge(config: str, t: int, shard: str | None = None) -> dict[str, Any]:
     run_command(stage_command("judge", config, t, *(["--shard", shard] if shard else [])))
     return stage_record(config, Stage.JUDGE.key(t, parse_shard(shard) if shard else None))
 
 
-@task(name="merge-judgments", **_TASK)
+@_task("merge judgments")
 def merge_judgments(config: str, t: int, shards: int) -> dict[str, Any]:
     run_command(stage_command("judge", config, t, "--merge", str(shards)))
     return stage_record(config, Stage.JUDGE.key(t))
 
 
-@task(name="train", **_TASK)
+@_task("train")
 def train(config: str, t: int) -> dict[str, Any]:
     run_command(stage_command("train", config, t))
     return stage_record(config, Stage.TRAIN.key(t))
 
 
-@task(name="evaluate", **_TASK)
+@_task("evaluate")
 def evaluate(config: str, t: int) -> dict[str, Any]:
     run_command(stage_command("evaluate", config, t))
+    artifacts.publish_metrics(config)  # <prefix>-metrics: every iteration evaluated so far
     return stage_record(config, Stage.EVALUATE.key(t))
 
 
-@task(name="report", **_TASK)
+@_task("report")
 def report(config: str) -> str:
     run_command(stage_command("report", config))
+    artifacts.publish_report(config)  # <prefix>-report, -run-dir, -report-file
     from spa.config import load_config
     from spa.run.layout import RunLayout
 
