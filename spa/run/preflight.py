@@ -23,7 +23,7 @@ def _model_problem(key: str, value: str | None) -> str | None:
         return None
     path = Path(value)
     if not path.is_dir():
-        return f"{key}: {value} is not a directory (a local model folder; download hub models first)"
+        return f"{key}: {value} is not a directory (give a local model folder, or a hub id org/name[@revision])"
     if not any((path / m).exists() for m in MODEL_MARKERS):
         return f"{key}: {value} holds no config.json or adapter_config.json (not a model folder)"
     return None

@@ -31,6 +31,7 @@ from spa.run.artifacts import (
     write_table,
     write_text_atomic,
 )
+from spa.run.console import progress_bar
 from spa.run.layout import RunLayout, model_dir
 from spa.run.manifest import Stage
 from spa.run.sharding import parse_shard, shard_bounds, shard_path
@@ -162,7 +163,6 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
     second pass labels. Returns the length penalty used.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from spa.judges.implicit_reward import auto_length_penalty
 
@@ -175,7 +175,7 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
     stored: list[Scores] = []
     a = 0.0 if auto else float(cfg.judge.length_penalty)
     if auto:
-        with tqdm(total=stop - start, desc=f"judge iter {t} (scoring)", unit="prompt", disable=not progress) as bar:
+        with progress_bar(stop - start, f"judge iter {t} (scoring)", "prompt", progress) as bar:
             for first, rows in chunks():
                 stored.append(judges.score(*judges.inputs(rows, str(responses), first)))
                 bar.update(rows.num_rows)
@@ -183,7 +183,7 @@ def judge_file(cfg: SPAConfig, t: int, responses: Path, out: Path, shard: tuple[
             a = auto_length_penalty(torch.from_numpy(np.concatenate([s.reward for s in stored])),
                                     torch.from_numpy(np.concatenate([s.lens for s in stored]).astype(np.float64)),
                                     signed=cfg.judge.length_penalty_sign == "signed")
-    bar = tqdm(total=stop - start, desc=f"judge iter {t}", unit="prompt", disable=not progress)
+    bar = progress_bar(stop - start, f"judge iter {t}", "prompt", progress)
     with atomic_path(out) as tmp:
         with pq.ParquetWriter(tmp, JUDGMENTS_WRITTEN) as writer:
             for k, (first, rows) in enumerate(chunks()):

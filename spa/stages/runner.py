@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,26 @@ from spa.errors import StageInputError
 from spa.run.artifacts import remove_orphans
 from spa.run.layout import RunLayout
 from spa.run.manifest import Manifest, hash_inputs, is_up_to_date, make_entry, stage_key
+
+log = logging.getLogger(__name__)
+# the numbers a stage's done-line shows (its full summary is in the manifest and the run's log)
+KEY_NUMBERS = {
+    "prepare": ("seed", "heldout", "prompts_1", "prompts_2", "prompts_3"),
+    "seed": ("steps", "first_loss", "final_loss"),
+    "sample": ("prompts", "responses", "mean_tokens", "truncated_share"),
+    "judge": ("pairs", "ties", "dropped", "mean_p_chosen", "self_label_accuracy"),
+    "train": ("steps", "first_loss", "final_loss", "mean_refined_fraction"),
+    "evaluate": ("n", "win_rate", "lc_win_rate", "gold_agreement"),
+}
+
+
+def key_numbers(key: str, summary: dict[str, Any]) -> str:
+    """``k=v`` for the stage's :data:`KEY_NUMBERS` that its summary holds (all of it for other stages)."""
+    names = KEY_NUMBERS.get(key.split("/")[0])
+    items = [(k, summary[k]) for k in names if k in summary] if names else list(summary.items())
+    shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items
+             if isinstance(v, int | float | str)]
+    return ", ".join(shown) or "ok"
 
 
 @dataclass(frozen=True)
@@ -66,5 +87,6 @@ def run_stage(
         raise RuntimeError(f"[{key}] finished without writing {missing}")
     manifest.record(key, make_entry(expected, outputs, started, summary, layout.root))
     elapsed = time.time() - started
-    echo(f"[{key}] done in {elapsed:.1f}s: " + json.dumps(summary, default=str))
+    log.info("stage %s summary: %s", key, json.dumps(summary, default=str))
+    echo(f"[{key}] done in {elapsed:.1f}s: {key_numbers(key, summary)}")
     return StageResult(key, False, [str(o) for o in outputs], summary)

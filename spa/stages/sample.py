@@ -17,11 +17,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from spa.config import SPAConfig, load_config
 from spa.errors import StageInputError
 from spa.run.artifacts import atomic_path, iter_chunks, merge_parquet, num_rows, read_table
+from spa.run.console import progress_bar
 from spa.run.layout import RunLayout, model_dir
 from spa.run.manifest import Stage
 from spa.run.sharding import parse_shard, shard_bounds, shard_path
@@ -50,7 +50,7 @@ def sample_worker(cfg: SPAConfig, t: int, shard: tuple[int, int] | None = None) 
     sampler = make_sampler(backend, policy, spec_from(cfg))
     # a model inside the run directory is named relative to it, so a moved run keeps its artifacts' hashes
     model_id = str(policy.relative_to(layout.root)) if policy.is_relative_to(layout.root) else str(policy)
-    bar = tqdm(total=stop - start, desc=f"sample iter {t}", unit="prompt")
+    bar = progress_bar(stop - start, f"sample iter {t}", "prompt")
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, RESPONSES_WRITTEN) as writer:
         for _, chunk in iter_chunks(prompts_path, "prompts", cfg.sample.chunk_rows, start, stop):
             samples = sampler(chunk.column("prompt").to_pylist())

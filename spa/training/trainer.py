@@ -19,9 +19,11 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from spa.config import LossKind
 from spa.models.logprobs import gather_logps
+from spa.run.console import progress_bar
 from spa.schemas import REFINEMENT, TRAIN_LOG_WRITTEN
 from spa.training.checkpoints import STATE_FILE
 from spa.training.losses import (
@@ -127,6 +129,10 @@ class RefinedDPOTrainer(Trainer):
             is_main = int(os.environ.get("RANK", "0")) == 0
             self.samples = [FlagRecord(*s) for s in resume_state.get("samples", [])] if is_main else []
         self.add_callback(_SPACallback(self))
+        # one live bar with loss and lr (a TTY only) instead of transformers' bar and its printed log dicts
+        self.remove_callback(ProgressCallback)
+        self.remove_callback(PrinterCallback)
+        self.add_callback(_TrainProgress())
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """A checkpoint leaves out a tied weight (``lm_head.weight``, which is the input embedding itself);
@@ -287,6 +293,36 @@ class RefinedDPOTrainer(Trainer):
         return row
 
 
+class _TrainProgress(TrainerCallback):
+    """The training steps as one live bar with the latest loss and learning rate; every log dict into the
+    run's log (``spa.training.trainer`` logger), none printed."""
+
+    def __init__(self):
+        self.bar, self.shown = None, {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = progress_bar(state.max_steps, "train", "step")
+            self.bar.update(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        log.info("step %d: %s", state.global_step, logs)
+        self.shown.update({k: f"{logs[k]:.3g}" for k in ("loss", "learning_rate") if isinstance(logs.get(k), int | float)})
+        if self.bar is not None and self.shown:
+            self.bar.set_postfix(self.shown, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class _SPACallback(TrainerCallback):
     def __init__(self, trainer: RefinedDPOTrainer):
         self.trainer = trainer
@@ -295,6 +331,7 @@ class _SPACallback(TrainerCallback):
         row = self.trainer.finish_step(state.global_step)
         # TRL's metric names, for users comparing runs
         self.trainer.log({
+            "loss": row["loss"], "learning_rate": row["lr"],
             "rewards/margins": row["margin_mean"], "rewards/accuracies": row["rewards_accuracies"],
             "logps/chosen": row["logps_chosen"], "logps/rejected": row["logps_rejected"],
             "refined_fraction": row["refined_fraction"],

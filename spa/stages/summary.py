@@ -1,0 +1,54 @@
+"""The closing table ``spa run`` and ``spa demo`` print: one row per iteration, from the run directory."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from spa.config import SPAConfig
+from spa.run.layout import RunLayout
+from spa.run.manifest import Manifest, Stage
+
+COLUMNS = ("iteration", "win rate", "LC win rate", "gold agreement", "self-label acc.", "time")
+
+
+def iteration_rows(cfg: SPAConfig) -> list[dict[str, Any]]:
+    """Per iteration present in the run: win rate, LC win rate, gold agreement (``eval.json``), self-label
+    accuracy (the judge's summary, where an oracle or gold labels were known) and the stages' wall time."""
+    layout = RunLayout.of(cfg)
+    stages = Manifest(layout.manifest).entries() if layout.manifest.exists() else {}
+    rows = []
+    for t in range(cfg.iterations + 1):
+        if not layout.iteration(t).exists():
+            continue
+        keys = [Stage.PREPARE.key(), Stage.SEED.key()] if t == 0 else [
+            Stage.SAMPLE.key(t), Stage.JUDGE.key(t), Stage.TRAIN.key(t)]
+        keys.append(Stage.EVALUATE.key(t))
+        ev = json.loads(layout.eval_summary(t).read_text()) if layout.eval_summary(t).exists() else {}
+        judge = stages.get(Stage.JUDGE.key(t), {}).get("summary", {}) if t else {}
+        times = [stages[k]["wall_time_s"] for k in keys if "wall_time_s" in stages.get(k, {})]
+        rows.append({"iteration": t, "win_rate": ev.get("win_rate"), "lc_win_rate": ev.get("lc_win_rate"),
+                     "gold_agreement": ev.get("gold_agreement"), "self_label_accuracy": judge.get("self_label_accuracy"),
+                     "time_s": sum(times) if times else None})
+    return rows
+
+
+def _cell(value: Any, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "pct":
+        return f"{value:.1f}"
+    if kind == "frac":
+        return f"{value:.3f}"
+    return f"{value:.0f}s" if value >= 10 else f"{value:.1f}s"
+
+
+def closing_table(cfg: SPAConfig) -> str:
+    """The iterations as an aligned text table (win rates in percent; ``-`` where not known)."""
+    kinds = (None, "pct", "pct", "frac", "frac", "time")
+    keys = ("iteration", "win_rate", "lc_win_rate", "gold_agreement", "self_label_accuracy", "time_s")
+    body = [[str(r["iteration"])] + [_cell(r[k], kind) for k, kind in zip(keys[1:], kinds[1:], strict=True)]
+            for r in iteration_rows(cfg)]
+    widths = [max(len(c) for c in col) for col in zip(COLUMNS, *body, strict=True)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(COLUMNS), line(["-" * w for w in widths])] + [line(r) for r in body])

@@ -1,0 +1,94 @@
+"""What the terminal shows (issue #16: "the terminal tells the story"): a line when a stage starts and one when
+it ends, a closing table and the report's path; library chatter and the full log go to <run_dir>/logs/spa.log."""
+
+import io
+import logging
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from conftest import flow_config
+
+SPA = str(Path(sys.executable).parent / "spa")
+STAGES = ["prepare", "seed", "evaluate/0", "sample/1", "judge/1", "train/1", "evaluate/1",
+          "sample/2", "judge/2", "train/2", "evaluate/2"]
+# what a 2-iteration run printed before: bars, trainer dicts, Prefect's and httpx's logs, liblinear's warning
+CHATTER = ["Loading weights", "Writing model shards", "rewards/margins", "it/s]", "batch/s", "HTTP Request",
+           "Task run", "Flow run", "temporary server", "specified in weight is not found", "\x1b[", "\r"]
+
+
+def test_spa_run_tells_the_story_in_a_few_lines_and_logs_the_rest(tmp_path, tiny_model_dir, prefs_file):
+    cfg, path = flow_config(tmp_path, tiny_model_dir, prefs_file, stage_processes="inline")
+    res = subprocess.run([SPA, "run", str(path)], capture_output=True, text=True)  # not a TTY: no bars
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = res.stdout + res.stderr
+    lines = [line for line in text.splitlines() if line.strip()]
+    starts = [line for line in lines if line.startswith("$ spa ")]  # the stage commands the flow runs
+    assert [line.split()[2] for line in starts] == [key.split("/")[0] for key in STAGES] + ["report"]
+    assert starts[3] == f"$ spa sample -c {path} -t 1 (in the flow's process)"
+    for key in STAGES:
+        assert any(line.startswith(f"[{key}] done in ") for line in lines), key
+    assert "[train/1] done in" in text and "final_loss=" in text and "gold_agreement=" in text
+    assert "spa-pipeline: Finished in state Completed()" in lines
+    # per stage its command and its done-line, the flow's end, the table (header, rule, a row per iteration), paths
+    assert len(lines) <= 2 * (len(STAGES) + 1) + 1 + 2 + (cfg.iterations + 1) + 1, text
+    header = next(i for i, line in enumerate(lines) if line.startswith("iteration"))
+    assert ["win rate", "LC win rate", "gold agreement", "self-label acc.", "time"] == \
+        [c for c in re.split(r"\s{2,}", lines[header]) if c][1:]
+    assert [line.split()[0] for line in lines[header + 2: header + 5]] == ["0", "1", "2"]
+    log_path = Path(cfg.run_dir) / "logs" / "spa.log"
+    assert lines[-1].startswith(f"report: {Path(cfg.run_dir) / 'report.md'}") and str(log_path) in lines[-1]
+    for pattern in CHATTER:
+        assert pattern not in text, pattern
+    log = log_path.read_text()
+    assert "Finished in state Completed" in log and "temporary server" in log  # Prefect's log
+    assert re.search(r"step 3: \{.*'loss'", log) and "'learning_rate'" in log  # the trainer's log dicts
+    assert 'stage train/2 summary: {"steps": 3' in log  # the full summary behind the done-line
+
+    again = subprocess.run([SPA, "run", str(path), "--verbose"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[train/2] up to date" in again.stdout and "Finished in state Completed" in again.stdout + again.stderr
+
+
+def test_story_stream_shows_stage_lines_and_logs_everything(tmp_path):
+    from spa.run import console
+
+    terminal = io.StringIO()
+    with console.terminal_session(tmp_path, verbose=False) as log_path:
+        session = sys.stdout.session  # the StoryStream's session
+        stream = console.StoryStream(session, terminal)
+        stream.write("[sample/1] done in 2s: ok\nLoading weights:  50%|#  | 1/2\rLoading weights: 100%|##| 2/2\n")
+        stream.write("{'rewards/margins': 0.1}\n[transformers] a warning\nerror: bad input\n[judge/1] done in 1s: ok")
+        stream.close_buffer()
+        logging.getLogger("httpx").warning("HTTP Request: POST http://127.0.0.1/api")
+        assert console.progress_bar(10, "x", "step").disable  # no TTY here: no bar
+    assert terminal.getvalue().splitlines() == ["[sample/1] done in 2s: ok", "error: bad input", "[judge/1] done in 1s: ok"]
+    log = log_path.read_text()
+    assert "Loading weights: 100%|##| 2/2" in log and "50%" not in log  # a bar's last state only
+    assert "rewards/margins" in log and "[transformers] a warning" in log and "HTTP Request" in log
+    assert not any(isinstance(h, console.StoryHandler) for h in logging.getLogger().handlers)  # restored
+
+
+def test_length_control_fit_keeps_liblinears_warning_off_the_terminal(capfd, caplog):
+    """The 153 'class label 0 specified in weight is not found' lines of a run came from liblinear (C stderr)
+    inside alpaca-eval's cross-validated GLM fit when the model wins every item of a fold."""
+    import pandas as pd
+    from alpaca_eval.metrics.glm_winrate import fit_LogisticRegressionCV
+
+    from spa.evaluation.length_control import lc_win_rate
+
+    n = 20
+    data = pd.DataFrame({"preference": [1.0] * n, "x": [float(i % 3) for i in range(n)]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's deprecation notes about alpaca-eval's arguments
+        fit_LogisticRegressionCV(data, "preference", is_ytrue_proba=True, n_splits=5)
+    assert "specified in weight is not found" in capfd.readouterr().err  # the source, unfiltered
+
+    with caplog.at_level(logging.INFO, logger="spa.evaluation.length_control"):
+        out = lc_win_rate([f"q{i}" for i in range(n)], ["short"] * n, ["a longer answer"] * n, [2.0] * n,
+                          annotator="a", generator="m", reference_generator="r", alpaca_eval_set=False)
+    assert out["lc_win_rate"] is not None
+    assert "specified in weight is not found" not in capfd.readouterr().err
+    assert any("liblinear" in r.getMessage() for r in caplog.records)
