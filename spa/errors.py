@@ -20,6 +20,10 @@ class ConfigError(BadInput, ValueError):
     """The config file is unreadable or invalid; the message lists every problem."""
 
 
+class HubModelNotFound(ConfigError):
+    """A model setting's hub id that neither the local cache nor the hub knows (spa/models/hub.py)."""
+
+
 class ArtifactError(BadInput, ValueError):
     """An artifact is missing or breaks the contract; the message says where and what to do."""
 

@@ -67,8 +67,20 @@ def test_pinned_commit_resolves_to_that_snapshot(hub_cache):
 
 def test_missing_model_is_one_config_error_naming_the_setting(hub_cache):
     with pytest.raises(ConfigError, match=r"^model\.pi_0: org/absent@main is not in the local cache") as err:
-        resolve_model_refs({"model": {"pi_init": "org/tiny", "pi_0": "org/absent"}})
+        resolve_model_refs({"model": {"pi_init": "org/tiny", "pi_0": "org/absent@main"}})
     assert "\n" not in str(err.value)
+
+
+def test_an_unknown_name_without_revision_stays_a_path_for_the_preflight_check(hub_cache):
+    """``models/sft`` (a folder not downloaded yet) must not become a hub error: the preflight names it."""
+    from spa.config import parse_config
+    from spa.run.preflight import problems
+
+    raw = {"run_dir": "r", "model": {"pi_init": "models/sft"}}
+    out = resolve_model_refs(raw)
+    assert out["model"]["pi_init"] == "models/sft" and "hub_refs" not in out["model"]
+    found = problems(parse_config(out))
+    assert any(p.startswith("model.pi_init: models/sft is not a directory") and "hub id" in p for p in found)
 
 
 def test_hub_model_without_safetensors_is_refused(hub_cache):

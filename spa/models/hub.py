@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from spa.errors import ConfigError
+from spa.errors import ConfigError, HubModelNotFound
 
 # (section, key) of every setting that names a model
 MODEL_SETTINGS = (("model", "pi_init"), ("model", "pi_0"), ("judge", "reward_model"), ("judge", "llm_judge_model"))
@@ -50,7 +50,7 @@ def resolve_hub_id(repo_id: str, revision: str | None, key: str) -> tuple[Path, 
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
         where = "the local cache" + ("" if constants.HF_HUB_OFFLINE else " or the hub")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{key}: {repo_id}@{revision or 'main'} is not in {where} ({first[:160]}); "
+        raise HubModelNotFound(f"{key}: {repo_id}@{revision or 'main'} is not in {where} ({first[:160]}); "
                           "download it on a machine that reaches the hub, or give a local directory") from exc
     if not any(path.glob("*.safetensors")) and not (path / "adapter_config.json").exists():
         raise ConfigError(f"{key}: {repo_id}@{revision or 'main'} has no *.safetensors weights; this pipeline "
@@ -62,6 +62,9 @@ def resolve_model_refs(raw: dict[str, Any]) -> dict[str, Any]:
     """A copy of the raw config mapping with every hub-id model setting replaced by its snapshot directory,
     and ``model.hub_refs`` recording ``{setting: {repo_id, revision, commit}}``. Local paths stay as they are.
 
+    ``org/name`` without a revision could also be a relative folder that does not exist yet (``models/sft``
+    before it is downloaded): when the cache and the hub do not know it, it stays as it is and the preflight
+    check reports a missing folder. With ``@revision`` it is a hub id, and not finding it is a ``ConfigError``.
     An already resolved config (a run directory's ``config.yaml``) names snapshot directories, so resolving it
     again is a no-op."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
@@ -73,7 +76,12 @@ def resolve_model_refs(raw: dict[str, Any]) -> dict[str, Any]:
         if parsed is None:
             continue
         repo_id, revision = parsed
-        path, commit = resolve_hub_id(repo_id, revision, f"{section}.{key}")
+        try:
+            path, commit = resolve_hub_id(repo_id, revision, f"{section}.{key}")
+        except HubModelNotFound:
+            if revision is not None:  # `@revision` says it is a hub id: not finding it is the error
+                raise
+            continue  # `models/sft` may be a folder not written yet: the preflight check names it if it is missing
         node[key] = str(path)
         refs[f"{section}.{key}"] = {"repo_id": repo_id, "revision": revision or "main", "commit": commit}
     if refs:

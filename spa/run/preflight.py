@@ -23,7 +23,7 @@ def _model_problem(key: str, value: str | None) -> str | None:
         return None
     path = Path(value)
     if not path.is_dir():
-        return f"{key}: {value} is not a directory (give a local model folder, or a hub id org/name[@revision])"
+        return f"{key}: {value} is not a directory (give a local model folder, or a hub id org/name[@revision]: not in the local hub cache either)"
     if not any((path / m).exists() for m in MODEL_MARKERS):
         return f"{key}: {value} holds no config.json or adapter_config.json (not a model folder)"
     return None
