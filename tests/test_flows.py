@@ -46,6 +46,7 @@ def test_rerun_of_a_finished_flow_skips_every_stage(full_run):
     assert _output_hashes(Path(cfg.run_dir)) == before
 
 
+@pytest.mark.slow  # ~2.5 min; the stage-level kill-and-resume test (tests/test_training.py) stays in the default suite
 def test_killed_flow_resumes_to_identical_artifacts(full_run, tmp_path, tiny_model_dir, prefs_file):
     cfg_ref, _, _ = full_run
     cfg, path = _config(tmp_path, tiny_model_dir, prefs_file, name="killed")
@@ -81,6 +82,7 @@ def test_second_flow_on_the_same_run_refuses(tmp_path, tiny_model_dir, prefs_fil
         pass
 
 
+@pytest.mark.slow  # ~1.5 min (a local Ray cluster); sharding without Ray: tests/test_sharding.py
 def test_sharded_judge_on_ray_equals_single_shard(full_run, tmp_path):
     """A copy of the finished run, judgments removed: the flow judges in 2 shards on a local Ray
     instance with 2 CPU workers, merges them into the same bytes, and every other stage is up to date."""

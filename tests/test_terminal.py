@@ -27,7 +27,8 @@ def test_spa_run_tells_the_story_in_a_few_lines_and_logs_the_rest(tmp_path, tiny
     lines = [line for line in text.splitlines() if line.strip()]
     starts = [line for line in lines if line.startswith("$ spa ")]  # the stage commands the flow runs
     assert [line.split()[2] for line in starts] == [key.split("/")[0] for key in STAGES] + ["report"]
-    assert starts[3] == f"$ spa sample -c {path} -t 1 (in the flow's process)"
+    # the flow hands every stage the run's resolved config (hub ids resolved once)
+    assert starts[3] == f"$ spa sample -c {Path(cfg.run_dir) / 'config.yaml'} -t 1 (in the flow's process)"
     for key in STAGES:
         assert any(line.startswith(f"[{key}] done in ") for line in lines), key
     assert "[train/1] done in" in text and "final_loss=" in text and "gold_agreement=" in text
