@@ -11,12 +11,8 @@ from spa.run.layout import RunLayout
 from spa.run.manifest import dir_sha256
 
 
-def quiet(_msg: str) -> None:
-    pass
-
-
-def card_parts(path):
-    text = path.read_text()
+def card_parts(text: str):
+    """(YAML header, body) of a model card."""
     assert text.startswith("---\n")
     header, body = text[4:].split("\n---\n", 1)
     return yaml.safe_load(header), body
@@ -30,14 +26,14 @@ def eval_row(body: str) -> dict[str, str]:
 
 
 def test_every_model_of_a_run_has_a_card_with_its_lineage_and_numbers(tmp_path, tiny_model_dir, prefs_file):
-    from spa.demo.arms import run_iterations, run_seed_stage
+    from spa.demo.arms import quiet, run_iterations, run_seed_stage
     from spa.stages import train
 
     raw = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file).model_dump(mode="json")
     cfg = run_iterations(run_seed_stage(raw, echo=quiet), echo=quiet)
     lay = RunLayout.of(cfg)
     for t in (0, 1):
-        header, body = card_parts(lay.model(t) / "README.md")
+        header, body = card_parts((lay.model(t) / "README.md").read_text())
         assert header["library_name"] == "transformers" and f"spa-iteration-{t}" in header["tags"]
         assert header["base_model"] == tiny_model_dir.name
         evaluation = json.loads(lay.eval_summary(t).read_text())
@@ -62,11 +58,6 @@ def test_card_names_a_hub_base_model_and_dataset(tmp_path, tiny_model_dir, prefs
     raw = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file).model_dump(mode="json")
     raw["model"]["hub_refs"] = {"model.pi_init": {"repo_id": "org/tiny", "revision": "main", "commit": "a" * 40}}
     raw["data"]["source"] = "HuggingFaceH4/ultrafeedback_binarized"
-    header, body = card_parts_from_text(card_text(parse_config(raw), 2, None))
+    header, body = card_parts(card_text(parse_config(raw), 2, None))
     assert header["base_model"] == "org/tiny" and header["datasets"] == ["HuggingFaceH4/ultrafeedback_binarized"]
     assert f"org/tiny@{'a' * 40}" in body and "Not evaluated yet" in body
-
-
-def card_parts_from_text(text: str):
-    header, body = text[4:].split("\n---\n", 1)
-    return yaml.safe_load(header), body

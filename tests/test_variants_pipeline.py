@@ -188,7 +188,7 @@ def _spa_run(tmp_path, tiny_model_dir, prefs_file, name, before=(), via="flow", 
         res = subprocess.run([SPA, "run", str(path)], capture_output=True, text=True)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     else:
-        from spa.demo.arms import run_iterations, run_seed_stage
+        from spa.demo.arms import quiet, run_iterations, run_seed_stage
         from spa.stages import train_rm
 
         steps = {("prepare",): lambda: prepare.run(cfg, echo=quiet), ("train-rm",): lambda: train_rm.run(cfg, echo=quiet)}
@@ -198,10 +198,6 @@ def _spa_run(tmp_path, tiny_model_dir, prefs_file, name, before=(), via="flow", 
     lay = RunLayout(cfg.run_dir)
     stages = json.loads(lay.manifest.read_text())["stages"]
     return cfg, lay, stages
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 VARIANT_RUNS = {
