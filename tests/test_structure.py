@@ -176,7 +176,7 @@ def test_every_reference_resolves_inside_the_repository():
 
 
 def readme_tree() -> list[str]:
-    """The folders and files the README's architecture tree names (``spa/run/``, ``spa/config.py``...)."""
+    """The folders and files the README's architecture tree names (``spa/run/``, ``spa/config/``...)."""
     text = (ROOT / "README.md").read_text()
     block = text.split("## Architecture", 1)[1].split("```", 2)[1]
     paths, parents = [], []

