@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 from spa.run.artifacts import read_table
 from spa.run.layout import RunLayout
-from spa.stages import prepare
+from spa.stages import prepare, sources
 from spa.stages.prepare import normalise_prompt, prompt_hash
 from spa.stages.runner import StageInputError
 
@@ -100,7 +100,7 @@ def test_streamed_batches_do_not_change_the_splits(tmp_path, tiny_model_dir, pre
         src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     outputs = []
     for batch in (4096, 3):
-        monkeypatch.setattr(prepare, "BATCH_ROWS", batch)
+        monkeypatch.setattr(sources, "BATCH_ROWS", batch)
         cfg = tiny_config(tmp_path / f"run{batch}", tiny_model_dir, src, iterations=2, data={"prompt_sizes": [10, 7]})
         res = prepare.run(cfg)
         assert (res.summary["duplicate_prompts"], res.summary["empty_prompts"]) == (1, 1)

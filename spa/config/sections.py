@@ -15,7 +15,8 @@ PositiveInt = Annotated[int, Field(ge=1)]
 # Operational settings ("section.key"): how a stage runs, never what it writes (batch and chunk sizes are not:
 # padding numerics, seeding units). No resume key (section_hash) holds them: changing one reruns no stage and
 # keeps the training checkpoints (tests/test_training.py resumes under another save_steps, with the same result).
-OPERATIONAL = ("train.save_steps",)
+# The experiment trackers (train.report_to) only watch a stage: adding one to a finished run reruns nothing.
+OPERATIONAL = ("train.save_steps", "train.report_to")
 
 
 class _Section(BaseModel):
@@ -39,7 +40,16 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     """How ``spa prepare`` splits the source (Sec. 5.1: 2K seed; 8K/20K/30K prompts)."""
 
-    source: str | None = Field(None, description="local Parquet/JSONL of preference pairs")
+    source: str | None = Field(
+        None, description="preference pairs: a Parquet, JSONL, JSON, CSV or TSV file, a datasets save_to_disk folder, a "
+                          "folder of data files, or a hub dataset id org/name (README, \"Data sources\")")
+    # split and revision are written only when set: configs and resume keys from before they existed stay the same
+    split: str | None = Field(None, exclude_if=lambda v: v is None,
+                              description="the split of a hub dataset, a DatasetDict folder or a folder of data files "
+                                          "(default: train)")
+    revision: str | None = Field(None, exclude_if=lambda v: v is None,
+                                 description="hub dataset only: a branch, tag or commit (default: main), pinned to its "
+                                             "commit when prepare runs")
     seed_size: Annotated[float, Field(gt=0)] = 2000
     prompt_sizes: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [8000, 20000, 30000])
     heldout_size: Annotated[float, Field(ge=0)] = 500

@@ -9,6 +9,7 @@ counts as a model) and imports no torch.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from spa.config import SPAConfig
@@ -16,6 +17,14 @@ from spa.errors import ConfigError
 from spa.run.layout import RunLayout
 
 MODEL_MARKERS = ("config.json", "adapter_config.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".tsv")
+
+
+def is_hub_dataset_id(value: str) -> bool:
+    """``org/name`` that names no local path and no data file: ``spa.stages.sources`` reads it from the hub
+    (or its local cache), and whether it exists there is that stage's check, not one of the filesystem."""
+    return bool(_HUB_ID.match(value)) and Path(value).suffix.lower() not in _DATA_SUFFIXES and not Path(value).exists()
 
 
 def _model_problem(key: str, value: str | None) -> str | None:
@@ -39,7 +48,7 @@ def problems(cfg: SPAConfig) -> list[str]:
         source = cfg.data.source
         if not source:
             found.append("data.source: not set (the preference file `spa prepare` splits)")
-        elif not Path(source).exists():
+        elif not Path(source).exists() and not is_hub_dataset_id(source):
             found.append(f"data.source: {source} does not exist")
     eval_set = cfg.evaluate.eval_set
     if eval_set not in ("alpaca_eval", "heldout") and not Path(eval_set).exists():

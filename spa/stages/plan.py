@@ -136,11 +136,20 @@ def stage_status(cfg: SPAConfig, keys: list[str]) -> dict[str, str]:
 
 
 def _same_source(cfg: SPAConfig, entry: dict[str, Any], root: Path) -> bool:
-    """prepare's input is the preference source: hashed here (data, not weights; cheap next to a run)."""
-    source = Path(cfg.data.source) if cfg.data.source else None
-    if source is None or not source.exists():
-        return not entry.get("inputs")
-    return entry.get("inputs") == hash_inputs([source], root)
+    """prepare's input is the preference source: a local file or folder hashed here (data, not weights; cheap
+    next to a run), a hub dataset by repo id, split and the commit its revision resolves to now."""
+    from spa.errors import BadInput
+    from spa.stages.sources import resolve_source
+
+    try:
+        source = resolve_source(cfg.data.source, cfg.data.split, cfg.data.revision) if cfg.data.source else None
+    except BadInput:  # gone, or a hub id neither the cache nor the hub knows now
+        source = None
+    if source is None:
+        return not entry.get("inputs") and "source_ref" not in (entry.get("extra") or {})
+    if source.kind == "hub":
+        return (entry.get("extra") or {}).get("source_ref") == source.ref()
+    return entry.get("inputs") == hash_inputs(source.inputs(), root)
 
 
 def _iteration_lines(cfg: SPAConfig, t: int, batch: str | None) -> list[tuple[str, str]]:

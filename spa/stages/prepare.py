@@ -8,11 +8,9 @@ long for the context (``data.overlong``, measured with the model's tokenizer on 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +25,8 @@ from spa.run.manifest import Stage
 from spa.schemas import PAIRS_WRITTEN, PROMPTS
 from spa.stages.overlong import Overlong, tokenizer_digest
 from spa.stages.runner import StageResult, run_stage
+from spa.stages.sources import Source, iter_source, resolve_source
+from spa.stages.sources import load_source as load_source  # re-exported: the readers live in sources.py
 
 SECTIONS = ["data", "iterations"]  # config this stage's resume key covers
 
@@ -43,7 +43,7 @@ def prompt_hash(text: str) -> str:
     return hashlib.sha256(normalise_prompt(text).encode("utf-8")).hexdigest()[:16]
 
 
-def _last_assistant(record: dict[str, Any], column: str, row: int, source: str) -> str:
+def _last_assistant(record: dict[str, Any], column: str, row: int, source: Source | str) -> str:
     """A response given as a string, or as a message list (UltraFeedback-binarized layout)."""
     value = record.get(column)
     if isinstance(value, str):
@@ -61,7 +61,7 @@ def _last_assistant(record: dict[str, Any], column: str, row: int, source: str) 
                           f"assistant turn, got {type(value).__name__}")
 
 
-def _prompt_of(row: dict[str, Any], i: int, source: str) -> str:
+def _prompt_of(row: dict[str, Any], i: int, source: Source | str) -> str:
     if isinstance(row.get("prompt"), str):
         return row["prompt"]
     for key in ("chosen", "messages"):
@@ -71,105 +71,6 @@ def _prompt_of(row: dict[str, Any], i: int, source: str) -> str:
                 if isinstance(msg, dict) and msg.get("role") == "user":
                     return str(msg.get("content") or "")
     raise StageInputError(f"{source}: row {i}: no 'prompt' column and no user turn in 'chosen'")
-
-
-def _source_kind(source: str) -> str:
-    path = Path(source)
-    if path.is_file():
-        if path.suffix == ".parquet":
-            return "parquet"
-        if path.suffix in (".jsonl", ".json"):
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                head = fh.read(4096).lstrip()
-            return "json_array" if path.suffix == ".json" and head.startswith("[") else "jsonl"
-        raise StageInputError(f"{path}: unsupported file type {path.suffix!r}; give .parquet, .jsonl or .json")
-    if path.exists() or "/" not in source or source.startswith((".", "/")):
-        raise StageInputError(f"{source}: no such data file")
-    return "hub"
-
-
-BATCH_ROWS = 4096  # rows per streamed batch of the source
-
-
-def _loads(raw: bytes, source: str, line: int | None = None) -> Any:
-    """Parse JSON text; broken text is one error naming the file and the line."""
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise StageInputError(f"{source}: {f'line {line}: ' if line else ''}not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise StageInputError(f"{source}: line {line or exc.lineno}, column {exc.colno}: not valid JSON "
-                              f"({exc.msg.removesuffix(' at')})") from None
-
-
-def _object(value: Any, source: str, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise StageInputError(f"{source}: {where}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _parquet_batches(source: str, batch_rows: int) -> Iterator[list[dict[str, Any]]]:
-    """A Parquet file's rows in batches; an unreadable file (truncated, not Parquet) is one error naming it."""
-    def unreadable(exc: Exception) -> StageInputError:
-        return StageInputError(f"{source}: not a readable Parquet file ({(str(exc) or type(exc).__name__).splitlines()[0]})")
-
-    try:
-        batches = pq.ParquetFile(source).iter_batches(batch_size=batch_rows)
-    except (pa.ArrowException, OSError) as exc:
-        raise unreadable(exc) from None
-    while True:
-        try:
-            batch = next(batches, None)
-        except (pa.ArrowException, OSError) as exc:
-            raise unreadable(exc) from None
-        if batch is None:
-            return
-        yield batch.to_pylist()
-
-
-def _jsonl_batches(source: str, batch_rows: int) -> Iterator[list[dict[str, Any]]]:
-    rows: list[dict[str, Any]] = []
-    with open(source, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if raw.strip():
-                rows.append(_object(_loads(raw, source, number), source, f"line {number}"))
-                if len(rows) == batch_rows:
-                    yield rows
-                    rows = []
-    if rows:
-        yield rows
-
-
-def iter_source(source: str, batch_rows: int | None = None) -> Iterator[list[dict[str, Any]]]:
-    """Rows of a local Parquet/JSONL file (or a Hugging Face dataset name when online), in batches.
-
-    Parquet and JSONL are streamed (memory does not grow with the file: bench P6); a JSON array file and a hub
-    dataset are loaded whole, then batched.
-    """
-    kind = _source_kind(source)
-    batch_rows = batch_rows or BATCH_ROWS
-    if kind in ("parquet", "jsonl"):
-        yield from (_parquet_batches if kind == "parquet" else _jsonl_batches)(source, batch_rows)
-        return
-    if kind == "json_array":
-        everything = _loads(Path(source).read_bytes(), source)
-        if not isinstance(everything, list):
-            raise StageInputError(f"{source}: expected a JSON array of objects")
-        everything = [_object(row, source, f"item {i}") for i, row in enumerate(everything)]
-    else:
-        try:
-            import datasets
-        except ImportError:
-            raise StageInputError(f"{source}: not a local file; loading a hub dataset needs `pip install datasets`") from None
-        name, _, split = source.partition(":")
-        everything = datasets.load_dataset(name, split=split or "train").to_list()
-    for start in range(0, len(everything), batch_rows):
-        yield everything[start : start + batch_rows]
-
-
-def load_source(source: str) -> list[dict[str, Any]]:
-    """All rows of a source (small files: incoming prompt batches)."""
-    return [row for batch in iter_source(source) for row in batch]
 
 
 def _resolve_size(size: float, total: int, what: str) -> int:
@@ -194,7 +95,7 @@ class SourceIndex:
     empty: np.ndarray  # bool
 
 
-def _row_record(row: dict[str, Any], i: int, source: str) -> tuple[str, str, str, str] | None:
+def _row_record(row: dict[str, Any], i: int, source: Source | str) -> tuple[str, str, str, str] | None:
     """(prompt_id, prompt, chosen, rejected) of one source row, or None for an empty prompt."""
     prompt = _prompt_of(row, i, source)
     if not prompt.strip():
@@ -205,7 +106,7 @@ def _row_record(row: dict[str, Any], i: int, source: str) -> tuple[str, str, str
     return pid, prompt, chosen, rejected
 
 
-def index_source(source: str, progress: bool = False) -> SourceIndex:
+def index_source(source: Source | str, progress: bool = False) -> SourceIndex:
     """Pass 1: hash every row's normalised prompt and note whether its pair is usable."""
     from tqdm.auto import tqdm
 
@@ -228,7 +129,7 @@ def index_source(source: str, progress: bool = False) -> SourceIndex:
             i += len(batch)
             bar.update(len(batch))
     if not i:
-        raise StageInputError(f"{source}: no rows; give a Parquet/JSONL/JSON file of preference pairs")
+        raise StageInputError(f"{source}: no rows; give a source of preference pairs (README, \"Data sources\")")
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
     return SourceIndex(cat(keys, np.uint64), cat(usable, bool), cat(ids, np.uint64), cat(empty, bool))
 
@@ -236,7 +137,7 @@ def index_source(source: str, progress: bool = False) -> SourceIndex:
 SEED, HELDOUT = -2, -3  # split codes besides prompt set t (1..T); -1: unused
 
 
-def assign_splits(index: SourceIndex, cfg: SPAConfig, source: str, over: Overlong | None = None
+def assign_splits(index: SourceIndex, cfg: SPAConfig, source: Source | str, over: Overlong | None = None
                   ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Deduplicate (first occurrence of each normalised prompt wins), shuffle with ``data.shuffle_seed``, and
     assign every source row a split: returns ``(split code per row, rank within seed/held-out, report)``.
@@ -286,7 +187,7 @@ def assign_splits(index: SourceIndex, cfg: SPAConfig, source: str, over: Overlon
     return split, rank, report
 
 
-def _records(source: str, rows: np.ndarray) -> Iterator[tuple[int, tuple[str, str, str, str]]]:
+def _records(source: Source | str, rows: np.ndarray) -> Iterator[tuple[int, tuple[str, str, str, str]]]:
     """``(row, record)`` of the source rows where ``rows`` is true, streamed in source order."""
     start = 0
     for batch in iter_source(source) if rows.any() else ():
@@ -295,7 +196,7 @@ def _records(source: str, rows: np.ndarray) -> Iterator[tuple[int, tuple[str, st
         start += len(batch)
 
 
-def draw_splits(index: SourceIndex, cfg: SPAConfig, source: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Overlong]:
+def draw_splits(index: SourceIndex, cfg: SPAConfig, source: Source | str) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Overlong]:
     """Assign the splits, measure the drawn rows' token lengths, and redraw past the overlong ones until every
     drawn row fits its role (one more streamed pass per redraw, over the newly drawn rows only)."""
     split, rank, report = assign_splits(index, cfg, source)
@@ -309,7 +210,7 @@ def draw_splits(index: SourceIndex, cfg: SPAConfig, source: str) -> tuple[np.nda
     return split, rank, report, over
 
 
-def write_splits(source: str, split: np.ndarray, rank: np.ndarray, layout: RunLayout, iterations: int,
+def write_splits(source: Source | str, split: np.ndarray, rank: np.ndarray, layout: RunLayout, iterations: int,
                  progress: bool = False, flush_rows: int = 8192) -> None:
     """Pass 2: stream the source again and write every split (atomically, each file validated).
 
@@ -366,25 +267,27 @@ def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
     """Write ``<run>/data/seed.parquet``, ``<run>/data/prompts_<t>.parquet`` and ``<run>/data/heldout.parquet``."""
     layout = RunLayout.of(cfg)
     if not cfg.data.source:
-        raise StageInputError("data.source is not set: give a Parquet/JSONL file of preference pairs")
-    source = Path(cfg.data.source)
+        raise StageInputError("data.source is not set: give a file, a folder or a hub dataset id of preference pairs")
+    # resolved once (a hub id pinned to one commit), so that every pass reads the same rows in the same order
+    source = resolve_source(cfg.data.source, cfg.data.split, cfg.data.revision)
     outputs = [layout.seed, layout.heldout] + [layout.prompts(t) for t in range(1, cfg.iterations + 1)]
 
     def body() -> dict[str, Any]:
         # two streaming passes (bench P6): index and split on hashes only, then write the selected rows
         # (and a third, over the drawn rows only, to measure their token lengths)
-        index = index_source(cfg.data.source)
-        split, rank, report, over = draw_splits(index, cfg, cfg.data.source)
+        index = index_source(source)
+        split, rank, report, over = draw_splits(index, cfg, source)
         del index
-        write_splits(cfg.data.source, split, rank, layout, cfg.iterations)
+        write_splits(source, split, rank, layout, cfg.iterations)
         if report["duplicate_prompts"] or report["empty_prompts"]:
             echo(f"[prepare] dropped {report['duplicate_prompts']} duplicate and {report['empty_prompts']} empty prompts")
         if over.line():
             echo(over.line())
-        return report
+        return report | {"source": source.record()}
 
-    inputs = [source] if source.exists() else []
-    return run_stage(cfg, Stage.PREPARE.key(), inputs, SECTIONS, outputs, body,
-                     extra_key={"source": cfg.data.source, "max_length": cfg.model.max_length,
+    # a local source is keyed by its content hash (a folder's files too); a hub dataset by repo, split and commit
+    hub = {"source_ref": source.ref()} if source.kind == "hub" else {}
+    return run_stage(cfg, Stage.PREPARE.key(), source.inputs(), SECTIONS, outputs, body,
+                     extra_key={"source": cfg.data.source, **hub, "max_length": cfg.model.max_length,
                                 "max_new_tokens": cfg.sample.max_new_tokens,
                                 "tokenizer": tokenizer_digest(cfg.model.pi_init)}, force=force, echo=echo)
