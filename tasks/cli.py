@@ -1,7 +1,8 @@
 """The ``spa`` command: the stage commands (``spa_tasks.stage_cli``) plus whole runs, the demo and tools.
 
 ``spa run`` and ``spa expand`` start the Prefect flows; ``spa demo`` runs the flow on the offline
-demo world; ``spa plan`` and ``spa check-config`` read a config without loading a model.
+demo world; ``spa plan`` and ``spa check-config`` read a config without loading a model; ``spa push``
+uploads a finished model (``spa.run.push``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ app.registered_commands.extend(stage_app.registered_commands)
 
 # Prefect settings for the temporary API server a flow starts when PREFECT_API_URL is unset: its telemetry
 # heartbeat writes to the same SQLite file as the flow's own state updates and, racing them, printed a
-# "database is locked" traceback in a user's first `spa demo`. A value the user set always wins.
-EMBEDDED_SERVER_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+# "database is locked" traceback in a user's first `spa demo`. Its start may take more than Prefect's 20 s on a
+# loaded machine (2 busy cores: "Timed out while attempting to connect to ephemeral Prefect API server"), so
+# the flow waits up to 2 minutes. A value the user set always wins.
+EMBEDDED_SERVER_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 
 def embedded_server_defaults(environ=os.environ) -> dict[str, str]:
@@ -198,6 +202,29 @@ def plan_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(plan_as_dict(rounds), indent=2) if as_json else format_plan(cfg, rounds))
+
+
+@app.command("push")
+def push(iteration: int = typer.Argument(..., min=0, help="the iteration whose model goes up (0: the seed stage)"),
+         config_file: Path = ConfigArg, config: Path = ConfigOpt,
+         repo_id: str = typer.Option(..., "--repo-id", help="the hub repo, ORG/NAME (created if missing)"),
+         private: bool = typer.Option(False, "--private", help="create the repo private"),
+         revision: str = typer.Option(None, "--revision", help="upload to this branch (created if missing)"),
+         dry_run: bool = typer.Option(False, "--dry-run", help="list the files and sizes; upload nothing")) -> None:
+    """Upload a finished iter_<ITER>/model with its model card to the Hugging Face Hub (token: HF_TOKEN or
+    `hf auth login`, never printed)."""
+    from spa.errors import BadInput
+    from spa.run.push import describe, plan_push, upload
+
+    try:
+        plan = plan_push(load_with_overrides(which_config(config_file, config), None), iteration, repo_id)
+        if dry_run:
+            typer.echo("\n".join(describe(plan)))
+            return
+        typer.echo(f"pushed {plan.folder} ({len(plan.files)} files): {upload(plan, private, revision)}")
+    except BadInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("tiny-model")

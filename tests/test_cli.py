@@ -62,10 +62,12 @@ def test_flow_commands_quiet_the_temporary_servers_telemetry():
     from spa_tasks.cli import embedded_server_defaults
 
     env: dict[str, str] = {}
-    assert embedded_server_defaults(env) == {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    assert embedded_server_defaults(env) == {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                                             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     mine = {"PREFECT_SERVER_ANALYTICS_ENABLED": "true"}
-    assert embedded_server_defaults(mine) == {} and mine["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
+    assert embedded_server_defaults(mine) == {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    assert mine["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
     outside = {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}
     assert embedded_server_defaults(outside) == {} and "PREFECT_SERVER_ANALYTICS_ENABLED" not in outside
 

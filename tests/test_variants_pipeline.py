@@ -251,6 +251,8 @@ def _check_variant_run(tmp_path, tiny_model_dir, prefs_file, name, sections, bef
     assert stages["train/1"]["summary"]["loss"] == cfg.train.loss
     if cfg.train.loss in ("dro", "sr+dro"):
         assert all(r["dro_max_weight"] is not None and r["dro_max_weight"] >= 1.0 for r in log)
+        # the group the weights are solved over is one micro-batch (stated in docs/variants.md 3.3, item 7)
+        assert max(r["dro_group_size"] for r in log) <= cfg.train.micro_batch_size < cfg.train.batch_size
         assert (lay.iteration(1) / "refinement.parquet").exists() == (cfg.train.loss == "sr+dro")
     if cfg.train.loss == "rpo":
         assert all(0 < r["rpo_diag_weight"] <= 1 for r in log)

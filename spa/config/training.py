@@ -136,6 +136,21 @@ class TrainConfig(_Section):
                           "iter_t/reference_logps.parquet) and train without a reference model in memory")
     replay_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.0, description="experience replay (DICE): gold seed pairs make up this share of each iteration's training set")
+    report_to: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]] = Field(
+        default_factory=list,
+        description="experiment trackers, passed through to transformers' report_to (tensorboard, wandb, mlflow, "
+                    "...; default none): per-step loss, margins, refined share and learning rate, one tracker run "
+                    "per iteration (<run dir name>-t<t>) with the judge and evaluation summaries "
+                    "(spa/run/trackers.py; operational: OPERATIONAL)")
+
+    @model_validator(mode="after")
+    def _trackers_named(self) -> TrainConfig:
+        special = sorted({"all", "none"} & set(self.report_to))
+        if special:
+            raise ValueError(f"train.report_to {special[0]!r}: name each tracker (e.g. [tensorboard]); [] is none")
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"train.report_to {self.report_to}: a tracker is named twice")
+        return self
 
     @model_validator(mode="after")
     def _loss_needs(self) -> TrainConfig:

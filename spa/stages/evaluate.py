@@ -188,6 +188,10 @@ def evaluate_model(cfg: SPAConfig, t: int, model: Path, heldout_path: Path, echo
         "gold_agreement": agreement, "gold_pairs": heldout.num_rows,
     })
     write_text_atomic(layout.eval_summary(t), json.dumps(summary, indent=2))
+    if cfg.train.report_to:  # the same numbers into iteration t's experiment-tracker run
+        from spa.run.trackers import log_summary
+
+        log_summary(cfg.train.report_to, cfg.run_dir, t, "eval", summary, echo)
     return {k: summary.get(k) for k in ("n", "avg_length", "gold_agreement", "win_rate", "lc_win_rate")}
 
 

@@ -264,6 +264,10 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
         if cfg.judge.oracle:
             summary |= oracle_summary(cfg, final, layout.oracle_verdicts(t))
         write_text_atomic(layout.judge_summary(t), json.dumps(summary, indent=2))
+        if cfg.train.report_to:  # the same numbers into iteration t's experiment-tracker run
+            from spa.run.trackers import log_summary
+
+            log_summary(cfg.train.report_to, cfg.run_dir, t, "judge", summary, echo)
         return summary | run_info
 
     if merge:

@@ -65,17 +65,26 @@ def training_arguments(cfg: SPAConfig, rnd: TrainRound, output_dir: Path):
     import torch
     from transformers import TrainingArguments
 
+    from spa.run import trackers
+
     tc = cfg.train
+    warn = print if int(os.environ.get("RANK", "0")) == 0 else lambda _line: None
+    report_to = trackers.usable(tc.report_to, warn)
+    if rnd.loss.kind.reweights and tc.micro_batch_size < tc.batch_size:  # the group: docs/variants.md 3.3, item 7
+        warn(f"[train] DRO solves its weights over each micro-batch ({tc.micro_batch_size} pairs on each process), "
+             f"not over the optimiser batch of {tc.batch_size}: set train.micro_batch_size: {tc.batch_size} on one "
+             "process for the specified group (train_log's dro_group_size records the group)")
     return TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=tc.micro_batch_size,
         gradient_accumulation_steps=tc.gradient_accumulation_steps, learning_rate=tc.learning_rate,
         num_train_epochs=rnd.epochs, lr_scheduler_type=tc.lr_scheduler,
         warmup_steps=tc.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         optim="adamw_torch", weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, logging_steps=1,
-        save_strategy="steps", save_steps=tc.save_steps, save_total_limit=1, report_to=[], seed=tc.seed,
+        save_strategy="steps", save_steps=tc.save_steps, save_total_limit=1, report_to=report_to, seed=tc.seed,
         data_seed=tc.seed, bf16=rnd.bf16, gradient_checkpointing=tc.gradient_checkpointing,
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if not torch.cuda.is_available() and _world() > 1 else None, disable_tqdm=False,
+        run_name=trackers.run_name(cfg.run_dir, rnd.t),  # the tracker run of this iteration (t = 0: the seed stage)
     )
 
 
@@ -114,6 +123,10 @@ def setup(cfg: SPAConfig, rnd: TrainRound, run_key: str):
         ref_model=ref_model, beta=cfg.train.beta, refine=rnd.refine, resume_state=state, loss=rnd.loss,
         group_by_length=cfg.train.group_by_length,
     )
+    if args.report_to:
+        from spa.run.trackers import point_callbacks
+
+        point_callbacks(trainer, cfg.run_dir, rnd.t)
     if trainer.spo_heads is not None and resume is not None and (resume / SPO_HEADS).exists():
         from safetensors.torch import load_file
 
@@ -143,8 +156,11 @@ def save(cfg: SPAConfig, rnd: TrainRound, trainer, tok, prompt_ids: list[str]) -
 def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
     """Train ``pi_t`` (in this process; one of several under torchrun)."""
     rnd = resolve_round(cfg, t)
+    from spa.run.trackers import training_run
+
     trainer, tok, prompt_ids, resume = setup(cfg, rnd, run_key)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with training_run(trainer.args.report_to, cfg.run_dir, t):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save(cfg, rnd, trainer, tok, prompt_ids)
 
 

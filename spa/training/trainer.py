@@ -118,6 +118,7 @@ class RefinedDPOTrainer(Trainer):
         # compare the two detectors on the same pairs
         self.window_sr = make() if refine and refine.lam > 0 else None
         self.stats = _StepStats()
+        self.step_logs: dict[str, float] | None = None  # this step's numbers for Trainer's own log of it (log)
         self.rows: list[dict[str, Any]] = []
         self.samples: list[FlagRecord] = []
         if resume_state:
@@ -133,6 +134,12 @@ class RefinedDPOTrainer(Trainer):
         self.remove_callback(ProgressCallback)
         self.remove_callback(PrinterCallback)
         self.add_callback(_TrainProgress())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's log of a step (``logging_steps=1``) with the step's SPA numbers (loss and lr as in ``train_log``):
+        one dict a step reaches the callbacks, the trackers of ``train.report_to`` among them."""
+        pending, self.step_logs = self.step_logs, None
+        super().log({**logs, **pending} if pending and "loss" in logs else logs, start_time)
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """A checkpoint leaves out a tied weight (``lm_head.weight``, which is the input embedding itself);
@@ -265,6 +272,7 @@ class RefinedDPOTrainer(Trainer):
                 if bool(keep.any()):
                     w = dro_weights(torch.sigmoid(margin.detach()[keep]), ls.dro.eps, ls.dro.xi_min)
                     stats["dro_max_weight"] = max(stats.get("dro_max_weight", 0.0), float(w.max()))
+                    stats["dro_group_size"] = max(stats.get("dro_group_size", 0.0), float(keep.sum()))
             return dro_dpo_loss(margin, ls.dro.eps, ls.dro.xi_min, z=z if sr_first else None, alpha=alpha).mean()
         return refined_dpo_loss(margin, z, alpha).mean()  # Eq. 10 (Eq. 6 when z = 0)
 
@@ -329,13 +337,13 @@ class _SPACallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         row = self.trainer.finish_step(state.global_step)
-        # TRL's metric names, for users comparing runs
-        self.trainer.log({
+        # TRL's metric names, for users comparing runs; logged with Trainer's own dict of this step (log)
+        self.trainer.step_logs = ({
             "loss": row["loss"], "learning_rate": row["lr"],
             "rewards/margins": row["margin_mean"], "rewards/accuracies": row["rewards_accuracies"],
             "logps/chosen": row["logps_chosen"], "logps/rejected": row["logps_rejected"],
             "refined_fraction": row["refined_fraction"],
-        })
+        } | ({"tau": row["tau"]} if row["tau"] is not None else {}))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         heads = self.trainer.spo_heads
