@@ -207,5 +207,5 @@ def test_the_preflight_check_leaves_a_hub_dataset_id_to_prepare(tmp_path, tiny_m
         return problems(cfg)
 
     assert found("HuggingFaceH4/ultrafeedback_binarized") == []
-    assert found("data/missing.jsonl") == ["data.source: data/missing.jsonl does not exist"]
+    assert found("nowhere/missing.jsonl") == ["data.source: nowhere/missing.jsonl does not exist"]
     assert found("missing/pairs.parquet") == ["data.source: missing/pairs.parquet does not exist"]
