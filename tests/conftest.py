@@ -17,6 +17,8 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="spa-prefect-home-")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# the temporary server of an in-process flow may take longer than Prefect's 20 s to start on 2 busy cores
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import pytest  # noqa: E402
 
