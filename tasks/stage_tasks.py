@@ -11,6 +11,7 @@ and report publish the run's results as Prefect artifacts (``spa_tasks.artifacts
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -19,7 +20,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from spa.run.manifest import Stage
-from spa.run.sharding import parse_shard
+from spa.run.sharding import parse_shard, shard_devices, visible_devices
 from spa_tasks import artifacts
 
 
@@ -92,14 +93,40 @@ def run_inline(cmd: list[str]) -> None:
         raise StageFailed(f"spa {' '.join(cmd[3:])} exited with {rc}:\n" + "\n".join(tail.splitlines()[-10:]))
 
 
-def run_command(cmd: list[str]) -> None:
-    """Run a stage process, streaming its output into the Prefect log (or in this process: ``run_inline``)."""
+def shard_env(shard: str | None, group_size: int, env: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The environment of shard ``i/N`` when the shards run side by side on this machine: ``CUDA_VISIBLE_DEVICES``
+    narrowed to the shard's own ``group_size`` GPUs of those visible (``spa.run.sharding.shard_devices``; never
+    wider than a ``CUDA_VISIBLE_DEVICES`` already set). ``None`` (inherit this process's) without a shard or GPUs."""
+    env = dict(os.environ if env is None else env)
+    visible = visible_devices(env) if shard else []
+    if not visible:
+        return None
+    i, n = parse_shard(shard)
+    try:
+        env["CUDA_VISIBLE_DEVICES"] = shard_devices(i, group_size, visible)
+    except ValueError as exc:
+        raise BadStageInput(str(exc)) from None
+    if n * group_size > len(visible) and i == 0:
+        import logging
+
+        try:
+            logger = get_run_logger()
+        except Exception:  # noqa: BLE001 - outside a Prefect run
+            logger = logging.getLogger(__name__)
+        logger.warning("%d shards x %d GPUs each > %d visible GPUs: shards share GPUs (lower "
+                       "sample.gpu_memory_utilization or --shards)", n, group_size, len(visible))
+    return env
+
+
+def run_command(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    """Run a stage process, streaming its output into the Prefect log (or in this process: ``run_inline``, which
+    ignores ``env``); ``env`` replaces this process's environment for it."""
     if _inline(cmd):
         run_inline(cmd)
         return
     logger = get_run_logger()
-    logger.info("$ %s", " ".join(cmd[1:]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    logger.info("$ %s%s", " ".join(cmd[1:]), f" (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})" if env else "")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     tail: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -163,7 +190,10 @@ def seed(config: str) -> dict[str, Any]:
 
 @_task("sample")
 def sample(config: str, t: int, shard: str | None = None) -> dict[str, Any]:
-    run_command(stage_command("sample", config, t, *(["--shard", shard] if shard else [])))
+    from spa.config import load_config
+
+    group = load_config(config).sample.gpus_per_engine if shard else 1  # one engine's GPUs per shard
+    run_command(stage_command("sample", config, t, *(["--shard", shard] if shard else [])), shard_env(shard, group))
     return stage_record(config, Stage.SAMPLE.key(t, parse_shard(shard) if shard else None))
 
 
@@ -175,7 +205,7 @@ def merge_samples(config: str, t: int, shards: int) -> dict[str, Any]:
 
 @_task("judge")
 def judge(config: str, t: int, shard: str | None = None) -> dict[str, Any]:
-    run_command(stage_command("judge", config, t, *(["--shard", shard] if shard else [])))
+    run_command(stage_command("judge", config, t, *(["--shard", shard] if shard else [])), shard_env(shard, 1))
     return stage_record(config, Stage.JUDGE.key(t, parse_shard(shard) if shard else None))
 
 

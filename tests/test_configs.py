@@ -2,6 +2,8 @@
 equal what the code builds, each header says how to launch it, and prefect.yaml points at real files."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,8 @@ def header(path: Path) -> str:
 
 def test_there_are_presets():
     assert len(CONFIGS) >= 4
-    assert {p.name for p in CONFIGS} >= {"paper_zephyr_4gpu.yaml", "single_gpu_lora.yaml", "demo.yaml", "smollm2.yaml"}
+    assert {p.name for p in CONFIGS} >= {"paper_zephyr_4gpu.yaml", "single_gpu_lora.yaml", "demo.yaml", "smollm2.yaml",
+                                         "llama70b_8gpu_lora.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -60,6 +63,7 @@ def test_paper_preset_has_the_paper_values():
     assert (t.lr_scheduler, t.warmup_ratio, t.seed_epochs, t.epochs) == ("cosine", 0.1, 3, 1)
     assert (t.loss, t.lora) == ("dpo", None)  # full fine-tuning with the refined DPO loss
     assert (t.num_processes, t.gradient_accumulation_steps) == (4, 4)  # 32 = 2 per GPU x 4 GPUs x 4
+    assert (t.sharding, t.nnodes) == ("fsdp", 1)  # full fine-tuning, FSDP2 over the 4 GPUs
     r = t.refinement
     assert (r.self_refine, r.decoupled, r.alpha, r.k_percent, r.window, r.warmup_fraction) == (
         True, True, 0.1, 10.0, 50, 0.2)
@@ -73,8 +77,36 @@ def test_paper_preset_has_the_paper_values():
 
 def test_lora_preset_is_one_gpu_lora_bf16():
     cfg = load_config(ROOT / "configs" / "single_gpu_lora.yaml")
-    assert cfg.train.num_processes == 1 and cfg.train.lora is not None
+    assert cfg.train.num_processes == 1 and cfg.train.lora is not None and cfg.train.sharding == "none"
     assert cfg.train.precision == "bf16" and cfg.model.dtype == "bfloat16"
+
+
+def test_70b_preset_is_8_gpus_lora_with_tensor_parallel_sampling():
+    cfg = load_config(ROOT / "configs" / "llama70b_8gpu_lora.yaml")
+    t, s = cfg.train, cfg.sample
+    assert (t.num_processes, t.nnodes, t.gradient_accumulation_steps) == (8, 1, 4) and t.lora is not None
+    assert (s.backend, s.tensor_parallel_size, s.pipeline_parallel_size) == ("vllm", 4, 1)
+    assert 8 % s.gpus_per_engine == 0 and "--shards 2" in header(ROOT / "configs" / "llama70b_8gpu_lora.yaml")
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "gpu" in p.name], ids=lambda p: p.name)
+def test_gpu_presets_state_their_memory_per_gpu(path):
+    text = header(path)
+    assert "Memory" in text and "GB" in text and " B x P" in text  # the arithmetic, not just a number
+
+
+def test_spa_plan_accepts_the_paper_preset(tmp_path):
+    """`spa plan configs/paper_zephyr_4gpu.yaml` with the model folder and data it names stood in for (the preflight
+    check wants them on disk): the three rounds, nothing run, no model loaded."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "prefs.jsonl").write_text("")
+    spa = str(Path(sys.executable).parent / "spa")
+    res = subprocess.run([spa, "plan", str(ROOT / "configs" / "paper_zephyr_4gpu.yaml"), "-s", f"run_dir={tmp_path / 'run'}",
+                          "-s", f"model.pi_init={tmp_path / 'model'}", "-s", f"data.source={tmp_path / 'prefs.jsonl'}"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "3 iteration(s)" in res.stdout and "iteration 3" in res.stdout and "train/3 to run" in res.stdout, res.stdout
 
 
 @pytest.mark.parametrize(("name", "preset"), [("demo.yaml", "tiny"), ("smollm2.yaml", "smollm2")])

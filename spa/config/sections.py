@@ -16,7 +16,9 @@ PositiveInt = Annotated[int, Field(ge=1)]
 # padding numerics, seeding units). No resume key (section_hash) holds them: changing one reruns no stage and
 # keeps the training checkpoints (tests/test_training.py resumes under another save_steps, with the same result).
 # The experiment trackers (train.report_to) only watch a stage: adding one to a finished run reruns nothing.
-OPERATIONAL = ("train.save_steps", "train.report_to")
+# Where the nodes of a multi-node training meet (train.rdzv_endpoint, train.rdzv_id) changes with every job: a
+# training resumed by another job on other nodes keeps its checkpoints.
+OPERATIONAL = ("train.save_steps", "train.report_to", "train.rdzv_endpoint", "train.rdzv_id")
 
 
 class _Section(BaseModel):
@@ -77,6 +79,28 @@ class SampleConfig(_Section):
         None, description="vLLM's token budget per engine step (default: vLLM's; on CPU at least model.max_length)")
     chunk_rows: PositiveInt = Field(256, description="prompts per chunk (the unit of sharding and seeding)")
     python: str | None = Field(None, description="interpreter of a separate environment for this stage (e.g. a vLLM venv)")
+    # written only when > 1: configs and resume keys from before they existed stay the same
+    tensor_parallel_size: PositiveInt = Field(
+        1, exclude_if=lambda v: v == 1,
+        description="vLLM only: GPUs one engine splits every layer over (tensor parallelism; README, \"Scale-out\")")
+    pipeline_parallel_size: PositiveInt = Field(
+        1, exclude_if=lambda v: v == 1,
+        description="vLLM only: GPUs one engine splits the layers over (pipeline stages); one engine uses "
+                    "tensor_parallel_size x pipeline_parallel_size GPUs, `spa run --shards N` runs N engines")
+
+    @property
+    def gpus_per_engine(self) -> int:
+        """The GPUs one sampling engine spans: ``tensor_parallel_size * pipeline_parallel_size``."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @model_validator(mode="after")
+    def _parallel_needs_vllm(self) -> SampleConfig:
+        if self.backend == "transformers" and self.gpus_per_engine > 1:
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} x pipeline_parallel_size "
+                f"{self.pipeline_parallel_size}: only the vllm backend splits a model over GPUs; the transformers "
+                "backend runs one engine on one device (set both to 1, or sample.backend: vllm)")
+        return self
 
 
 class JudgeConfig(_Section):

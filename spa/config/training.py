@@ -103,6 +103,14 @@ class LoraConfig(_Section):
     target_modules: list[str] | str = "all-linear"
 
 
+class FSDPConfig(_Section):
+    """``train.sharding: fsdp`` (FSDP2 through ``Trainer``, spa/training/fsdp.py): how its checkpoints are written."""
+
+    checkpoint: str = Field("sharded", pattern="^(full|sharded)$",
+                            description="sharded: every rank writes its own shards (torch.distributed.checkpoint); "
+                                        "full: rank 0 writes the gathered weights and optimiser state")
+
+
 class TrainConfig(_Section):
     """DPO training (Sec. 5.1): beta 0.1, lr 5e-7, batch 32, AdamW, cosine, 10% warm-up."""
 
@@ -118,7 +126,21 @@ class TrainConfig(_Section):
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     gradient_checkpointing: bool = False
     precision: str = Field("auto", pattern="^(auto|fp32|bf16)$")
-    num_processes: PositiveInt = 1
+    num_processes: PositiveInt = Field(1, description="training processes (GPUs) per node; > 1: torchrun")
+    nnodes: PositiveInt = Field(1, exclude_if=lambda v: v == 1,  # written only when > 1: older resume keys stay
+                                description="nodes of a multi-node training: one `spa train` per node, each with "
+                                            "its node rank in NODE_RANK or SLURM_NODEID (README, \"Scale-out\")")
+    rdzv_endpoint: str | None = Field(
+        None, pattern=r"^\S+:\d{1,5}$",
+        description="host:port of torchrun's c10d rendezvous (the first node's); needed when nnodes > 1 "
+                    "(operational: OPERATIONAL)")
+    rdzv_id: str | None = Field(None, pattern=r"^[\w.-]+$",
+                                description="the rendezvous id (default: from run_dir and the iteration; "
+                                            "operational: OPERATIONAL)")
+    sharding: str = Field("none", pattern="^(none|fsdp)$", exclude_if=lambda v: v == "none",  # older keys stay
+                          description="none: data parallelism, every rank holds the whole model; fsdp: FSDP2 shards "
+                                      "parameters, gradients and optimiser state over the ranks (spa/training/fsdp.py)")
+    fsdp: FSDPConfig = Field(default_factory=lambda: FSDPConfig(), exclude_if=lambda v: v == FSDPConfig())
     save_steps: PositiveInt = Field(50, description="checkpoint cadence in optimiser steps (operational: OPERATIONAL)")
     seed: int = 0
     lora: LoraConfig | None = None
@@ -160,14 +182,41 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _micro_divides_batch(self) -> TrainConfig:
-        if self.batch_size % (self.micro_batch_size * self.num_processes):
+        if self.batch_size % (self.micro_batch_size * self.world_size):
             raise ValueError(
-                f"batch_size {self.batch_size} must be a multiple of micro_batch_size x num_processes "
-                f"({self.micro_batch_size} x {self.num_processes})"
+                f"batch_size {self.batch_size} must be a multiple of micro_batch_size x num_processes x nnodes "
+                f"({self.micro_batch_size} x {self.num_processes} x {self.nnodes})"
             )
         return self
 
+    @model_validator(mode="after")
+    def _sharding_needs(self) -> TrainConfig:
+        if self.sharding != "fsdp":
+            return self
+        if self.world_size < 2:
+            raise ValueError("train.sharding 'fsdp' shards over the training processes: it needs train.num_processes "
+                             "(or train.nnodes) > 1")
+        if self.lora is not None:
+            raise ValueError("train.sharding 'fsdp' with train.lora is not supported (the adapter is merged from full "
+                             "weights at the end); LoRA already keeps the optimiser state small: use sharding 'none'")
+        if self.loss is LossKind.SPO:
+            raise ValueError("train.sharding 'fsdp' with train.loss 'spo' is not supported (SPO's heads are trained "
+                             "beside the sharded model); use sharding 'none'")
+        return self
+
+    @model_validator(mode="after")
+    def _nodes_meet(self) -> TrainConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"train.nnodes {self.nnodes} needs train.rdzv_endpoint: host:port of the first node "
+                             "(e.g. --set train.rdzv_endpoint=$HEAD_NODE:29500)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Training processes over all nodes: ``num_processes * nnodes``."""
+        return self.num_processes * self.nnodes
+
     @property
     def gradient_accumulation_steps(self) -> int:
-        """Derived: batch_size / (micro_batch_size * num_processes)."""
-        return self.batch_size // (self.micro_batch_size * self.num_processes)
+        """Derived: batch_size / (micro_batch_size * num_processes * nnodes)."""
+        return self.batch_size // (self.micro_batch_size * self.world_size)

@@ -66,16 +66,17 @@ def load_causal_lm(
     return model.to(device).eval()
 
 
-def save_model_dir(model: PreTrainedModel, tok, target: Path) -> Path:
+def save_model_dir(model: PreTrainedModel, tok, target: Path, state_dict: dict | None = None) -> Path:
     """Save weights (safetensors) and tokenizer as ``target``, atomically: a crash leaves the old directory
-    or none, never a half-written one (written beside it, then renamed into place)."""
+    or none, never a half-written one (written beside it, then renamed into place). ``state_dict``: the weights
+    to write instead of the model's own (a sharded model's gathered full weights)."""
     import os
     import shutil
 
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(tmp)
     if target.exists():
         shutil.rmtree(target)

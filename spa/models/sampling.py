@@ -40,13 +40,16 @@ class SamplingSpec:
     max_num_batched_tokens: int | None
     dtype: str
     trust_remote_code: bool
+    tensor_parallel_size: int = 1  # vLLM only (README, "Scale-out")
+    pipeline_parallel_size: int = 1
 
     @classmethod
     def from_config(cls, sample: SampleConfig, model: ModelConfig, **overrides) -> SamplingSpec:
         """``sample``'s settings with ``model``'s length, dtype and trust flag; ``overrides`` replace fields."""
         fields = {name: getattr(sample, name) for name in ("n", "temperature", "top_p", "max_new_tokens", "seed",
                                                            "batch_size", "gpu_memory_utilization",
-                                                           "max_num_batched_tokens")}
+                                                           "max_num_batched_tokens", "tensor_parallel_size",
+                                                           "pipeline_parallel_size")}
         fields |= {"max_length": model.max_length, "dtype": model.dtype, "trust_remote_code": model.trust_remote_code}
         return cls(**(fields | overrides))
 
@@ -208,14 +211,7 @@ class VLLMSampler:
         self.spec = spec
         self.tok = load_tokenizer(model_dir, spec.trust_remote_code)
         self.stops = stop_token_ids(self.tok)
-        self.llm = LLM(
-            model=str(model_dir), tokenizer=str(model_dir), dtype=spec.dtype, seed=spec.seed,
-            gpu_memory_utilization=spec.gpu_memory_utilization, max_model_len=spec.max_length,
-            trust_remote_code=spec.trust_remote_code,
-            generation_config="vllm",  # ignore the model's generation_config.json: our parameters only
-            logprobs_mode="raw_logprobs",  # the model's own log-probs, before temperature/top-p (P3 reuse)
-            **_engine_budget(spec),
-        )
+        self.llm = LLM(**engine_kwargs(model_dir, spec))
         self.logp_dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
 
     def __call__(self, prompts: Sequence, progress: str | None = None, max_new_tokens: int | None = None) -> list[Samples]:
@@ -247,6 +243,21 @@ class VLLMSampler:
             results.append(_samples(self.tok, [list(c.token_ids) for c in comps], stop_set,
                                     ["stop" if c.finish_reason == "stop" else None for c in comps], token_logps))
         return results
+
+
+def engine_kwargs(model_dir: str | Path, spec: SamplingSpec) -> dict:
+    """The keyword arguments of vLLM's ``LLM(...)`` for ``spec`` (unit-tested without starting an engine)."""
+    return dict(
+        model=str(model_dir), tokenizer=str(model_dir), dtype=spec.dtype, seed=spec.seed,
+        gpu_memory_utilization=spec.gpu_memory_utilization, max_model_len=spec.max_length,
+        trust_remote_code=spec.trust_remote_code,
+        # one engine over tensor_parallel_size x pipeline_parallel_size GPUs (the first visible ones; a shard of
+        # `spa run --shards N` sees only its own group: spa.run.sharding.shard_devices)
+        tensor_parallel_size=spec.tensor_parallel_size, pipeline_parallel_size=spec.pipeline_parallel_size,
+        generation_config="vllm",  # ignore the model's generation_config.json: our parameters only
+        logprobs_mode="raw_logprobs",  # the model's own log-probs, before temperature/top-p (P3 reuse)
+        **_engine_budget(spec),
+    )
 
 
 def _engine_budget(spec: SamplingSpec) -> dict:
@@ -285,4 +296,11 @@ def _samples(tok, generations: list[list[int]], stops: set[int], reasons_given: 
 
 def make_sampler(backend: str, model_dir: str | Path, spec: SamplingSpec):
     """The sampler of the chosen backend (``auto`` resolved by :func:`choose_backend`)."""
-    return VLLMSampler(model_dir, spec) if choose_backend(backend) == "vllm" else TransformersSampler(model_dir, spec)
+    if choose_backend(backend) == "vllm":
+        return VLLMSampler(model_dir, spec)
+    if spec.tensor_parallel_size * spec.pipeline_parallel_size > 1:  # backend auto, resolved to transformers
+        raise BackendUnavailable(
+            f"sample.tensor_parallel_size {spec.tensor_parallel_size} x pipeline_parallel_size "
+            f"{spec.pipeline_parallel_size} needs the vllm backend, which cannot run here (no GPU or no vLLM): "
+            "set both to 1 or run where vLLM and the GPUs are")
+    return TransformersSampler(model_dir, spec)

@@ -8,6 +8,7 @@ in shards, so the merged artifact equals the unsharded one.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
@@ -38,3 +39,27 @@ def shard_path(final: Path, shard: tuple[int, int]) -> Path:
     i, n = shard
     return final.parent / "shards" / f"{final.stem}.{i:04d}-of-{n:04d}.parquet"
 
+
+
+def shard_devices(index: int, group_size: int, visible: Sequence[str]) -> str:
+    """``CUDA_VISIBLE_DEVICES`` of shard ``index`` when shards run side by side on one machine: its own group of
+    ``group_size`` consecutive devices of ``visible`` (one engine: ``tensor_parallel_size x pipeline_parallel_size``
+    GPUs). With more shards than groups the groups are reused in turn (those shards share GPUs); never a device
+    outside ``visible``."""
+    groups = len(visible) // group_size
+    if groups == 0:
+        raise ValueError(f"one engine needs {group_size} GPUs (sample.tensor_parallel_size x pipeline_parallel_size) "
+                         f"but {len(visible)} are visible ({','.join(visible) or 'none'})")
+    first = (index % groups) * group_size
+    return ",".join(visible[first : first + group_size])
+
+
+def visible_devices(env: Mapping[str, str]) -> list[str]:
+    """The GPUs a process started with ``env`` may use: ``CUDA_VISIBLE_DEVICES``'s entries where it is set (indices,
+    UUIDs or MIG ids, up to the first ``-1``), else every GPU torch sees (none without CUDA)."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        entries = [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",")]
+        return entries[: entries.index("-1")] if "-1" in entries else [d for d in entries if d]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]

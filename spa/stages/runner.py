@@ -52,6 +52,15 @@ def require(path: Path, what: str, stage_hint: str) -> Path:
     return Path(path)
 
 
+def expected_key(cfg: SPAConfig, inputs: Sequence[Path], config_sections: Sequence[str],
+                 extra_key: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest key a stage with these inputs and config sections must match to be up to date."""
+    expected = stage_key(hash_inputs(inputs, RunLayout.of(cfg).root), cfg.section_hash(*config_sections))
+    if extra_key:
+        expected["extra"] = extra_key
+    return expected
+
+
 def run_stage(
     cfg: SPAConfig,
     key: str,
@@ -70,9 +79,7 @@ def run_stage(
     layout = RunLayout.of(cfg)
     save_resolved(cfg)
     manifest = Manifest(layout.manifest)
-    expected = stage_key(hash_inputs(inputs, layout.root), cfg.section_hash(*config_sections))
-    if extra_key:
-        expected["extra"] = extra_key
+    expected = expected_key(cfg, inputs, config_sections, extra_key)
     if not force and is_up_to_date(manifest, key, expected):
         summary = manifest.get(key).get("summary", {})
         echo(f"[{key}] up to date (same inputs and config); nothing to do")

@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 from spa.config import SPAConfig
 from spa.run.artifacts import read_table
 from spa.run.layout import RunLayout
-from spa.run.manifest import content_hash
+from spa.run.manifest import Manifest, content_hash, is_up_to_date
 from spa.run.model_card import write_model_card
-from spa.stages.runner import StageResult, require, run_stage
+from spa.stages.runner import StageResult, expected_key, require, run_stage
 from spa.training.rounds import TrainRound, resolve_round
 
 # torch, transformers and the trainer are imported inside the functions that train, so that a stage
@@ -77,7 +77,7 @@ def train_round(cfg: SPAConfig, rnd: TrainRound) -> dict[str, Any]:
     layout, t = RunLayout.of(cfg), rnd.t
     extra_summary = build_training_set(cfg, rnd) if rnd.training_set is not None else {}
     key = run_key(cfg, rnd)
-    if cfg.train.num_processes > 1:
+    if cfg.train.world_size > 1:
         launch(cfg, t, key, layout.config)
     else:
         train_worker(cfg, t, key)
@@ -88,7 +88,7 @@ def train_round(cfg: SPAConfig, rnd: TrainRound) -> dict[str, Any]:
     return {
         "steps": log.num_rows, "first_loss": losses[0], "final_loss": losses[-1],
         "mean_refined_fraction": float(pc.mean(log.column("refined_fraction")).as_py()),
-        "device": _device_name(), "processes": cfg.train.num_processes, "loss": rnd.loss.kind.value,
+        "device": _device_name(), "processes": cfg.train.world_size, "loss": rnd.loss.kind.value,
         **extra_summary, **(refinement_summary(cfg, rnd) if rnd.refines else {}),
     }
 
@@ -103,5 +103,27 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
     else:
         require(rnd.start, rnd.start_name, "spa train" if t > 1 else "spa seed")
         require(rnd.data, "judgments", f"spa judge --iteration {t}")
+    if cfg.train.nnodes > 1:
+        from spa.stages.train_worker import node_rank
+
+        if node_rank(cfg) > 0:
+            return follow(cfg, rnd, force, echo)
     return run_stage(cfg, rnd.stage_key, [rnd.start, rnd.data], SECTIONS, list(rnd.outputs),
                      lambda: train_round(cfg, rnd), extra_key={"iteration": t}, force=force, echo=echo)
+
+
+def follow(cfg: SPAConfig, rnd: TrainRound, force: bool = False, echo=print) -> StageResult:
+    """The stage on a node other than the first (``train.nnodes > 1``): its torchrun joins the first node's and
+    nothing else is done here. Node 0's stage materialises the pairs before its torchrun meets the others, and
+    writes the summary, model card and manifest entry after; this node writes nothing itself (its workers do
+    what their global ranks do, in the shared run directory)."""
+    from spa.stages.train_worker import launch, node_rank
+
+    layout, key, outputs = RunLayout.of(cfg), rnd.stage_key, [str(o) for o in rnd.outputs]
+    expected = expected_key(cfg, [rnd.start, rnd.data], SECTIONS, {"iteration": rnd.t})
+    if not force and is_up_to_date(Manifest(layout.manifest), key, expected):  # node 0 skips it too
+        echo(f"[{key}] up to date (same inputs and config); nothing to do")
+        return StageResult(key, True, outputs, {})
+    launch(cfg, rnd.t, run_key(cfg, rnd), layout.config)
+    echo(f"[{key}] node {node_rank(cfg)} of {cfg.train.nnodes}: done (node 0 records the stage)")
+    return StageResult(key, False, outputs, {})

@@ -1,7 +1,8 @@
 """The training process of one round: set up, train, save (the shape of torchtune's recipes).
 
 ``train_worker`` runs in the stage's own process, or once per device under ``torchrun`` when
-``train.num_processes > 1`` (gloo on CPU); this module is then the workers' entry point
+``train.num_processes x train.nnodes > 1`` (gloo on CPU; several nodes meet in a c10d rendezvous: :func:`launch`);
+this module is then the workers' entry point
 (``python -m spa.stages.train_worker``). What the round does is decided in
 :func:`spa.training.rounds.resolve_round`; this module only carries it out.
 """
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from spa.config import SPAConfig, load_config
+from spa.errors import ConfigError
 from spa.run.artifacts import write_table
 from spa.run.layout import RunLayout
 from spa.stages.train_data import load_training_set, reference_logps_once
@@ -66,6 +68,7 @@ def training_arguments(cfg: SPAConfig, rnd: TrainRound, output_dir: Path):
     from transformers import TrainingArguments
 
     from spa.run import trackers
+    from spa.training.fsdp import fsdp_arguments
 
     tc = cfg.train
     warn = print if int(os.environ.get("RANK", "0")) == 0 else lambda _line: None
@@ -81,10 +84,12 @@ def training_arguments(cfg: SPAConfig, rnd: TrainRound, output_dir: Path):
         warmup_steps=tc.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         optim="adamw_torch", weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, logging_steps=1,
         save_strategy="steps", save_steps=tc.save_steps, save_total_limit=1, report_to=report_to, seed=tc.seed,
-        data_seed=tc.seed, bf16=rnd.bf16, gradient_checkpointing=tc.gradient_checkpointing,
+        data_seed=tc.seed, bf16=rnd.bf16,
+        gradient_checkpointing=tc.gradient_checkpointing and tc.sharding == "none",  # FSDP: its own (fsdp_arguments)
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if not torch.cuda.is_available() and _world() > 1 else None, disable_tqdm=False,
         run_name=trackers.run_name(cfg.run_dir, rnd.t),  # the tracker run of this iteration (t = 0: the seed stage)
+        **fsdp_arguments(tc),
     )
 
 
@@ -114,6 +119,10 @@ def setup(cfg: SPAConfig, rnd: TrainRound, run_key: str):
             print(f"[{rnd.stage_key}] resuming from {last.name} (this run's last checkpoint)", flush=True)
     if _world() > 1:
         torch.distributed.barrier()
+    if ref_model is not None and cfg.train.sharding == "fsdp":  # DND's reference, sharded like the policy will be
+        from spa.training.fsdp import shard_reference
+
+        ref_model = shard_reference(ref_model, rnd.bf16)
     if rnd.precompute_reference:  # before any step: the policy still holds the reference's weights
         dataset.ref_logps = reference_logps_once(cfg, rnd, run_key, policy, dataset, tok.pad_token_id)
     resume = latest_checkpoint(ckpt_dir)
@@ -123,6 +132,9 @@ def setup(cfg: SPAConfig, rnd: TrainRound, run_key: str):
         ref_model=ref_model, beta=cfg.train.beta, refine=rnd.refine, resume_state=state, loss=rnd.loss,
         group_by_length=cfg.train.group_by_length,
     )
+    if trainer.is_fsdp_enabled and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[{rnd.stage_key}] FSDP2: weights, gradients and optimiser state sharded over {_world()} processes",
+              flush=True)
     if args.report_to:
         from spa.run.trackers import point_callbacks
 
@@ -141,8 +153,13 @@ def save(cfg: SPAConfig, rnd: TrainRound, trainer, tok, prompt_ids: list[str]) -
     layout = RunLayout.of(cfg)
     trainer.accelerator.wait_for_everyone()
     samples = gather_samples(trainer.samples)
+    weights = None
+    if trainer.is_fsdp_enabled:  # every rank takes part in gathering the shards; rank 0 receives them
+        from spa.training.fsdp import full_state_dict
+
+        weights = full_state_dict(trainer.model)
     if trainer.is_world_process_zero():
-        _save_model(trainer, tok, layout.model(rnd.t), cfg.train.lora is not None)
+        _save_model(trainer, tok, layout.model(rnd.t), cfg.train.lora is not None, weights)
         if trainer.refine is not None:
             write_table(samples_to_table(samples, prompt_ids), layout.refinement(rnd.t), "refinement")
         write_table(rows_to_table(trainer.rows), layout.train_log(rnd.t), "train_log")
@@ -164,21 +181,67 @@ def train_worker(cfg: SPAConfig, t: int, run_key: str) -> None:
     save(cfg, rnd, trainer, tok, prompt_ids)
 
 
-def _save_model(trainer, tok, target: Path, lora: bool) -> None:
-    """Save ``pi_t`` as a full safetensors model (a LoRA adapter is merged), atomically as a directory."""
+def _save_model(trainer, tok, target: Path, lora: bool, weights: dict | None = None) -> None:
+    """Save ``pi_t`` as a full safetensors model (a LoRA adapter is merged), atomically as a directory; ``weights``:
+    the gathered full state dict of a sharded model (the same ordinary model, whatever the training sharded)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if lora:
         model = model.merge_and_unload()
     from spa.models.loading import save_model_dir
 
-    save_model_dir(model, tok, target)
+    save_model_dir(model, tok, target, state_dict=weights)
+
+
+# where a launcher says which node this is, in the order asked: ours (and Lightning's), Kubeflow's PyTorchJob
+# (torchrun's own PET_ variables), Slurm's, torchrun's inside an agent, a Kubernetes indexed Job's
+NODE_RANK_VARS = ("NODE_RANK", "PET_NODE_RANK", "SLURM_NODEID", "GROUP_RANK", "JOB_COMPLETION_INDEX")
+
+
+def node_rank(cfg: SPAConfig, env: dict[str, str] | None = None) -> int:
+    """This node's rank in ``0 .. train.nnodes - 1`` (always 0 on one node), from the first of ``NODE_RANK_VARS`` set."""
+    env = os.environ if env is None else env
+    nnodes = cfg.train.nnodes
+    if nnodes == 1:
+        return 0
+    name = next((v for v in NODE_RANK_VARS if env.get(v, "").strip()), None)
+    if name is None:
+        raise ConfigError(f"train.nnodes is {nnodes} but this node's rank is not set: set NODE_RANK (0..{nnodes - 1}; "
+                          f"under Slurm SLURM_NODEID is read)")
+    value = env[name].strip()
+    if not value.isdigit() or int(value) >= nnodes:
+        raise ConfigError(f"{name}={value}: a node rank must be 0..{nnodes - 1} (train.nnodes {nnodes})")
+    return int(value)
+
+
+def rdzv_id(cfg: SPAConfig, t: int) -> str:
+    """The rendezvous id of iteration ``t``: ``train.rdzv_id``, else one from the run directory and ``t`` (the same on
+    every node that runs the same config)."""
+    import hashlib
+
+    tag = cfg.train.rdzv_id or "spa-" + hashlib.sha256(cfg.run_dir.encode()).hexdigest()[:12]
+    return f"{tag}-t{t}"
+
+
+def torchrun_command(cfg: SPAConfig, t: int, run_key: str, config_path: Path) -> list[str]:
+    """torchrun over ``train.num_processes`` processes on this node: standalone on one node; on ``train.nnodes``
+    nodes a c10d rendezvous at ``train.rdzv_endpoint``. c10d gives out the global ranks itself (torchrun ignores a
+    node rank there), so global rank 0, the one that writes, may be on any node: the run directory is shared."""
+    tc = cfg.train
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tc.num_processes}"]
+    if tc.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [f"--nnodes={tc.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={tc.rdzv_endpoint}",
+                f"--rdzv_id={rdzv_id(cfg, t)}"]
+    return cmd + ["-m", "spa.stages.train_worker", "--config", str(config_path), "--iteration", str(t),
+                  "--run-key", run_key]
 
 
 def launch(cfg: SPAConfig, t: int, run_key: str, config_path: Path) -> None:
-    """Run ``train_worker`` in ``train.num_processes`` processes under torchrun; a failure says why."""
+    """Run ``train_worker`` in ``train.num_processes`` processes on this node under torchrun (with the other nodes'
+    when ``train.nnodes > 1``); a failure says why."""
     n = cfg.train.num_processes
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "spa.stages.train_worker", "--config", str(config_path), "--iteration", str(t), "--run-key", run_key]
+    cmd = torchrun_command(cfg, t, run_key, config_path)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     # stderr is passed through live (progress bars) and its tail is kept: a failed launch then
     # says why in the exception itself, not only somewhere up in a long log
@@ -189,7 +252,8 @@ def launch(cfg: SPAConfig, t: int, run_key: str, config_path: Path) -> None:
             sys.stderr.write(line)
             tail.append(line)
     if proc.returncode != 0:
-        raise RuntimeError(f"distributed training ({n} processes) failed with exit code {proc.returncode}; "
+        where = f"{n} processes" + (f" on node {node_rank(cfg)} of {cfg.train.nnodes}" if cfg.train.nnodes > 1 else "")
+        raise RuntimeError(f"distributed training ({where}) failed with exit code {proc.returncode}; "
                            f"last lines of the workers' stderr:\n{''.join(tail)}")
 
 

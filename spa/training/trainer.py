@@ -1,8 +1,8 @@
 """Refined DPO training on transformers' ``Trainer`` (Eq. 6, 9-12).
 
 The optimiser, cosine schedule with warm-up, gradient accumulation and
-checkpointing, data parallelism (``accelerate launch``/``torchrun``), bf16 and
-gradient checkpointing all come from ``Trainer``; only the SPA loss is ours
+checkpointing, data parallelism (``accelerate launch``/``torchrun``), FSDP2 sharding (spa/training/fsdp.py),
+bf16 and gradient checkpointing all come from ``Trainer``; only the SPA loss is ours
 (:meth:`RefinedDPOTrainer.compute_loss`). With LoRA the reference is the same
 weights with the adapter disabled (no second copy in memory).
 """
@@ -26,6 +26,7 @@ from spa.models.logprobs import gather_logps
 from spa.run.console import progress_bar
 from spa.schemas import REFINEMENT, TRAIN_LOG_WRITTEN
 from spa.training.checkpoints import STATE_FILE
+from spa.training.fsdp import FSDPTrainerMixin
 from spa.training.losses import (
     RefinementWindow,
     dpo_margin,
@@ -93,7 +94,7 @@ class _StepStats:
         self.lr: float = 0.0
 
 
-class RefinedDPOTrainer(Trainer):
+class RefinedDPOTrainer(FSDPTrainerMixin, Trainer):
     """``Trainer`` whose loss is the refined DPO loss of Eq. 10 (plain DPO when refinement is off)."""
 
     def __init__(self, *args, ref_model: torch.nn.Module | None, beta: float, refine: RefineSettings | None,
