@@ -104,13 +104,25 @@ def _output_hashes(run: Path) -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope="session")
-def full_run(tmp_path_factory, tiny_model_dir, prefs_file):
-    root = tmp_path_factory.mktemp("flow")
-    cfg, path = flow_config(root, tiny_model_dir, prefs_file)
+def _finished_flow(root: Path, tiny_model_dir, prefs_file, **over):
+    cfg, path = flow_config(root, tiny_model_dir, prefs_file, **over)
     res = subprocess.run([str(Path(sys.executable).parent / "spa"), "run", str(path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return cfg, path, res
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, tiny_model_dir, prefs_file):
+    """A finished 2-iteration ``spa run``, one process per stage (as on a GPU machine)."""
+    return _finished_flow(tmp_path_factory.mktemp("flow"), tiny_model_dir, prefs_file)
+
+
+@pytest.fixture(scope="session")
+def inline_run(tmp_path_factory, tiny_model_dir, prefs_file):
+    """The same run with every stage in the flow's process: the same artifacts and manifest (tests/test_flows.py,
+    test_inline_stages_write_the_same_artifacts), a fifth of the time; for tests that only read the run."""
+    return _finished_flow(tmp_path_factory.mktemp("flow-inline"), tiny_model_dir, prefs_file,
+                          stage_processes="inline")
 
 
 

@@ -71,8 +71,8 @@ def test_no_seed_mode_skips_seed_and_its_evaluation(tmp_path):
     assert dict(rounds[0].lines)["train"].startswith("skipped: pi_0 given")
 
 
-def test_status_of_a_finished_run_and_what_a_change_reruns(full_run):
-    cfg, path, _ = full_run
+def test_status_of_a_finished_run_and_what_a_change_reruns(inline_run):
+    cfg, path, _ = inline_run
     rounds = plan(cfg)
     assert all(s == "done" for r in rounds for s in r.stages.values()), [r.stages for r in rounds]
     assert "X_1: 12 prompts" in dict(rounds[1].lines)["sample"]  # the prepared count, from the Parquet footer
@@ -90,20 +90,20 @@ def test_status_of_a_finished_run_and_what_a_change_reruns(full_run):
     assert status["sample/2"] == "reruns (config changed)"
 
 
-def test_a_new_checkpoint_cadence_reruns_nothing(full_run):
+def test_a_new_checkpoint_cadence_reruns_nothing(inline_run):
     """train.save_steps only decides where checkpoints go: every finished stage stays done."""
-    cfg, _, _ = full_run
+    cfg, _, _ = inline_run
     changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"save_steps": cfg.train.save_steps + 6})})
     status = {k: v for r in plan(changed) for k, v in r.stages.items()}
     assert set(status.values()) == {"done"}, status
 
 
-def test_iterations_added_by_expand_are_planned(full_run, tmp_path):
+def test_iterations_added_by_expand_are_planned(inline_run, tmp_path):
     """`spa expand` claims iteration T + 1 for a new prompt batch (expansion.json): the plan shows that round
     with its prompts and what is still to run, after the configured ones."""
     from spa.stages.expansion import plan_batch
 
-    cfg, _, _ = full_run
+    cfg, _, _ = inline_run
     shutil.copytree(cfg.run_dir, tmp_path / "run")
     cfg = cfg.model_copy(update={"run_dir": str(tmp_path / "run")})
     batch = tmp_path / "batch.jsonl"
@@ -119,8 +119,8 @@ def test_iterations_added_by_expand_are_planned(full_run, tmp_path):
     assert "2 iteration(s) + 1 from spa expand" in format_plan(cfg, rounds)
 
 
-def test_cli_prints_json_and_refuses_a_bad_config(tmp_path, full_run):
-    _, path, _ = full_run
+def test_cli_prints_json_and_refuses_a_bad_config(tmp_path, inline_run):
+    _, path, _ = inline_run
     spa = str(Path(sys.executable).parent / "spa")
     res = subprocess.run([spa, "plan", str(path), "--json"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
