@@ -127,6 +127,24 @@ def inline_run(tmp_path_factory, tiny_model_dir, prefs_file):
 
 
 
+def kill_after_first_checkpoint(cmd: list[str], checkpoints: Path, timeout: float = 120) -> list[Path]:
+    """Start a training command, SIGKILL its process group once its first checkpoint is complete, and return the
+    checkpoints it left (the interrupted half of the kill-and-resume tests)."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list(checkpoints.glob("checkpoint-*/spa_state.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpts = list(checkpoints.glob("checkpoint-*"))
+    assert ckpts, "no checkpoint was written before the kill"
+    return ckpts
+
+
 def copy_without_chat_template(src, dst):
     """A copy of a model directory whose tokenizer has no chat template."""
     import shutil

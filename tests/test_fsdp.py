@@ -1,18 +1,15 @@
 """Sharded training (``train.sharding: fsdp``, FSDP2 through Trainer; spa/training/fsdp.py), for real: 2 gloo
 processes on CPU take the same FSDP2 path as GPUs."""
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import kill_after_first_checkpoint, tiny_config
 from test_training import _fake_judgments
 
 from spa.models.loading import load_causal_lm
@@ -86,15 +83,7 @@ def test_killed_sharded_training_resumes_with_the_same_result(tmp_path, tiny_mod
     cfg, lay = _iteration_one(tmp_path, "killed", tiny_model_dir, prefs_file, **over)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    proc = subprocess.Popen([SPA, "train", "-c", str(path), "-t", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(lay.checkpoints(1).glob("checkpoint-*/spa_state.json")):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    ckpts = list(lay.checkpoints(1).glob("checkpoint-*"))
-    assert ckpts, "no checkpoint was written before the kill"
+    ckpts = kill_after_first_checkpoint([SPA, "train", "-c", str(path), "-t", "1"], lay.checkpoints(1))
     if kind == "sharded":
         assert list(ckpts[0].glob("pytorch_model_fsdp_0/*.distcp")) and list(ckpts[0].glob("optimizer_0/*.distcp"))
     else:

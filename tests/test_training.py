@@ -1,16 +1,13 @@
 """Training stage: data parallelism, resume after a kill, LoRA."""
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import kill_after_first_checkpoint, tiny_config
 
 from spa.models.loading import load_causal_lm
 from spa.run.artifacts import read_table
@@ -109,15 +106,7 @@ def test_killed_training_resumes_from_checkpoint_with_same_result(tmp_path, tiny
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     lay = RunLayout(cfg.run_dir)
-    proc = subprocess.Popen([SPA, "seed", "-c", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(lay.checkpoints(0).glob("checkpoint-*/spa_state.json")):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    ckpts = list(lay.checkpoints(0).glob("checkpoint-*"))
-    assert ckpts, "no checkpoint was written before the kill"
+    kill_after_first_checkpoint([SPA, "seed", "-c", str(path)], lay.checkpoints(0))
     assert not lay.model(0).exists() and not lay.train_log(0).exists()  # nothing partial left behind
 
     res = subprocess.run([SPA, "seed", "-c", str(path), "-s", "train.save_steps=4"], capture_output=True, text=True)
