@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from spa.config import load_config, save_resolved
+from spa.run.console import say
 from spa.run.layout import RunLayout
 from spa.run.runlock import RunLock
 from spa.stages.expansion import incoming_batches, mark_done, plan_batch
@@ -20,7 +21,6 @@ def expand(config: str, incoming: str | None = None) -> list[dict]:
     cfg = load_config(config)
     layout = RunLayout.of(cfg)
     folder = Path(incoming) if incoming else layout.incoming
-    logger = get_run_logger()
     done = []
     with RunLock(cfg.run_dir, "spa-expand"):
         config = str(save_resolved(cfg))  # hub ids resolved once: every stage reads the same snapshot
@@ -28,8 +28,8 @@ def expand(config: str, incoming: str | None = None) -> list[dict]:
             plan = plan_batch(cfg, batch)
             if plan is None:
                 continue
-            logger.info("%s: %d new prompts, %d already used (dropped), %d duplicates -> iteration %d",
-                        plan.batch, plan.new_prompts, plan.overlap, plan.duplicates, plan.iteration)
+            say(f"[expand] {plan.batch}: {plan.new_prompts} new prompts, {plan.overlap} already used (dropped), "
+                f"{plan.duplicates} duplicates -> iteration {plan.iteration}")
             if plan.new_prompts:
                 t = plan.iteration
                 stages.sample(config, t)
@@ -41,5 +41,5 @@ def expand(config: str, incoming: str | None = None) -> list[dict]:
         if done:
             stages.report(config)
     if not done:
-        logger.info("no new prompt batches in %s", folder)
+        say(f"[expand] no new prompt batches in {folder}")
     return done

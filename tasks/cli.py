@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -92,16 +93,17 @@ def run_pipeline(config_file: Path = ConfigArg, config: Path = ConfigOpt,
     from spa_flows.pipeline import pipeline_with_runner
 
     with terminal_session(cfg.run_dir, verbose, keep_handlers=True) as log_path:
-        _run_flow(pipeline_with_runner(ray_address), config, shards)
+        _run_flow(pipeline_with_runner(ray_address), config=str(config.resolve()), shards=shards)
         closing_summary(cfg, log_path, started)
 
 
-def _run_flow(flow, config: Path, shards: int) -> None:
+def _run_flow(flow, **params) -> Any:
+    """Call a flow; the run lock and a stage's bad input end in one line (exit 3 and 2), not a traceback."""
     from spa.errors import RunLocked
     from spa_tasks.stage_tasks import BadStageInput
 
     try:
-        flow(config=str(config.resolve()), shards=shards)
+        return flow(**params)
     except RunLocked as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(3) from None
@@ -112,20 +114,23 @@ def _run_flow(flow, config: Path, shards: int) -> None:
 
 @app.command()
 def expand(config_file: Path = ConfigArg, config: Path = ConfigOpt,
-           incoming: Path = typer.Option(None, help="folder of new prompt batches (default <run_dir>/incoming)")) -> None:
+           incoming: Path = typer.Option(None, help="folder of new prompt batches (default <run_dir>/incoming)"),
+           verbose: bool = VerboseOpt) -> None:
     """Run one more iteration per new prompt batch in the incoming folder, from the newest model."""
-    from spa.errors import RunLocked
+    import time
 
+    from spa.run.console import terminal_session
+
+    started = time.time()
     config = which_config(config_file, config)
-    checked_config(config)
+    cfg = checked_config(config)
     embedded_server_defaults()
-    from spa_flows.expand import expand as expand_flow
+    from spa_flows.expand import expand as expand_flow  # Prefect imported before the session (see run)
 
-    try:
-        expand_flow(config=str(config.resolve()), incoming=str(incoming.resolve()) if incoming else None)
-    except RunLocked as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(3) from None
+    with terminal_session(cfg.run_dir, verbose, keep_handlers=True) as log_path:
+        done = _run_flow(expand_flow, config=str(config.resolve()), incoming=str(incoming.resolve()) if incoming else None)
+        if done:
+            closing_summary(cfg, log_path, started)
 
 
 @app.command()

@@ -166,13 +166,11 @@ def test_stage_task_raises_bad_input_for_exit_code_2(tmp_path, tiny_model_dir, p
         state.result()
 
 
-def test_inline_stages_write_the_same_artifacts(full_run, tmp_path, tiny_model_dir, prefs_file):
+def test_inline_stages_write_the_same_artifacts(full_run, inline_run):
     """``stage_processes: inline`` runs every stage in the flow's process (bench P5) and writes exactly what
-    the process-per-stage flow writes."""
+    the process-per-stage flow writes (the plan tests read that run: conftest.inline_run)."""
     cfg_ref, _, _ = full_run
-    cfg, path = _config(tmp_path, tiny_model_dir, prefs_file, name="inline", stage_processes="inline")
-    res = subprocess.run([SPA, "run", str(path)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    cfg, _, res = inline_run
     log = res.stdout + res.stderr
     assert "(in the flow's process)" in log and "Finished in state Completed" in log
     assert _output_hashes(Path(cfg.run_dir)) == _output_hashes(Path(cfg_ref.run_dir))

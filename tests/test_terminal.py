@@ -52,6 +52,27 @@ def test_spa_run_tells_the_story_in_a_few_lines_and_logs_the_rest(tmp_path, tiny
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "[train/2] up to date" in again.stdout and "Finished in state Completed" in again.stdout + again.stderr
 
+    # `spa expand` tells its story the same way: the batch it takes, the stages of the new iteration, the table
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (Path(cfg.run_dir) / "incoming").mkdir()
+    fresh = ["Name three colours of fruit.", "Write about plums in winter.", "Is a lemon yellow?"]
+    pq.write_table(pa.table({"prompt": fresh}), Path(cfg.run_dir) / "incoming" / "batch-001.parquet")
+    grown = subprocess.run([SPA, "expand", str(path)], capture_output=True, text=True)
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    text = grown.stdout + grown.stderr
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert any(line.startswith("[expand] batch-001") and "3 new prompts" in line and line.endswith("-> iteration 3")
+               for line in lines), text
+    assert [line.split()[2] for line in lines if line.startswith("$ spa ")] == \
+        ["sample", "judge", "train", "evaluate", "report"]
+    header = next(i for i, line in enumerate(lines) if line.startswith("iteration"))
+    assert [line.split()[0] for line in lines[header + 2: header + 6]] == ["0", "1", "2", "3"]
+    assert len(lines) <= 1 + 2 * 5 + 1 + 2 + 4 + 1, text
+    for pattern in CHATTER:
+        assert pattern not in text, pattern
+
 
 def test_story_stream_shows_stage_lines_and_logs_everything(tmp_path):
     from spa.run import console

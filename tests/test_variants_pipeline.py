@@ -175,9 +175,11 @@ def test_reward_model_learns_the_seed_preferences(tmp_path, tiny_model_dir, pref
 
 
 def _spa_run(tmp_path, tiny_model_dir, prefs_file, name, before=(), via="flow", **sections):
-    """One iteration of ``sections``: through ``spa run`` (the Prefect flow, a process per stage) with
-    ``via="flow"``, or through the same stage functions in this process with ``via="stages"`` (the flow itself
-    is tested in tests/test_flows.py; what varies here is the stage code)."""
+    """One iteration of ``sections``: through ``spa run`` (the Prefect flow, its stages in the flow's process:
+    a process per stage is tested in tests/test_flows.py, with the same artifacts) with ``via="flow"``, or
+    through the same stage functions in this process with ``via="stages"`` (what varies here is the stage code)."""
+    if via == "flow":
+        sections = {"stage_processes": "inline", **sections}
     cfg = tiny_config(tmp_path / name, tiny_model_dir, prefs_file, **sections)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))

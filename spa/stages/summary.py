@@ -17,8 +17,10 @@ def iteration_rows(cfg: SPAConfig) -> list[dict[str, Any]]:
     accuracy (the judge's summary, where an oracle or gold labels were known) and the stages' wall time."""
     layout = RunLayout.of(cfg)
     stages = Manifest(layout.manifest).entries() if layout.manifest.exists() else {}
-    rows = []
-    for t in range(cfg.iterations + 1):
+    rows, last = [], cfg.iterations
+    while layout.iteration(last + 1).exists():  # iterations added by `spa expand`
+        last += 1
+    for t in range(last + 1):
         if not layout.iteration(t).exists():
             continue
         keys = [Stage.PREPARE.key(), Stage.SEED.key()] if t == 0 else [
