@@ -171,3 +171,15 @@ def dense_logp_of_ids(model, prompt_ids, response_ids):
 def oracle_prefers_shorter(prompt, output_1, output_2):
     """A test oracle (alpaca-eval encoding): the shorter text wins, equal lengths tie."""
     return 1.0 if len(output_1) < len(output_2) else 2.0 if len(output_2) < len(output_1) else 1.5
+
+
+# Longest files first. Under the README's 2 xdist workers (--dist loadfile) a file scheduled last runs alone at
+# the end: the vLLM engine test (it compiles vLLM's CPU kernels on a fresh machine, ~3 min) came last in file
+# order and ran alone for its whole length. Started first, it overlaps the rest.
+FIRST_FILES = ("test_vllm.py", "test_flows.py", "test_variants_pipeline.py", "test_stages.py", "test_terminal.py",
+               "test_prefect_server.py", "test_plan.py", "test_training.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(FIRST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST_FILES)))  # stable: each file stays contiguous
