@@ -176,7 +176,9 @@ def terminal_session(run_dir: str | os.PathLike, verbose: bool = False, keep_han
     run) leaves the logging handlers routed to the log after the session: Prefect stops its temporary server
     at exit and says so."""
     global _session
-    path = Path(run_dir) / "logs" / "spa.log"
+    from spa.run.layout import RunLayout
+
+    path = RunLayout(Path(run_dir)).log_file
     path.parent.mkdir(parents=True, exist_ok=True)
     out, err = sys.stdout, sys.stderr
     env = {"TQDM_DISABLE": None if verbose else "1", "TRANSFORMERS_VERBOSITY": "info" if verbose else "warning"}

@@ -40,6 +40,15 @@ class RunLayout:
         return self.root / "data"
 
     @property
+    def log_file(self) -> Path:
+        """The full log of the commands run on this run (the terminal shows the story: spa.run.console)."""
+        return self.root / "logs" / "spa.log"
+
+    def trackers(self, t: int) -> Path:
+        """The experiment trackers' local files of iteration ``t`` (TensorBoard: one run per iteration)."""
+        return self.root / "logs" / "trackers" / f"iter_{t}"
+
+    @property
     def seed(self) -> Path:
         return self.data / "seed.parquet"
 

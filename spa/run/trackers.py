@@ -34,7 +34,9 @@ _AVAILABLE_FN = {"comet_ml": "is_comet_available", "azure_ml": "is_azureml_avail
 
 def tracker_dir(run_dir: str | os.PathLike, t: int) -> Path:
     """Where the trackers' local files of iteration ``t`` go (TensorBoard's event files)."""
-    return Path(run_dir) / "logs" / "trackers" / f"iter_{t}"
+    from spa.run.layout import RunLayout
+
+    return RunLayout(Path(run_dir)).trackers(t)
 
 
 def run_name(run_dir: str | os.PathLike, t: int) -> str:
