@@ -125,6 +125,26 @@ def inline_run(tmp_path_factory, tiny_model_dir, prefs_file):
                           stage_processes="inline")
 
 
+ZEPHYR_ASSET = Path(__file__).parent / "assets" / "zephyr_tokenizer"
+
+
+@pytest.fixture(scope="session")
+def zephyr_tok(tmp_path_factory):
+    """Zephyr's tokenizer (Mistral-7B v0.1's SentencePiece model from ``mistral-common``, stored as a gzipped fast
+    ``tokenizer.json`` with zephyr-7b-sft-full's chat template): the paper's own model family."""
+    import gzip
+    import shutil
+
+    from spa.models.rendering import load_tokenizer
+
+    d = tmp_path_factory.mktemp("zephyr_tokenizer")
+    with gzip.open(ZEPHYR_ASSET / "tokenizer.json.gz", "rb") as src, open(d / "tokenizer.json", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(ZEPHYR_ASSET / name, d / name)
+    return load_tokenizer(d)
+
+
 
 
 def kill_after_first_checkpoint(cmd: list[str], checkpoints: Path, timeout: float = 120) -> list[Path]:

@@ -9,17 +9,13 @@ with a word-boundary piece the model never produced after the prompt's newline.
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from spa.models.logprobs import encode_pair
 from spa.models.rendering import _with_one_bos, eot_id, load_tokenizer, prompt_ids, prompt_text, render
-
-ASSET = Path(__file__).parent / "assets" / "zephyr_tokenizer"
 
 RESPONSES = [
     "Hello there",
@@ -31,16 +27,6 @@ RESPONSES = [
     "Ünïcödé: café, naïve, 東京, emoji 🙂 and a dash — here.",
     "Punctuation!? ... ;-) [brackets] {braces} <angles> #hash @at $5 100%",
 ]
-
-
-@pytest.fixture(scope="module")
-def zephyr_tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zephyr_tokenizer")
-    with gzip.open(ASSET / "tokenizer.json.gz", "rb") as src, open(d / "tokenizer.json", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    for name in ("tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(ASSET / name, d / name)
-    return load_tokenizer(d)
 
 
 @pytest.fixture(scope="module")

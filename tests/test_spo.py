@@ -25,16 +25,35 @@ def test_rake_scores_the_papers_example():
     assert dict(key_phrases(ABSTRACT))["compatibility"] == [(0, 13), (92, 105)]  # every occurrence
 
 
+def _covered(tok, prompt, text):
+    """The text each key phrase's span decodes to, read from the response's ids as training renders them."""
+    from spa.models.rendering import render
+
+    spans, n_text = key_phrase_token_spans(tok, prompt, text)
+    ids = render(tok, prompt, text, finished=True)[1]
+    assert n_text == len(ids) - 1  # the response's text tokens: all but the end-of-turn token
+    return [tok.decode([ids[i] for i in span]).strip() for span in spans]
+
+
 def test_key_phrase_token_spans_cover_the_phrases(tiny_model_dir):
     from spa.models.rendering import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     text = "Red apples and green pears grow in the orchard near the river."
-    spans = key_phrase_token_spans(tok, text)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    decoded = [tok.decode([ids[i] for i in span]).replace(" ", "").lower() for span in spans]
+    decoded = [d.replace(" ", "").lower() for d in _covered(tok, "Name fruit.", text)]
     for phrase, _ in key_phrases(text):
         assert phrase.replace(" ", "") in "".join(decoded)
+
+
+@pytest.mark.parametrize("text", ["\nStarts with newline then Paris", "Photosynthesis converts light energy.",
+                                  "Ünïcödé café serves naïve tourists"])
+def test_key_phrase_token_spans_index_the_joint_tokenization_on_sentencepiece(text, zephyr_tok):
+    """Zephyr's tokenizer splits a response tokenized alone differently from the same text after the prompt (a
+    leading newline gets an extra word-boundary piece): the spans must index the ids training sees, so each
+    phrase's tokens decode to exactly the phrase (before the fix, the newline case decoded to ``s with``)."""
+    decoded = _covered(zephyr_tok, "Say something.", text)
+    phrases = [phrase for phrase, _ in key_phrases(text)]
+    assert phrases and [d.lower() for d in decoded] == phrases
 
 
 def test_removal_draws_mask_whole_phrases_and_skip_short_responses():

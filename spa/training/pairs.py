@@ -29,10 +29,8 @@ class PairDataset(Dataset):
         if key_phrases:  # SPO: RAKE key phrases as response-token indices, once per run (docs/variants.md 1.3)
             from spa.training.rake import key_phrase_token_spans
 
-            def info(text: str) -> tuple[list[list[int]], int]:
-                return key_phrase_token_spans(tok, text), len(tok(text, add_special_tokens=False)["input_ids"])
-
-            self.spans = [(info(c), info(r)) for c, r in zip(chosen, rejected, strict=True)]
+            self.spans = [(key_phrase_token_spans(tok, p, c), key_phrase_token_spans(tok, p, r))
+                          for p, c, r in zip(prompts, chosen, rejected, strict=True)]
         cf = chosen_finished if chosen_finished is not None else [True] * n
         rf = rejected_finished if rejected_finished is not None else [True] * n
         names = where if where is not None else list(range(n))

@@ -13,6 +13,8 @@ import math
 import re
 from collections import defaultdict
 
+from spa.models.rendering import prompt_text, render
+
 # a compact English stopword list (the classic SMART/NLTK core), bundled so that nothing is downloaded
 STOPWORDS = frozenset("""
 a about above after again against all am an and any are as at be because been before being below between both
@@ -23,7 +25,7 @@ themselves then there these they this those through to too under until up very w
 while who whom why will with would you your yours yourself yourselves also may might must shall yet ever upon
 """.split())
 
-_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'_-]*")
+_WORD = re.compile(r"[^\W_][\w'-]*")  # Unicode letters and digits: "naïve" is one word, not "na" and "ve"
 _BREAK = re.compile(r"[.,;:!?()\[\]{}\"\n]")
 
 
@@ -70,13 +72,26 @@ def key_phrases(text: str) -> list[tuple[str, list[tuple[int, int]]]]:
     return [(k, spans[k]) for k in ranked]
 
 
-def key_phrase_token_spans(tok, text: str) -> list[list[int]]:
-    """Per key phrase, the indices of the response tokens (``tok(text)`` without specials) it covers."""
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
+def key_phrase_token_spans(tok, prompt, text: str) -> tuple[list[list[int]], int]:
+    """Per key phrase, the indices of the response tokens it covers, and the number of the response's text tokens.
+
+    The indices are into the response's ids as :func:`spa.models.rendering.render` gives them (the joint
+    tokenization of prompt + response), the ids the policy is trained on: a response tokenized alone can split
+    differently (SentencePiece puts a word-boundary piece before a leading newline: one token more, and every
+    span one token late). Character offsets come from the same joint tokenization.
+    """
+    head = prompt_text(tok, prompt)
+    _, r_ids = render(tok, prompt, text, finished=False)
+    joint = tok(head + text, add_special_tokens=False, return_offsets_mapping=True)
+    skip = len(tok(head, add_special_tokens=False)["input_ids"])
+    if joint["input_ids"][skip:] == r_ids:  # the usual case: the response's ids are the tail of the joint ones
+        offsets = [(s - len(head), e - len(head)) for s, e in joint["offset_mapping"][skip:]]
+    else:  # render fell back to the response's own ids (a token would span the prompt's end)
+        own = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = own["offset_mapping"]
     out = []
     for _, char_spans in key_phrases(text):
         idx = sorted({i for i, (s, e) in enumerate(offsets) for a, b in char_spans if s < b and e > a and e > s})
         if idx:
             out.append(idx)
-    return out
+    return out, len(r_ids)
