@@ -95,18 +95,26 @@ def test_gpu_presets_state_their_memory_per_gpu(path):
     assert "Memory" in text and "GB" in text and " B x P" in text  # the arithmetic, not just a number
 
 
-def test_spa_plan_accepts_the_paper_preset(tmp_path):
-    """`spa plan configs/paper_zephyr_4gpu.yaml` with the model folder and data it names stood in for (the preflight
-    check wants them on disk): the three rounds, nothing run, no model loaded."""
+@pytest.mark.parametrize(("preset", "compute"), [
+    ("paper_zephyr_4gpu.yaml", ["world size 4 (4 processes), FSDP: parameters, gradients and optimiser state sharded"]),
+    ("llama70b_8gpu_lora.yaml", ["world size 8 (8 processes), data parallel: every rank holds the whole model",
+                                 "4 GPUs per engine (tensor parallel 4 x pipeline parallel 1)"]),
+])
+def test_spa_plan_accepts_the_scale_presets_and_shows_where_they_run(preset, compute, tmp_path):
+    """`spa plan configs/<preset>` with the model folder and data it names stood in for (the preflight check wants
+    them on disk): the three rounds, nothing run, no model loaded, and the world size, sharding and tensor
+    parallelism each stage will use."""
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "prefs.jsonl").write_text("")
     spa = str(Path(sys.executable).parent / "spa")
-    res = subprocess.run([spa, "plan", str(ROOT / "configs" / "paper_zephyr_4gpu.yaml"), "-s", f"run_dir={tmp_path / 'run'}",
+    res = subprocess.run([spa, "plan", str(ROOT / "configs" / preset), "-s", f"run_dir={tmp_path / 'run'}",
                           "-s", f"model.pi_init={tmp_path / 'model'}", "-s", f"data.source={tmp_path / 'prefs.jsonl'}"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "3 iteration(s)" in res.stdout and "iteration 3" in res.stdout and "train/3 to run" in res.stdout, res.stdout
+    for text in compute:
+        assert text in res.stdout, res.stdout
 
 
 @pytest.mark.parametrize(("name", "preset"), [("demo.yaml", "tiny"), ("smollm2.yaml", "smollm2")])

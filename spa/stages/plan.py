@@ -164,11 +164,12 @@ def _iteration_lines(cfg: SPAConfig, t: int, batch: str | None) -> list[tuple[st
     return [
         ("sample", f"X_{t}: {prompts} (fresh: disjoint from every earlier set), {sc.n} responses each from "
                    f"pi_{t - 1} (T {sc.temperature:g}, top_p {sc.top_p:g}, {sc.max_new_tokens} new tokens, "
-                   f"backend {sc.backend})"),
+                   f"backend {sc.backend}{_sample_compute(cfg)})"),
         ("judge", _judge_text(cfg, t)),
         ("train", f"pi_{t - 1} -> pi_{t}, reference pi_{t - 1}{_ref_mode(cfg, t)}, "
                   f"{_steps(n_prompts, size, tc.epochs, tc.batch_size)}"
-                  + (f", plus {tc.replay_fraction:.0%} replayed seed pairs" if tc.replay_fraction else "")),
+                  + (f", plus {tc.replay_fraction:.0%} replayed seed pairs" if tc.replay_fraction else "")
+                  + _train_compute(cfg)),
         ("loss", _loss_text(cfg, t)),
         ("evaluate", _eval_text(cfg, t)),
     ]
@@ -195,7 +196,7 @@ def plan(cfg: SPAConfig) -> list[Round]:
         seed_lines = [
             ("data", f"D_0: {_size(d.seed_size, seed_rows, 'gold pairs')}"),
             ("train", f"pi_init -> pi_0, reference pi_init{_ref_mode(cfg, 0)}, "
-                      f"{_steps(seed_rows, d.seed_size, tc.seed_epochs, tc.batch_size)}"),
+                      f"{_steps(seed_rows, d.seed_size, tc.seed_epochs, tc.batch_size)}{_train_compute(cfg)}"),
             ("loss", _loss_text(cfg, 0)),
             ("evaluate", _eval_text(cfg, 0)),
         ]
@@ -209,6 +210,27 @@ def plan(cfg: SPAConfig) -> list[Round]:
     for r in rounds:
         r.stages = {k: status[k] for k in keys[r.t]}
     return rounds
+
+
+def _train_compute(cfg: SPAConfig) -> str:
+    """Where training runs: world size (nodes x processes per node) and what each rank holds (#18)."""
+    tc = cfg.train
+    world = tc.nnodes * tc.num_processes
+    if world == 1:
+        return "; 1 process"
+    where = f"{tc.nnodes} nodes x {tc.num_processes}" if tc.nnodes > 1 else f"{tc.num_processes}"
+    how = ("FSDP: parameters, gradients and optimiser state sharded over the ranks" if tc.sharding == "fsdp"
+           else "data parallel: every rank holds the whole model")
+    rdzv = f", rendezvous {tc.rdzv_endpoint}" if tc.nnodes > 1 and tc.rdzv_endpoint else ""
+    return f"; world size {world} ({where} processes{rdzv}), {how}"
+
+
+def _sample_compute(cfg: SPAConfig) -> str:
+    sc = cfg.sample
+    if sc.gpus_per_engine == 1:
+        return ""
+    return (f", {sc.gpus_per_engine} GPUs per engine (tensor parallel {sc.tensor_parallel_size} x pipeline "
+            f"parallel {sc.pipeline_parallel_size})")
 
 
 def _ref_mode(cfg: SPAConfig, t: int) -> str:
