@@ -168,3 +168,21 @@ def test_decoupled_detection_flags_a_different_pair_than_sr():
         flagged[name] = w.flags(conf, step=0, total_steps=1)
     assert flagged["sr"].sum() == 1 and flagged["dnd"].sum() == 1
     assert not torch.equal(flagged["sr"], flagged["dnd"])
+
+
+def test_refinement_breaks_even_when_half_the_flagged_labels_are_wrong():
+    """Eq. 10 near the reference (m = 0): smoothing a flagged pair takes alpha from its push, whichever way its label
+    points. Over flagged pairs of which a share p is mislabelled, the push towards the true labels changes by
+    alpha * (2p - 1) per pair (m in Eq. 5's units, beta included): a gain only when p > 0.5. This is the
+    break-even the demo report checks SR's flag precision against."""
+    alpha, n = 0.1, 10
+
+    def push_towards_truth(z, truth_sign):  # truth_sign +1: the label is right, so raising m moves towards the truth
+        m = torch.zeros(n, requires_grad=True)
+        refined_dpo_loss(m, z, alpha).sum().backward()
+        return float((-m.grad * truth_sign).sum())  # gradient descent moves m by -grad
+
+    for p_wrong in (0.2, 0.5, 0.8):
+        truth_sign = torch.tensor([-1.0 if i < p_wrong * n else 1.0 for i in range(n)])
+        change = push_towards_truth(torch.ones(n), truth_sign) - push_towards_truth(torch.zeros(n), truth_sign)
+        assert change == pytest.approx(n * alpha * (2 * p_wrong - 1), abs=1e-6)

@@ -158,6 +158,11 @@ def rounds_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _mean(values: list[Any]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def _final(arm_rows: list[dict[str, Any]], key: str = "win_rate"):
     return arm_rows[-1].get(key) if arm_rows else None
 
@@ -180,6 +185,14 @@ def target_checks(arms: dict[str, list[dict[str, Any]]]) -> list[tuple[str, bool
     ratio = l_end / l0 if l0 and l_end is not None else None
     checks.append(("no length collapse or runaway: final length within +-30% of pi_0's",
                    None if ratio is None else 0.7 <= ratio <= 1.3, f"{_fmt(l_end)} vs {_fmt(l0)} ({_fmt(ratio)}x)"))
+    mean_prec = _mean([r.get("sr_precision") for r in spa[1:]])
+    # Eq. 10 on a flagged pair moves its expected gradient by alpha*beta*(2*precision - 1) towards the true label
+    # (smoothing takes alpha from a right label's push and from a wrong label's alike): it can only help where
+    # most flagged labels are wrong
+    checks.append(("refinement can help: most of SR's flagged labels are wrong (precision > 0.5, Eq. 10's break-even)",
+                   None if mean_prec is None else mean_prec > 0.5,
+                   f"mean over iterations: {_fmt(mean_prec)}, noise rate "
+                   + _fmt(_mean([r.get("noise_rate") for r in spa[1:]]))))
     flip = arms.get("spa_flip", [])
     for det in ("sr", "dnd"):
         pairs = [(r.get(f"{det}_flip_precision"), r.get("flip_rate")) for r in flip[1:]]
