@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from spa_tasks.stage_cli import ConfigArg, ConfigOpt, SetOpt, load_with_overrides, which_config
+from spa_tasks.stage_cli import ConfigArg, ConfigOpt, SetOpt, VerboseOpt, load_with_overrides, which_config
 from spa_tasks.stage_cli import app as stage_app
 
 app = typer.Typer(
@@ -58,8 +58,6 @@ def checked_config(config: Path, overrides: list[str] | None = None):
     return cfg
 
 
-VerboseOpt = typer.Option(False, "--verbose", "-v", help="also show library output and Prefect's log on the terminal "
-                                                         "(it always goes to <run_dir>/logs/spa.log)")
 
 
 def closing_summary(cfg, log_path: Path, started: float) -> None:

@@ -24,6 +24,8 @@ ForceOpt = typer.Option(False, "--force", help="rerun even if the manifest says 
 ShardOpt = typer.Option(None, "--shard", help="do only chunk-aligned shard i of N: --shard i/N")
 MergeOpt = typer.Option(None, "--merge", min=1, help="merge N finished shards into the stage's artifact")
 SetOpt = typer.Option(None, "--set", "-s", help="override a config value: -s train.beta=0.05 (repeatable)")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="also show library output (and, for spa run, Prefect's log) on "
+                                                         "the terminal (it always goes to <run_dir>/logs/spa.log)")
 
 
 def which_config(positional: Path | None, option: Path | None) -> Path:
@@ -51,87 +53,114 @@ def load_with_overrides(config: Path, overrides: list[str] | None):
     return load_config(config, parsed)
 
 
-def _run(fn, config: Path, overrides: list[str] | None, *args, **kwargs) -> None:
+def _output_session(cfg, verbose: bool):
+    """A stage run by hand tells its story as ``spa run`` does: its own lines and errors on the terminal, library
+    output (weight loading, trainer dicts, warnings) into ``<run_dir>/logs/spa.log`` (``-v`` shows it too). Under
+    a flow (a stage process, or a stage in the flow's process) the flow has routed the output already."""
+    import contextlib
+    import os
+
+    from spa.run import console
+
+    if os.environ.get(console.FLOW_STAGE_ENV) or console.in_session():
+        return contextlib.nullcontext()
+    return console.terminal_session(cfg.run_dir, verbose)
+
+
+def _run(fn, config: Path, overrides: list[str] | None, *args, verbose: bool = False, **kwargs) -> None:
     """Load the config, run a stage, and turn bad input into one clear line and exit code 2."""
     from spa.errors import BadInput
 
     try:
         cfg = load_with_overrides(config, overrides)
-        fn(cfg, *args, **kwargs, echo=typer.echo)
     except BadInput as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    with _output_session(cfg, verbose):
+        try:
+            fn(cfg, *args, **kwargs, echo=typer.echo)
+        except BadInput as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
 
 
 @app.command()
-def prepare(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
+def prepare(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt,
+            verbose: bool = VerboseOpt) -> None:
     """Split preference data into seed pairs, disjoint prompt sets and held-out gold pairs."""
     from spa.stages import prepare as stage
 
-    _run(stage.run, which_config(config_file, config), overrides, force=force)
+    _run(stage.run, which_config(config_file, config), overrides, force=force, verbose=verbose)
 
 
 @app.command()
-def seed(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
+def seed(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt,
+            verbose: bool = VerboseOpt) -> None:
     """DPO of pi_init on the seed pairs -> iter_0/model (3 epochs by default)."""
     from spa.stages import train as stage
 
-    _run(stage.run, which_config(config_file, config), overrides, 0, force=force)
+    _run(stage.run, which_config(config_file, config), overrides, 0, force=force, verbose=verbose)
 
 
 @app.command()
 def sample(config_file: Path = ConfigArg, config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
-           overrides: list[str] = SetOpt, shard: str = ShardOpt, merge: int = MergeOpt) -> None:
+           overrides: list[str] = SetOpt, shard: str = ShardOpt, merge: int = MergeOpt,
+           verbose: bool = VerboseOpt) -> None:
     """Sample n responses per prompt of X_t from pi_{t-1} -> iter_t/responses.parquet."""
     from spa.stages import sample as stage
 
-    _run(stage.run, which_config(config_file, config), overrides, iteration, force=force, shard=shard, merge=merge)
+    _run(stage.run, which_config(config_file, config), overrides, iteration, force=force, shard=shard, merge=merge, verbose=verbose)
 
 
 @app.command()
 def judge(config_file: Path = ConfigArg, config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
-           overrides: list[str] = SetOpt, shard: str = ShardOpt, merge: int = MergeOpt) -> None:
+           overrides: list[str] = SetOpt, shard: str = ShardOpt, merge: int = MergeOpt,
+           verbose: bool = VerboseOpt) -> None:
     """Label response pairs (implicit reward Eq. 7-8, or the configured judge variant) -> iter_t/judgments.parquet."""
     from spa.stages import judge as stage
 
-    _run(stage.run, which_config(config_file, config), overrides, iteration, force=force, shard=shard, merge=merge)
+    _run(stage.run, which_config(config_file, config), overrides, iteration, force=force, shard=shard, merge=merge, verbose=verbose)
 
 
 @app.command()
 def train(config_file: Path = ConfigArg, config: Path = ConfigOpt, iteration: int = IterOpt, force: bool = ForceOpt,
-          overrides: list[str] = SetOpt) -> None:
+          overrides: list[str] = SetOpt,
+            verbose: bool = VerboseOpt) -> None:
     """Refined DPO (Eq. 9-12) from pi_{t-1} on the judged pairs -> iter_t/model, train_log.parquet."""
     from spa.stages import train as stage
 
-    _run(stage.run, which_config(config_file, config), overrides, iteration, force=force)
+    _run(stage.run, which_config(config_file, config), overrides, iteration, force=force, verbose=verbose)
 
 
 @app.command("train-rm")
 def train_rm(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt,
              epochs: int = typer.Option(None, min=1, help="passes over the seed pairs (default: judge.rm_epochs)"),
-             lr: float = typer.Option(None, help="AdamW learning rate (default: judge.rm_learning_rate)")) -> None:
+             lr: float = typer.Option(None, help="AdamW learning rate (default: judge.rm_learning_rate)"),
+             verbose: bool = VerboseOpt) -> None:
     """Train a Bradley-Terry reward model on the seed pairs -> judge.reward_model (judge.type external_rm)."""
     from spa.stages import train_rm as stage
 
-    _run(stage.run, which_config(config_file, config), overrides, force=force, epochs=epochs, lr=lr)
+    _run(stage.run, which_config(config_file, config), overrides, force=force, epochs=epochs, lr=lr, verbose=verbose)
 
 
 @app.command()
 def evaluate(config_file: Path = ConfigArg, config: Path = ConfigOpt,
              iteration: int = typer.Option(..., "--iteration", "-t", min=0, help="0 evaluates pi_0"),
-             force: bool = ForceOpt, overrides: list[str] = SetOpt) -> None:
+             force: bool = ForceOpt, overrides: list[str] = SetOpt,
+            verbose: bool = VerboseOpt) -> None:
     """Answer the eval set with pi_t, score it (win rate, LC win rate, MT-Bench), gold agreement -> iter_t/eval.*"""
     from spa.stages import evaluate as stage
 
-    _run(stage.run, which_config(config_file, config), overrides, iteration, force=force)
+    _run(stage.run, which_config(config_file, config), overrides, iteration, force=force, verbose=verbose)
 
 
 @app.command()
-def report(config_file: Path = ConfigArg, config: Path = ConfigOpt, overrides: list[str] = SetOpt) -> None:
+def report(config_file: Path = ConfigArg, config: Path = ConfigOpt, overrides: list[str] = SetOpt,
+            verbose: bool = VerboseOpt) -> None:
     """Write report.md with the per-iteration table."""
     from spa.stages import report as stage
 
-    _run(stage.run, which_config(config_file, config), overrides)
+    _run(stage.run, which_config(config_file, config), overrides, verbose=verbose)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from spa.run.console import FLOW_STAGE_ENV
 from spa.run.manifest import Stage
 from spa.run.sharding import parse_shard, shard_devices, visible_devices
 from spa_tasks import artifacts
@@ -80,11 +81,18 @@ def run_inline(cmd: list[str]) -> None:
 
     get_run_logger().info("$ %s (in the flow's process)", " ".join(cmd[3:]))
     tee = Tee(sys.stderr)
+    previous = os.environ.get(FLOW_STAGE_ENV)
+    os.environ[FLOW_STAGE_ENV] = "1"  # the flow routes the output (a worker's Prefect log, or spa run's terminal)
     with contextlib.redirect_stderr(tee):
         try:  # click returns the exit code of typer.Exit in non-standalone mode (older versions raise it)
             rc = typer.main.get_command(app).main(args=cmd[3:], prog_name="spa", standalone_mode=False)
         except click.exceptions.Exit as exc:
             rc = exc.exit_code
+        finally:
+            if previous is None:
+                os.environ.pop(FLOW_STAGE_ENV, None)
+            else:
+                os.environ[FLOW_STAGE_ENV] = previous
     rc = rc if isinstance(rc, int) else 0
     tail = "\n".join(line for line in tee.text.splitlines() if line.strip() and "\r" not in line)
     if rc == 2:
@@ -126,6 +134,7 @@ def run_command(cmd: list[str], env: dict[str, str] | None = None) -> None:
         return
     logger = get_run_logger()
     logger.info("$ %s%s", " ".join(cmd[1:]), f" (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})" if env else "")
+    env = {**(os.environ if env is None else env), FLOW_STAGE_ENV: "1"}  # its whole output comes here, as before
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     tail: list[str] = []
     assert proc.stdout is not None

@@ -114,3 +114,26 @@ def test_length_control_fit_keeps_liblinears_warning_off_the_terminal(capfd, cap
     assert out["lc_win_rate"] is not None
     assert "specified in weight is not found" not in capfd.readouterr().err
     assert any("liblinear" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stage_run_by_hand_prints_its_own_lines_and_logs_the_rest(tmp_path, tiny_model_dir, prefs_file):
+    """`spa prepare` and `spa seed` typed by a user: their done-lines on the terminal, the trainer's dicts and the
+    weight-loading output in the run's log (as under `spa run`); `-v` shows them on the terminal too."""
+    cfg, path = flow_config(tmp_path, tiny_model_dir, prefs_file)
+    texts = {}
+    for stage in ("prepare", "seed"):
+        res = subprocess.run([SPA, stage, "-c", str(path)], capture_output=True, text=True)  # not a TTY: no bars
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        texts[stage] = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert len(texts["prepare"]) == 1 and texts["prepare"][0].startswith("[prepare] done in "), texts["prepare"]
+    assert len(texts["seed"]) == 1 and texts["seed"][0].startswith("[seed] done in "), texts["seed"]
+    log = (Path(cfg.run_dir) / "logs" / "spa.log").read_text()
+    assert "'learning_rate'" in log and "[seed] done in " in log  # the trainer's log dicts and the story, logged
+
+    loud = subprocess.run([SPA, "seed", "-c", str(path), "--force", "-v"], capture_output=True, text=True)
+    assert loud.returncode == 0, loud.stdout[-3000:] + loud.stderr[-3000:]
+    assert "'learning_rate'" in loud.stdout + loud.stderr  # verbose: the library output on the terminal too
+
+    bad = subprocess.run([SPA, "train", "-c", str(path), "-t", "1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and (bad.stdout + bad.stderr).strip().startswith("error: "), bad.stdout + bad.stderr
+    assert len((bad.stdout + bad.stderr).strip().splitlines()) == 1

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 # a stage's own lines ("[sample/1] done in 0.3s: ...", "[demo] ..."), errors and the report's path
 STORY = re.compile(r"^(\[(prepare|seed|sample|judge|train|train-rm|evaluate|report|expand|demo)\b[^\]]*\] |error: |report: )")
 FLOW_TASK_LOGGER, FLOW_RUN_LOGGER = "prefect.task_runs", "prefect.flow_runs"  # the flows' loggers (by name)
+FLOW_STAGE_ENV = "SPA_FLOW_STAGE"  # set for a stage a flow runs: the flow routes its output, the stage leaves it be
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s - %(message)s"
 log = logging.getLogger("spa")
 
@@ -50,6 +51,11 @@ class _Session:
 
 
 _session: _Session | None = None
+
+
+def in_session() -> bool:
+    """Whether this process's output is routed already (a :func:`terminal_session` is open)."""
+    return _session is not None
 
 
 def say(text: str) -> None:
