@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import tempfile  # noqa: E402
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="spa-prefect-home-")
+os.environ["SPA_CACHE_DIR"] = tempfile.mkdtemp(prefix="spa-hash-cache-")  # directory hashes: not the user's cache
 os.environ.pop("PREFECT_API_URL", None)
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

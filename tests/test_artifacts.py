@@ -171,3 +171,27 @@ def test_a_stage_removes_the_temporaries_a_killed_attempt_left(tmp_path, tiny_mo
     run_stage(cfg, "judge/1", [], ["judge"], [out_file, out_dir], body, echo=lambda _m: None)
     assert not any(o.exists() for o in orphans) and not (out_dir.parent / ".model.tmp").exists()
     assert other.exists() and out_file.read_text() == "done"
+
+
+def test_directory_hashes_are_cached_outside_the_folder(tmp_path, monkeypatch):
+    """A user's model or data folder is hashed without writing into it (it may be shared or read-only); the cache
+    lives in $SPA_CACHE_DIR and is used: a file changed in place with its size and mtime kept is not re-read."""
+    from spa.run.manifest import dir_sha256
+
+    monkeypatch.setenv("SPA_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "user_model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"a" * 64)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "config.json").write_text("{}")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    first = dir_sha256(folder)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # nothing written into the folder
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+    stat = (folder / "weights.bin").stat()
+    (folder / "weights.bin").write_bytes(b"b" * 64)  # same size; the mtime put back: the cache answers
+    os.utime(folder / "weights.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert dir_sha256(folder) == first
+    (folder / "weights.bin").write_bytes(b"c" * 65)  # a real change is seen
+    assert dir_sha256(folder) != first

@@ -50,22 +50,33 @@ class Stage(StrEnum):
 _MODEL_CARD = "README.md"
 
 
+def hash_cache_dir() -> Path:
+    """Where directory hashes are cached: ``$SPA_CACHE_DIR``, else ``$XDG_CACHE_HOME/spa-pipeline/hashes``, else
+    ``~/.cache/spa-pipeline/hashes``. Never inside the hashed folder: a user's model or data folder is not ours
+    to write into (and may be read-only or shared)."""
+    if os.environ.get("SPA_CACHE_DIR"):
+        return Path(os.environ["SPA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "spa-pipeline" / "hashes"
+
+
 def dir_sha256(path: str | os.PathLike) -> str:
     """Content hash of a directory: its files' relative paths and contents (a top-level README.md, the
     model card, left out).
 
-    File hashes are cached beside the files keyed by (size, mtime_ns), so a 14 GB
-    checkpoint is read once, not at every resume check.
+    File hashes are cached keyed by (size, mtime_ns), one cache file per folder in :func:`hash_cache_dir`, so a
+    14 GB checkpoint is read once, not at every resume check.
     """
     path = Path(path)
-    cache_file = path / _HASH_CACHE
+    cache_file = hash_cache_dir() / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
     digest = hashlib.sha256()
     fresh: dict[str, Any] = {}
-    # the model card (README.md at the top) is metadata written after the weights (spa/run/model_card.py)
+    # the model card (README.md at the top) is metadata written after the weights (spa/run/model_card.py);
+    # _HASH_CACHE: where earlier versions kept the cache, inside the folder
     files = (p for p in path.rglob("*") if p.is_file() and p.name != _HASH_CACHE
              and not (p.parent == path and p.name == _MODEL_CARD))
     for file in sorted(files):
@@ -77,7 +88,8 @@ def dir_sha256(path: str | os.PathLike) -> str:
         fresh[rel] = {"key": key, "sha256": file_hash}
         digest.update(rel.encode() + b"\0" + file_hash.encode() + b"\n")
     if fresh != cache:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # no writable cache: every check hashes again, nothing fails
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(cache_file, json.dumps(fresh))
     return digest.hexdigest()
 
