@@ -19,7 +19,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from spa.run.console import FLOW_STAGE_ENV
+from spa.run.console import FLOW_STAGE_ENV, PROGRESS_RELAY_ENV, RelayedBar
 from spa.run.manifest import Stage
 from spa.run.sharding import parse_shard, shard_devices, visible_devices
 from spa_tasks import artifacts
@@ -134,15 +134,22 @@ def run_command(cmd: list[str], env: dict[str, str] | None = None) -> None:
         return
     logger = get_run_logger()
     logger.info("$ %s%s", " ".join(cmd[1:]), f" (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})" if env else "")
-    env = {**(os.environ if env is None else env), FLOW_STAGE_ENV: "1"}  # its whole output comes here, as before
+    # its whole output comes here, as before; its progress bar as state lines, drawn here (one bar, on a TTY)
+    env = {**(os.environ if env is None else env), FLOW_STAGE_ENV: "1", PROGRESS_RELAY_ENV: "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     tail: list[str] = []
+    bar = RelayedBar()
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line and "\r" not in line:  # progress-bar redraws stay out of the log
-            logger.info(line)
-        tail = (tail + [line])[-20:]
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if bar.feed(line):
+                continue
+            if line and "\r" not in line:  # progress-bar redraws stay out of the log
+                logger.info(line)
+            tail = (tail + [line])[-20:]
+    finally:
+        bar.close()
     rc = proc.wait()
     if rc == 2:
         raise BadStageInput("\n".join(tail[-5:]))

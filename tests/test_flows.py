@@ -34,6 +34,11 @@ def test_whole_flow_writes_every_artifact_and_the_manifest(full_run):
     assert "| 2 |" in lay.report.read_text()
     assert "Finished in state Completed" in res.stdout + res.stderr
     assert not lay.checkpoints(1).exists()
+    # the stage processes relayed their progress bars to the flow, which kept the state lines out of every log
+    from spa.run.console import RELAY_MARK
+
+    log = lay.log_file.read_text()
+    assert "[train/2] done in" in log and RELAY_MARK.strip() not in log + res.stdout + res.stderr
 
 
 def test_rerun_of_a_finished_flow_skips_every_stage(full_run):

@@ -137,3 +137,32 @@ def test_a_stage_run_by_hand_prints_its_own_lines_and_logs_the_rest(tmp_path, ti
     bad = subprocess.run([SPA, "train", "-c", str(path), "-t", "1"], capture_output=True, text=True)
     assert bad.returncode == 2 and (bad.stdout + bad.stderr).strip().startswith("error: "), bad.stdout + bad.stderr
     assert len((bad.stdout + bad.stderr).strip().splitlines()) == 1
+
+
+def test_a_stage_process_relays_its_bar_and_the_flow_draws_it(monkeypatch):
+    """Under `spa run` a stage process writes into a pipe, not a terminal, so it cannot draw its bar: it sends the
+    bar's state as marked lines, and the flow draws one bar from them on its terminal (only there) and keeps them
+    out of the log."""
+    from spa.run import console
+
+    child = ("from spa.run.console import progress_bar\n"
+             "bar = progress_bar(5, 'sample iter 1', 'prompt')\n"
+             "for _ in range(5):\n    bar.update(1)\n"
+             "bar.set_postfix({'loss': 0.5}, refresh=False)\nbar.close()\nprint('[sample/1] done in 0.1s: prompts=5')\n")
+    env = {**__import__("os").environ, console.PROGRESS_RELAY_ENV: "1"}
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[-1] == "[sample/1] done in 0.1s: prompts=5" and all(x.startswith(console.RELAY_MARK) for x in lines[:-1])
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    relayed = console.RelayedBar()
+    kept = [line for line in lines if not relayed.feed(line)]
+    assert kept == ["[sample/1] done in 0.1s: prompts=5"]  # what the flow logs: the stage's own line only
+    assert relayed.n == 5 and relayed.bar is None  # the bar reached the total and was closed with the stage's
+    assert "sample iter 1" in terminal.getvalue()  # drawn on the (pretend) terminal

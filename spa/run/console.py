@@ -23,6 +23,8 @@ from typing import Any, TextIO
 # a stage's own lines ("[sample/1] done in 0.3s: ...", "[demo] ..."), errors and the report's path
 STORY = re.compile(r"^(\[(prepare|seed|sample|judge|train|train-rm|evaluate|report|expand|demo)\b[^\]]*\] |error: |report: )")
 FLOW_TASK_LOGGER, FLOW_RUN_LOGGER = "prefect.task_runs", "prefect.flow_runs"  # the flows' loggers (by name)
+PROGRESS_RELAY_ENV = "SPA_PROGRESS_RELAY"  # set for a stage process: send the bar's state to the flow, which draws it
+RELAY_MARK = "::spa-progress:: "  # starts a relayed bar's state line (printable: str.splitlines keeps it whole)
 FLOW_STAGE_ENV = "SPA_FLOW_STAGE"  # set for a stage a flow runs: the flow routes its output, the stage leaves it be
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s - %(message)s"
 log = logging.getLogger("spa")
@@ -69,12 +71,97 @@ def say(text: str) -> None:
 
 def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, iterable: Any = None) -> Any:
     """The live bar of long work (sampling, judging, training), drawn on the terminal only when it is a TTY
-    and cleared when done; a disabled bar otherwise (nothing printed, nothing logged)."""
+    and cleared when done; a disabled bar otherwise (nothing printed, nothing logged). In a stage process whose
+    flow draws the bar (``PROGRESS_RELAY_ENV``), the bar's state goes to the flow instead (:class:`RelayBar`)."""
     from tqdm.auto import tqdm
+
+    if enabled and os.environ.get(PROGRESS_RELAY_ENV):
+        return RelayBar(total, desc, unit, iterable)
 
     target = _session.err if _session is not None else sys.stderr
     live = enabled and bool(getattr(target, "isatty", lambda: False)())
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=target, disable=not live, leave=False, dynamic_ncols=True)
+
+
+class RelayBar:
+    """A stage process's bar that its flow draws: the bar's state as one line on stdout (``RELAY_MARK`` + JSON) at
+    most every half second and when it closes. The pipe to the flow is not a terminal, so the stage cannot draw
+    it; the flow (:class:`RelayedBar`) draws one bar for it on its own terminal."""
+
+    def __init__(self, total: int, desc: str, unit: str, iterable: Any = None, every: float = 0.5):
+        self.total, self.desc, self.unit, self.iterable, self.every = total, desc, unit, iterable, every
+        self.n, self.postfix, self._last = 0, "", 0.0
+        self._emit(force=True)
+
+    def _emit(self, force: bool = False, closed: bool = False) -> None:
+        import json
+        import time
+
+        now = time.monotonic()
+        if force or closed or now - self._last >= self.every:
+            self._last = now
+            state = {"desc": self.desc, "unit": self.unit, "total": self.total, "n": self.n, "postfix": self.postfix}
+            sys.stdout.write(RELAY_MARK + json.dumps(state | ({"closed": True} if closed else {})) + "\n")
+            sys.stdout.flush()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._emit()
+
+    def set_postfix(self, values: dict[str, Any], refresh: bool = True) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        self._emit(closed=True)
+
+    def __enter__(self) -> RelayBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+
+class RelayedBar:
+    """The flow's side of :class:`RelayBar`: feed it a stage process's output lines; it draws their bar
+    (:func:`progress_bar`: only on a TTY) and says which lines were bar states, to keep them out of the log."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.key: tuple | None = None
+        self.n = 0
+
+    def feed(self, line: str) -> bool:
+        import json
+
+        if not line.startswith(RELAY_MARK):
+            return False
+        try:
+            state = json.loads(line[len(RELAY_MARK):])
+        except ValueError:
+            return True
+        key = (state.get("desc"), state.get("total"))
+        if self.bar is None or key != self.key:
+            self.close()
+            self.bar, self.key, self.n = progress_bar(int(state.get("total") or 0), str(state.get("desc")),
+                                                      str(state.get("unit"))), key, 0
+        self.bar.update(int(state.get("n", 0)) - self.n)
+        self.n = int(state.get("n", 0))
+        if state.get("postfix"):
+            self.bar.set_postfix_str(state["postfix"], refresh=False)
+        if state.get("closed"):
+            self.close()
+        return True
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.key = None, None
 
 
 class StoryStream(io.TextIOBase):
