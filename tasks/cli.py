@@ -29,8 +29,10 @@ app.registered_commands.extend(stage_app.registered_commands)
 # heartbeat writes to the same SQLite file as the flow's own state updates and, racing them, printed a
 # "database is locked" traceback in a user's first `spa demo`. Its start may take more than Prefect's 20 s on a
 # loaded machine (2 busy cores: "Timed out while attempting to connect to ephemeral Prefect API server"), so
-# the flow waits up to 2 minutes. A value the user set always wins.
-EMBEDDED_SERVER_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+# the flow waits up to 2 minutes. Prefect's client telemetry (DO_NOT_TRACK) is off with it: on a terminal it
+# printed a three-line notice into a user's first `spa run`, and the run reaches no outside server. A value the
+# user set always wins.
+EMBEDDED_SERVER_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
                             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 

@@ -62,10 +62,10 @@ def test_flow_commands_quiet_the_temporary_servers_telemetry():
     from spa_tasks.cli import embedded_server_defaults
 
     env: dict[str, str] = {}
-    assert embedded_server_defaults(env) == {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    assert embedded_server_defaults(env) == {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
                                              "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
-    mine = {"PREFECT_SERVER_ANALYTICS_ENABLED": "true"}
+    mine = {"PREFECT_SERVER_ANALYTICS_ENABLED": "true", "DO_NOT_TRACK": "0"}
     assert embedded_server_defaults(mine) == {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     assert mine["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
     outside = {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}
