@@ -198,7 +198,7 @@ def oracle_prefers_shorter(prompt, output_1, output_2):
 # the end: the vLLM engine test (it compiles vLLM's CPU kernels on a fresh machine, ~3 min) came last in file
 # order and ran alone for its whole length. Started first, it overlaps the rest.
 FIRST_FILES = ("test_vllm.py", "test_flows.py", "test_variants_pipeline.py", "test_stages.py", "test_terminal.py",
-               "test_prefect_server.py", "test_plan.py", "test_training.py")
+               "test_prefect_server.py", "test_plan.py", "test_training.py", "test_demo_command.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
