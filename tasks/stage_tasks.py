@@ -60,6 +60,7 @@ def run_inline(cmd: list[str]) -> None:
     bench P5). GPU memory is not handed back between stages, so this is for CPU and small runs."""
     import contextlib
     import io
+    from unittest.mock import patch
 
     import click
     import typer
@@ -81,18 +82,12 @@ def run_inline(cmd: list[str]) -> None:
 
     get_run_logger().info("$ %s (in the flow's process)", " ".join(cmd[3:]))
     tee = Tee(sys.stderr)
-    previous = os.environ.get(FLOW_STAGE_ENV)
-    os.environ[FLOW_STAGE_ENV] = "1"  # the flow routes the output (a worker's Prefect log, or spa run's terminal)
-    with contextlib.redirect_stderr(tee):
+    # the flow routes the output (a worker's Prefect log, or spa run's terminal); patch.dict puts os.environ back
+    with contextlib.redirect_stderr(tee), patch.dict(os.environ, {FLOW_STAGE_ENV: "1"}):
         try:  # click returns the exit code of typer.Exit in non-standalone mode (older versions raise it)
             rc = typer.main.get_command(app).main(args=cmd[3:], prog_name="spa", standalone_mode=False)
         except click.exceptions.Exit as exc:
             rc = exc.exit_code
-        finally:
-            if previous is None:
-                os.environ.pop(FLOW_STAGE_ENV, None)
-            else:
-                os.environ[FLOW_STAGE_ENV] = previous
     rc = rc if isinstance(rc, int) else 0
     tail = "\n".join(line for line in tee.text.splitlines() if line.strip() and "\r" not in line)
     if rc == 2:
