@@ -172,6 +172,7 @@ TRAIN_LOG_WRITTEN = pa.schema(list(TRAIN_LOG.schema) + [
     ("rpo_diag_weight", pa.float64()),  # RPO: mean weight of a pair's own entry (docs/variants.md 2.6, item 2)
     ("dro_max_weight", pa.float64()),  # DRO: the largest pair weight of the step (docs/variants.md 3.3, item 7)
     ("dro_group_size", pa.float64()),  # DRO: the pairs its weights were solved over (the micro-batch's unflagged)
+    ("dro_moved_fraction", pa.float64()),  # DRO: the largest share of a group's mass the worst case moved to xi_min
     ("spo_acc_pref", pa.float64()), ("spo_acc_dispref", pa.float64()),  # SPO heads' accuracy (paper: > 90%)
 ])
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spa.judges.implicit_reward import auto_length_penalty, select_pairs
-from spa.training.losses import dro_dpo_loss, dro_weights, refined_dpo_loss, rpo_loss
+from spa.training.losses import dro_dpo_loss, dro_moved_share, dro_weights, refined_dpo_loss, rpo_loss
 
 
 def _logsig(x: float) -> float:
@@ -54,6 +54,14 @@ def test_dro_weights_by_hand():
     # outside the support (xi <= xi_min) keeps weight 1 and costs no budget
     w = dro_weights(torch.tensor([0.05, 0.3]), eps=0.05, xi_min=0.1)
     assert w.tolist() == pytest.approx([1.0, 0.5 + 0.5 * 3])
+
+
+def test_dro_moved_share_by_hand():
+    # the plan behind the weights above: xi=0.2 moves all its mass, xi=0.5 an eighth, xi=0.9 none
+    assert dro_moved_share(torch.tensor([0.5, 0.2, 0.9]), eps=0.05, xi_min=0.1).tolist() == pytest.approx([0.125, 1.0, 0.0])
+    # nothing moves outside the support, and a zero radius moves nothing
+    assert dro_moved_share(torch.tensor([0.05, 0.3]), eps=0.05, xi_min=0.1).tolist() == pytest.approx([0.0, 0.5])
+    assert dro_moved_share(torch.tensor([0.5, 0.2]), eps=0.0, xi_min=0.1).tolist() == [0.0, 0.0]
 
 
 def _lp_worst_case(xi: np.ndarray, eps: float, xi_min: float) -> float:

@@ -255,6 +255,8 @@ def _check_variant_run(tmp_path, tiny_model_dir, prefs_file, name, sections, bef
         assert all(r["dro_max_weight"] is not None and r["dro_max_weight"] >= 1.0 for r in log)
         # the group the weights are solved over is one micro-batch (stated in docs/variants.md 3.3, item 7)
         assert max(r["dro_group_size"] for r in log) <= cfg.train.micro_batch_size < cfg.train.batch_size
+        # the worst case moves a small share of the mass (budget N * eps of transport; eps 0.01 here)
+        assert all(0.0 < r["dro_moved_fraction"] <= 1.0 for r in log)
         assert (lay.iteration(1) / "refinement.parquet").exists() == (cfg.train.loss == "sr+dro")
     if cfg.train.loss == "rpo":
         assert all(0 < r["rpo_diag_weight"] <= 1 for r in log)

@@ -210,17 +210,17 @@ def rpo_loss(
     return refined_dpo_loss(s, z, alpha).mean()
 
 
-def dro_weights(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> torch.Tensor:
-    """Per-pair weights of the Wasserstein-DRO reweighting (docs/variants.md 3.3, from proposal Eq. 2-3/2-4).
+def dro_moved_share(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> torch.Tensor:
+    """The worst case's transport plan of the Wasserstein-DRO reweighting (docs/variants.md 3.3, from
+    proposal Eq. 2-3/2-4): the share ``p_i`` of each pair's probability mass moved from ``xi_i`` to
+    ``xi_min``.
 
     The worst case of ``E_Q[-log xi]`` over the W1 ball of radius ``eps`` around the empirical
     distribution of ``xi_i = sigmoid(margin_i)`` on the support ``[xi_min, 1]`` moves mass to
     ``xi_min``, lowest ``xi`` first, until the budget ``N * eps`` is spent (a fractional knapsack:
     ``-log`` is convex and decreasing, so the cheapest gain per unit of transport is always the
-    move to the boundary). With ``p_i`` the moved share, the loss ``w_i * -logsigmoid(margin_i)``,
-    ``w_i = (1 - p_i) + p_i * xi_i / xi_min`` (detached), has the gradient of the worst case at the
-    current parameters. Pairs with ``xi_i <= xi_min`` (outside the support) keep weight 1.
-    Written by hand: the closed form is the thesis' LP solved analytically.
+    move to the boundary). Pairs with ``xi_i <= xi_min`` (outside the support) move nothing.
+    Written by hand: the closed form is the thesis' LP solved analytically. Returned in float64 on the CPU.
     """
     x = xi.detach().double().cpu()
     budget = float(len(x)) * eps
@@ -233,6 +233,18 @@ def dro_weights(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> tor
             continue
         p[i] = min(1.0, budget / cost)
         budget -= float(p[i]) * cost
+    return p
+
+
+def dro_weights(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> torch.Tensor:
+    """Per-pair weights of the Wasserstein-DRO reweighting (docs/variants.md 3.3, from proposal Eq. 2-3/2-4).
+
+    With ``p_i`` the moved share of :func:`dro_moved_share`, the loss ``w_i * -logsigmoid(margin_i)``,
+    ``w_i = (1 - p_i) + p_i * xi_i / xi_min`` (detached), has the gradient of the worst case at the
+    current parameters. Pairs with ``xi_i <= xi_min`` (outside the support) keep weight 1.
+    """
+    x = xi.detach().double().cpu()
+    p = dro_moved_share(x, eps, xi_min)
     w = (1 - p) + p * x / xi_min
     w = torch.where(x <= xi_min, torch.ones_like(w), w)
     return w.to(device=xi.device, dtype=xi.dtype)
