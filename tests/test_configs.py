@@ -85,6 +85,7 @@ def test_70b_preset_is_8_gpus_lora_with_tensor_parallel_sampling():
     cfg = load_config(ROOT / "configs" / "llama70b_8gpu_lora.yaml")
     t, s = cfg.train, cfg.sample
     assert (t.num_processes, t.nnodes, t.gradient_accumulation_steps) == (8, 1, 4) and t.lora is not None
+    assert (t.sharding, t.lora.base_dtype) == ("fsdp", "bfloat16")  # the base sharded in bf16: ~36 GB a GPU
     assert (s.backend, s.tensor_parallel_size, s.pipeline_parallel_size) == ("vllm", 4, 1)
     assert 8 % s.gpus_per_engine == 0 and "--shards 2" in header(ROOT / "configs" / "llama70b_8gpu_lora.yaml")
 
@@ -97,7 +98,8 @@ def test_gpu_presets_state_their_memory_per_gpu(path):
 
 @pytest.mark.parametrize(("preset", "compute"), [
     ("paper_zephyr_4gpu.yaml", ["world size 4 (4 processes), FSDP: parameters, gradients and optimiser state sharded"]),
-    ("llama70b_8gpu_lora.yaml", ["world size 8 (8 processes), data parallel: every rank holds the whole model",
+    ("llama70b_8gpu_lora.yaml", ["world size 8 (8 processes), FSDP: the frozen base and the adapter sharded",
+                                 "LoRA r 16, bf16 frozen base",
                                  "4 GPUs per engine (tensor parallel 4 x pipeline parallel 1)"]),
 ])
 def test_spa_plan_accepts_the_scale_presets_and_shows_where_they_run(preset, compute, tmp_path):

@@ -69,6 +69,42 @@ def test_two_sharded_processes_match_one(tmp_path, tiny_model_dir, prefs_file, c
     assert not all(torch.equal(a[k], _weights(tiny_model_dir)[k]) for k in a)  # it trained
 
 
+def test_sharded_lora_matches_one_process_and_a_bf16_base_is_never_gathered(tmp_path, tiny_model_dir, prefs_file):
+    """FSDP with LoRA (the 70B recipe), SR and DND on (the reference: the same sharded base, adapter disabled).
+    With an fp32 base, 2 sharded processes give 1 unsharded process's LoRA round to float tolerance. With a bf16
+    frozen base beside fp32 adapters (one FSDP unit, mixed dtypes): margin exactly 0 at step 0 (B = 0), and
+    ``iter_t/model`` is the base with the gathered adapter merged: bf16, no adapter names, every weight the adapter
+    does not touch bit-identical to the start (only the adapter was gathered and merged)."""
+    from safetensors import safe_open
+
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    runs = {}
+    for name, n, base in (("one", 1, "float32"), ("sharded", 2, "float32"), ("bf16", 2, "bfloat16")):
+        cfg, lay = _iteration_one(tmp_path, name, tiny_model_dir, prefs_file, num_processes=n, micro_batch_size=4 // n,
+                                  sharding="fsdp" if n > 1 else "none", lora={**lora, "base_dtype": base},
+                                  learning_rate=1e-2)
+        train.run(cfg, 1)
+        runs[name] = (read_table(lay.train_log(1), "train_log").to_pylist(), lay.model(1))
+    (one, one_dir), (sharded, sharded_dir), (bf16, bf16_dir) = runs["one"], runs["sharded"], runs["bf16"]
+    assert len(one) == len(sharded) == len(bf16) == 4
+    for a, b in zip(one, sharded, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["margin_mean"] == pytest.approx(b["margin_mean"], abs=1e-5)
+    a, b = _weights(one_dir), _weights(sharded_dir)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert one[0]["margin_mean"] == sharded[0]["margin_mean"] == bf16[0]["margin_mean"] == 0.0
+    assert bf16[-1]["loss"] < bf16[0]["loss"]  # it trains
+    with safe_open(str(bf16_dir / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        assert not [k for k in names if "lora" in k or "base_layer" in k], names
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
+    start = load_causal_lm(tiny_model_dir, "bfloat16", "cpu").state_dict()
+    merged = load_causal_lm(bf16_dir, "bfloat16", "cpu").state_dict()
+    touched = [k for k in merged if "q_proj" in k or "v_proj" in k]
+    assert touched and all(torch.equal(merged[k], start[k]) for k in merged if k not in touched)
+    assert not all(torch.equal(merged[k], start[k]) for k in touched)  # the adapter trained and was merged
+
+
 @pytest.mark.slow  # three 2-process launches: ~160 s on 2 cores
 @pytest.mark.parametrize("kind", ["sharded", "full"])
 def test_killed_sharded_training_resumes_with_the_same_result(tmp_path, tiny_model_dir, prefs_file, kind):
@@ -112,8 +148,8 @@ def test_sharding_config_is_checked(tmp_path, tiny_model_dir, prefs_file):
 
     with pytest.raises((ConfigError, ValueError), match="needs train.num_processes"):
         cfg(sharding="fsdp")
-    with pytest.raises((ConfigError, ValueError), match="with train.lora is not supported"):
-        cfg(sharding="fsdp", num_processes=2, lora={"r": 4})
+    with pytest.raises((ConfigError, ValueError), match="base_dtype"):
+        cfg(lora={"r": 4, "base_dtype": "float16"})
     with pytest.raises((ConfigError, ValueError), match="with train.loss 'spo' is not supported"):
         cfg(sharding="fsdp", num_processes=2, loss="spo")
     with pytest.raises((ConfigError, ValueError), match="sharding"):

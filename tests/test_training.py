@@ -149,6 +149,28 @@ def test_lora_training_merges_the_adapter(tmp_path, tiny_model_dir, prefs_file):
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
 
 
+def test_lora_adapter_starts_from_the_seed_alone(tiny_model_dir):
+    """A's random start comes from train.seed, whatever the process drew before (a stage process, a flow's process
+    and each torchrun rank start the same adapter), and the global generator is left as it was."""
+    from spa.config import LoraConfig
+    from spa.stages.train_worker import with_adapter
+
+    lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj"])
+
+    def adapter_a(seed):
+        model = with_adapter(load_causal_lm(tiny_model_dir, "float32", "cpu"), lora, seed)
+        return {k: v.clone() for k, v in model.state_dict().items() if "lora_A" in k}
+
+    torch.manual_seed(1)
+    first = adapter_a(0)
+    torch.rand(1000)  # the process has drawn other numbers since
+    state = torch.random.get_rng_state()
+    again = adapter_a(0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert first and all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], v) for k, v in adapter_a(1).items())
+
+
 def test_group_by_length_puts_similar_lengths_in_a_micro_batch(tmp_path, tiny_model_dir, prefs_file):
     """train.group_by_length: the sampler groups pairs by padded width within each optimiser batch, the
     stage trains as usual; off by default (Trainer's random order)."""

@@ -97,10 +97,16 @@ class LossKind(StrEnum):
 
 
 class LoraConfig(_Section):
+    """LoRA adapters (peft) on the policy; the reference is the same base with the adapter disabled."""
+
     r: PositiveInt = 16
     alpha: Annotated[float, Field(gt=0)] = 32.0
     dropout: Fraction = 0.0
     target_modules: list[str] | str = "all-linear"
+    base_dtype: str = Field(
+        "float32", pattern="^(float32|bfloat16)$", exclude_if=lambda v: v == "float32",  # older resume keys stay
+        description="the frozen base's weights: float32 (4 B a parameter) or bfloat16 (2 B: half the memory; the "
+                    "adapters stay fp32, and the merged iter_t/model is written in bfloat16)")
 
 
 class FSDPConfig(_Section):
@@ -196,9 +202,6 @@ class TrainConfig(_Section):
         if self.world_size < 2:
             raise ValueError("train.sharding 'fsdp' shards over the training processes: it needs train.num_processes "
                              "(or train.nnodes) > 1")
-        if self.lora is not None:
-            raise ValueError("train.sharding 'fsdp' with train.lora is not supported (the adapter is merged from full "
-                             "weights at the end); LoRA already keeps the optimiser state small: use sharding 'none'")
         if self.loss is LossKind.SPO:
             raise ValueError("train.sharding 'fsdp' with train.loss 'spo' is not supported (SPO's heads are trained "
                              "beside the sharded model); use sharding 'none'")

@@ -96,7 +96,7 @@ def _loss_text(cfg: SPAConfig, t: int) -> str:
                  f"{r.window} pairs after {r.warmup_fraction:.0%} of the steps")
         text += f"; DND lambda {lam:g}" if lam > 0 else "; DND off (pi_theta's own confidence)"
     if tc.lora is not None:
-        text += f"; LoRA r {tc.lora.r}"
+        text += f"; LoRA r {tc.lora.r}" + (", bf16 frozen base" if tc.lora.base_dtype == "bfloat16" else "")
     return text
 
 
@@ -219,8 +219,11 @@ def _train_compute(cfg: SPAConfig) -> str:
     if world == 1:
         return "; 1 process"
     where = f"{tc.nnodes} nodes x {tc.num_processes}" if tc.nnodes > 1 else f"{tc.num_processes}"
-    how = ("FSDP: parameters, gradients and optimiser state sharded over the ranks" if tc.sharding == "fsdp"
-           else "data parallel: every rank holds the whole model")
+    if tc.sharding == "fsdp":
+        how = ("FSDP: the frozen base and the adapter sharded over the ranks" if tc.lora is not None
+               else "FSDP: parameters, gradients and optimiser state sharded over the ranks")
+    else:
+        how = "data parallel: every rank holds the whole model"
     rdzv = f", rendezvous {tc.rdzv_endpoint}" if tc.nnodes > 1 and tc.rdzv_endpoint else ""
     return f"; world size {world} ({where} processes{rdzv}), {how}"
 

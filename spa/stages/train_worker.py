@@ -42,16 +42,11 @@ def load_models(cfg: SPAConfig, rnd: TrainRound):
     from spa.training.pairs import disable_dropout
 
     tc, trust = cfg.train, cfg.model.trust_remote_code
-    policy = load_causal_lm(rnd.start, "float32", _device(), trust)
+    policy = load_causal_lm(rnd.start, tc.lora.base_dtype if tc.lora is not None else "float32", _device(), trust)
     disable_dropout(policy)
     ref_model = None
     if tc.lora is not None:  # the reference is the base weights with the adapter disabled
-        from peft import LoraConfig, get_peft_model
-
-        policy = get_peft_model(policy, LoraConfig(
-            r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
-            target_modules=tc.lora.target_modules, task_type="CAUSAL_LM",
-        ))
+        policy = with_adapter(policy, tc.lora, tc.seed)
     elif not rnd.precompute_reference:
         # the reference in exactly the policy's precision (fp32 weights, the same autocast in the same forward
         # code), so that pi_theta = pi_ref gives margin 0 at step 0; a bf16 copy would not (~0.01 nats)
@@ -60,6 +55,22 @@ def load_models(cfg: SPAConfig, rnd: TrainRound):
         ref_model.requires_grad_(False)
     policy.train()
     return policy, ref_model
+
+
+def with_adapter(base, lora, seed: int):
+    """``base`` with a fresh LoRA adapter from ``train.lora`` (its B is zero, so it starts as the base itself); the
+    adapter's weights are fp32 whatever the base's dtype (peft's ``autocast_adapter_dtype``). A's random start comes
+    from ``seed`` alone, not from whatever the process's generator has drawn before: the same adapter in a stage
+    process, in a flow's process and on every rank."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(base, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ), autocast_adapter_dtype=True)
 
 
 def training_arguments(cfg: SPAConfig, rnd: TrainRound, output_dir: Path):
@@ -133,8 +144,9 @@ def setup(cfg: SPAConfig, rnd: TrainRound, run_key: str):
         group_by_length=cfg.train.group_by_length,
     )
     if trainer.is_fsdp_enabled and int(os.environ.get("RANK", "0")) == 0:
-        print(f"[{rnd.stage_key}] FSDP2: weights, gradients and optimiser state sharded over {_world()} processes",
-              flush=True)
+        what = ("the frozen base and the adapter's weights, gradients and optimiser state" if cfg.train.lora is not None
+                else "weights, gradients and optimiser state")
+        print(f"[{rnd.stage_key}] FSDP2: {what} sharded over {_world()} processes", flush=True)
     if args.report_to:
         from spa.run.trackers import point_callbacks
 
@@ -153,13 +165,19 @@ def save(cfg: SPAConfig, rnd: TrainRound, trainer, tok, prompt_ids: list[str]) -
     layout = RunLayout.of(cfg)
     trainer.accelerator.wait_for_everyone()
     samples = gather_samples(trainer.samples)
-    weights = None
+    weights = adapter = None
     if trainer.is_fsdp_enabled:  # every rank takes part in gathering the shards; rank 0 receives them
-        from spa.training.fsdp import full_state_dict
+        from spa.training.fsdp import full_state_dict, full_trainable_state
 
-        weights = full_state_dict(trainer.model)
+        if cfg.train.lora is not None:  # only the adapter is gathered: the frozen base is rnd.start's weights
+            adapter = full_trainable_state(trainer.model)
+        else:
+            weights = full_state_dict(trainer.model)
     if trainer.is_world_process_zero():
-        _save_model(trainer, tok, layout.model(rnd.t), cfg.train.lora is not None, weights)
+        if adapter is not None:
+            _save_merged_adapter(cfg, rnd, adapter, tok, layout.model(rnd.t))
+        else:
+            _save_model(trainer, tok, layout.model(rnd.t), cfg.train.lora is not None, weights)
         if trainer.refine is not None:
             write_table(samples_to_table(samples, prompt_ids), layout.refinement(rnd.t), "refinement")
         write_table(rows_to_table(trainer.rows), layout.train_log(rnd.t), "train_log")
@@ -190,6 +208,20 @@ def _save_model(trainer, tok, target: Path, lora: bool, weights: dict | None = N
     from spa.models.loading import save_model_dir
 
     save_model_dir(model, tok, target, state_dict=weights)
+
+
+def _save_merged_adapter(cfg: SPAConfig, rnd: TrainRound, adapter: dict, tok, target: Path) -> None:
+    """``pi_t`` of a sharded LoRA round: the base (``rnd.start``, on the CPU, in ``train.lora.base_dtype``) with the
+    gathered adapter merged by peft, saved as one ordinary model like every other round's."""
+    from spa.models.loading import load_causal_lm, save_model_dir
+
+    model = with_adapter(load_causal_lm(rnd.start, cfg.train.lora.base_dtype, "cpu", cfg.model.trust_remote_code),
+                         cfg.train.lora, cfg.train.seed)
+    missing = set(adapter) - set(model.state_dict())
+    if missing:
+        raise RuntimeError(f"the gathered adapter has weights the rebuilt model does not: {sorted(missing)[:3]}")
+    model.load_state_dict(adapter, strict=False)
+    save_model_dir(model.merge_and_unload(), tok, target)
 
 
 # where a launcher says which node this is, in the order asked: ours (and Lightning's), Kubeflow's PyTorchJob

@@ -88,3 +88,18 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if first.setdefault(id(param), name) != name:
             weights.pop(name, None)
     return weights
+
+
+def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The sharded model's trainable parameters (a LoRA adapter: a fraction of a percent of the model) gathered in
+    full on CPU under their unsharded names: a collective (every rank calls it, in the same parameter order); rank 0
+    keeps them, the other ranks get an empty dict. The frozen base is never gathered."""
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
+        if rank0:
+            out[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().float().cpu()
+    return out
