@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from spa.judges.implicit_reward import auto_length_penalty, select_pairs
-from spa.training.losses import dro_dpo_loss, dro_moved_share, dro_weights, refined_dpo_loss, rpo_loss
+from spa.training.losses import (
+    dro_diagnostics,
+    dro_dpo_loss,
+    dro_moved_share,
+    dro_weights,
+    refined_dpo_loss,
+    rpo_loss,
+)
 
 
 def _logsig(x: float) -> float:
@@ -62,6 +69,8 @@ def test_dro_moved_share_by_hand():
     # nothing moves outside the support, and a zero radius moves nothing
     assert dro_moved_share(torch.tensor([0.05, 0.3]), eps=0.05, xi_min=0.1).tolist() == pytest.approx([0.0, 0.5])
     assert dro_moved_share(torch.tensor([0.5, 0.2]), eps=0.0, xi_min=0.1).tolist() == [0.0, 0.0]
+    assert dro_diagnostics(torch.tensor([0.5, 0.2, 0.9]), eps=0.05, xi_min=0.1) == pytest.approx(
+        {"dro_max_weight": 2.0, "dro_group_size": 3.0, "dro_moved_fraction": 1.125 / 3})
 
 
 def _lp_worst_case(xi: np.ndarray, eps: float, xi_min: float) -> float:

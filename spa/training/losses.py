@@ -250,6 +250,13 @@ def dro_weights(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> tor
     return w.to(device=xi.device, dtype=xi.dtype)
 
 
+def dro_diagnostics(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> dict[str, float]:
+    """What ``train_log`` records of one DRO solve (docs/variants.md 3.3, item 7): the largest weight of
+    :func:`dro_weights`, the group's size and the share of its mass the worst case moves (:func:`dro_moved_share`)."""
+    return {"dro_max_weight": float(dro_weights(xi, eps, xi_min).max()), "dro_group_size": float(len(xi)),
+            "dro_moved_fraction": float(dro_moved_share(xi, eps, xi_min).mean())}
+
+
 def dro_dpo_loss(margin: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1,
                  z: torch.Tensor | None = None, alpha: float = 0.0) -> torch.Tensor:
     """Per-sample loss of the DRO variants: ``w_i * -logsigmoid(margin_i)`` (``dro``), or with SR

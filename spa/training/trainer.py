@@ -30,9 +30,8 @@ from spa.training.fsdp import FSDPTrainerMixin
 from spa.training.losses import (
     RefinementWindow,
     dpo_margin,
+    dro_diagnostics,
     dro_dpo_loss,
-    dro_moved_share,
-    dro_weights,
     extrapolated_logps,
     refined_dpo_loss,
     rpo_loss,
@@ -271,13 +270,9 @@ class RefinedDPOTrainer(FSDPTrainerMixin, Trainer):
             sr_first = ls.kind is LossKind.SR_DRO
             with torch.no_grad():
                 keep = z == 0 if sr_first else torch.ones_like(z, dtype=torch.bool)
-                if bool(keep.any()):
-                    xi = torch.sigmoid(margin.detach()[keep])
-                    w = dro_weights(xi, ls.dro.eps, ls.dro.xi_min)
-                    moved = float(dro_moved_share(xi, ls.dro.eps, ls.dro.xi_min).mean())
-                    stats["dro_max_weight"] = max(stats.get("dro_max_weight", 0.0), float(w.max()))
-                    stats["dro_group_size"] = max(stats.get("dro_group_size", 0.0), float(keep.sum()))
-                    stats["dro_moved_fraction"] = max(stats.get("dro_moved_fraction", 0.0), moved)
+                if bool(keep.any()):  # the step's largest of each over its micro-batches
+                    for name, value in dro_diagnostics(torch.sigmoid(margin.detach()[keep]), ls.dro.eps, ls.dro.xi_min).items():
+                        stats[name] = max(stats.get(name, 0.0), value)
             return dro_dpo_loss(margin, ls.dro.eps, ls.dro.xi_min, z=z if sr_first else None, alpha=alpha).mean()
         return refined_dpo_loss(margin, z, alpha).mean()  # Eq. 10 (Eq. 6 when z = 0)
 
