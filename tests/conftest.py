@@ -121,9 +121,33 @@ def full_run(tmp_path_factory, tiny_model_dir, prefs_file):
 @pytest.fixture(scope="session")
 def inline_run(tmp_path_factory, tiny_model_dir, prefs_file):
     """The same run with every stage in the flow's process: the same artifacts and manifest (tests/test_flows.py,
-    test_inline_stages_write_the_same_artifacts), a fifth of the time; for tests that only read the run."""
-    return _finished_flow(tmp_path_factory.mktemp("flow-inline"), tiny_model_dir, prefs_file,
-                          stage_processes="inline")
+    test_inline_stages_write_the_same_artifacts), a fifth of the time. Built once for the whole session, whichever
+    xdist worker asks first (``_once_per_session``): read it, or copy it before changing anything."""
+    return _once_per_session(tmp_path_factory, "flow-inline", lambda root: _finished_flow(
+        root, tiny_model_dir, prefs_file, stage_processes="inline"))
+
+
+def _once_per_session(tmp_path_factory, name, build):
+    """``build(root) -> (cfg, path, CompletedProcess)`` run once per test session even across xdist workers
+    (pytest-xdist's recipe: a directory beside every worker's base directory, built under a file lock; the workers'
+    tiny models and preference files are built from the same seeds, so any worker's run serves them all)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    from spa.config import load_config
+
+    root = tmp_path_factory.getbasetemp().parent / f"shared-{name}"
+    done = root / "finished.json"
+    with FileLock(f"{root}.lock"):
+        if not done.exists():
+            root.mkdir(exist_ok=True)
+            _, path, res = build(root)
+            done.write_text(json.dumps({"path": str(path), "args": res.args, "stdout": res.stdout,
+                                        "stderr": res.stderr}))
+    saved = json.loads(done.read_text())
+    res = subprocess.CompletedProcess(saved["args"], 0, saved["stdout"], saved["stderr"])
+    return load_config(Path(saved["path"])), Path(saved["path"]), res
 
 
 ZEPHYR_ASSET = Path(__file__).parent / "assets" / "zephyr_tokenizer"
@@ -194,11 +218,18 @@ def oracle_prefers_shorter(prompt, output_1, output_2):
     return 1.0 if len(output_1) < len(output_2) else 2.0 if len(output_2) < len(output_1) else 1.5
 
 
-# Longest files first. Under the README's 2 xdist workers (--dist loadfile) a file scheduled last runs alone at
-# the end: the vLLM engine test (it compiles vLLM's CPU kernels on a fresh machine, ~3 min) came last in file
-# order and ran alone for its whole length. Started first, it overlaps the rest.
-FIRST_FILES = ("test_vllm.py", "test_flows.py", "test_variants_pipeline.py", "test_stages.py", "test_terminal.py",
-               "test_prefect_server.py", "test_plan.py", "test_training.py", "test_demo_command.py")
+# Longest files first (by their measured time, shared fixtures included). xdist's --dist loadfile hands out one
+# file at a time to whichever worker runs low, so the longest should go first: a long file handed out last runs
+# alone at the end (the vLLM engine test, ~3 min, did). xdist reorders files by their number of tests unless told
+# not to (pytest_configure below): that order put the few-test, long files last.
+FIRST_FILES = ("test_flows.py", "test_stages.py", "test_vllm.py", "test_terminal.py", "test_prefect_server.py",
+               "test_training.py", "test_fsdp.py", "test_variants_pipeline.py", "test_prefect_artifacts.py",
+               "test_demo_command.py", "test_plan.py", "test_scaleout.py", "test_bad_inputs.py", "test_data_scripts.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep FIRST_FILES' order
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -59,12 +59,13 @@ def _prefect(env, *args, timeout=600):
     return res.stdout + res.stderr
 
 
-def test_expand_deployment_uses_exactly_the_new_prompts(prefect_server, full_run, tmp_path):
-    cfg_ref, ref_path, _ = full_run
+def test_expand_deployment_uses_exactly_the_new_prompts(prefect_server, inline_run, tmp_path):
+    cfg_ref, ref_path, _ = inline_run
     run = tmp_path / "run"
     shutil.copytree(cfg_ref.run_dir, run)
     raw = yaml.safe_load(ref_path.read_text())
     raw["run_dir"] = str(run)
+    raw["stage_processes"] = "separate"  # the new iteration's stages each in its own process, as on a GPU machine
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
     lay = RunLayout(run)

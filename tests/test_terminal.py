@@ -4,12 +4,16 @@ it ends, a closing table and the report's path; library chatter and the full log
 import io
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from conftest import flow_config
+
+from spa.config import load_config
 
 SPA = str(Path(sys.executable).parent / "spa")
 STAGES = ["prepare", "seed", "evaluate/0", "sample/1", "judge/1", "train/1", "evaluate/1",
@@ -19,10 +23,8 @@ CHATTER = ["Loading weights", "Writing model shards", "rewards/margins", "it/s]"
            "Task run", "Flow run", "temporary server", "specified in weight is not found", "\x1b[", "\r"]
 
 
-def test_spa_run_tells_the_story_in_a_few_lines_and_logs_the_rest(tmp_path, tiny_model_dir, prefs_file):
-    cfg, path = flow_config(tmp_path, tiny_model_dir, prefs_file, stage_processes="inline")
-    res = subprocess.run([SPA, "run", str(path)], capture_output=True, text=True)  # not a TTY: no bars
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+def test_spa_run_tells_the_story_in_a_few_lines_and_logs_the_rest(tmp_path, inline_run):
+    cfg, path, res = inline_run  # `spa run run.yaml` of a 2-iteration config, output captured: not a TTY, no bars
     text = res.stdout + res.stderr
     lines = [line for line in text.splitlines() if line.strip()]
     starts = [line for line in lines if line.startswith("$ spa ")]  # the stage commands the flow runs
@@ -48,6 +50,13 @@ def test_spa_run_tells_the_story_in_a_few_lines_and_logs_the_rest(tmp_path, tiny
     assert re.search(r"step 3: \{.*'loss'", log) and "'learning_rate'" in log  # the trainer's log dicts
     assert 'stage train/2 summary: {"steps": 3' in log  # the full summary behind the done-line
 
+    # what follows changes the run: on a copy (the shared run stays as it finished)
+    raw = yaml.safe_load(path.read_text())
+    raw["run_dir"] = str(tmp_path / "run")
+    shutil.copytree(cfg.run_dir, raw["run_dir"])
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
     again = subprocess.run([SPA, "run", str(path), "--verbose"], capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "[train/2] up to date" in again.stdout and "Finished in state Completed" in again.stdout + again.stderr
