@@ -222,9 +222,10 @@ def oracle_prefers_shorter(prompt, output_1, output_2):
 # file at a time to whichever worker runs low, so the longest should go first: a long file handed out last runs
 # alone at the end (the vLLM engine test, ~3 min, did). xdist reorders files by their number of tests unless told
 # not to (pytest_configure below): that order put the few-test, long files last.
-FIRST_FILES = ("test_flows.py", "test_stages.py", "test_vllm.py", "test_terminal.py", "test_prefect_server.py",
-               "test_training.py", "test_fsdp.py", "test_variants_pipeline.py", "test_prefect_artifacts.py",
-               "test_demo_command.py", "test_plan.py", "test_scaleout.py", "test_bad_inputs.py", "test_data_scripts.py")
+FIRST_FILES = ("test_flows.py", "test_stages.py", "test_fsdp.py", "test_terminal.py", "test_vllm.py",
+               "test_prefect_server.py", "test_training.py", "test_demo_command.py", "test_variants_pipeline.py",
+               "test_prefect_artifacts.py", "test_scaleout.py", "test_bad_inputs.py", "test_plan.py",
+               "test_data_scripts.py", "test_bench_p7.py", "test_hub_models.py")
 
 
 def pytest_configure(config):

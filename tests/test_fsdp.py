@@ -105,8 +105,8 @@ def test_sharded_lora_matches_one_process_and_a_bf16_base_is_never_gathered(tmp_
     assert not all(torch.equal(merged[k], start[k]) for k in touched)  # the adapter trained and was merged
 
 
-@pytest.mark.slow  # three 2-process launches: ~160 s on 2 cores
-@pytest.mark.parametrize("kind", ["sharded", "full"])
+# three 2-process launches each (~80 s on 2 cores): the sharded checkpoint (the default) in the default suite
+@pytest.mark.parametrize("kind", ["sharded", pytest.param("full", marks=pytest.mark.slow)])
 def test_killed_sharded_training_resumes_with_the_same_result(tmp_path, tiny_model_dir, prefs_file, kind):
     """Killed after a checkpoint (sharded: every rank's shards of weights and AdamW state; full: rank 0's gathered
     ones; the scheduler, each rank's RNG, the global refinement window), the resumed round gives exactly the
