@@ -162,6 +162,23 @@ def test_sharding_config_is_checked(tmp_path, tiny_model_dir, prefs_file):
     assert cfg(sharding="fsdp", num_processes=2).model_dump()["train"]["sharding"] == "fsdp"
 
 
+def test_sharded_lora_loads_in_host_memory_and_takes_its_reference_from_the_base(tmp_path, tiny_model_dir, prefs_file):
+    """FSDP with LoRA: every rank loads the base on the CPU (fully_shard moves only its shards to its GPU) and no
+    reference pass runs before training (it would need the whole base on one device); full fine-tuning under FSDP
+    and LoRA without it keep the device load and the pass."""
+    from spa.stages.train_worker import load_device
+    from spa.training.rounds import resolve_round
+
+    lora = {"r": 4}
+    sharded_lora = tiny_config(tmp_path, tiny_model_dir, prefs_file, train={"sharding": "fsdp", "num_processes": 2,
+                                                                           "lora": lora})
+    assert load_device(sharded_lora) == "cpu" and resolve_round(sharded_lora, 0).precompute_reference is False
+    for train_over in ({"sharding": "fsdp", "num_processes": 2}, {"lora": lora}):
+        other = tiny_config(tmp_path, tiny_model_dir, prefs_file, train=train_over)
+        assert resolve_round(other, 0).precompute_reference is True
+        assert load_device(other) == ("cpu" if not torch.cuda.is_available() else "cuda:0")
+
+
 def test_training_arguments_of_the_sharded_round(tmp_path, tiny_model_dir, prefs_file):
     """FSDP2, the decoder-layer wrap policy, full sharding, the checkpoint kind and FSDP's own activation
     checkpointing for train.gradient_checkpointing (never both: Trainer refuses that)."""

@@ -42,7 +42,8 @@ def load_models(cfg: SPAConfig, rnd: TrainRound):
     from spa.training.pairs import disable_dropout
 
     tc, trust = cfg.train, cfg.model.trust_remote_code
-    policy = load_causal_lm(rnd.start, tc.lora.base_dtype if tc.lora is not None else "float32", _device(), trust)
+    policy = load_causal_lm(rnd.start, tc.lora.base_dtype if tc.lora is not None else "float32", load_device(cfg),
+                            trust)
     disable_dropout(policy)
     ref_model = None
     if tc.lora is not None:  # the reference is the base weights with the adapter disabled
@@ -55,6 +56,13 @@ def load_models(cfg: SPAConfig, rnd: TrainRound):
         ref_model.requires_grad_(False)
     policy.train()
     return policy, ref_model
+
+
+def load_device(cfg: SPAConfig) -> str:
+    """Where a rank loads the policy before training: its own device, except under FSDP with LoRA (the 70B recipe:
+    141 GB of bf16 base would not fit one GPU), where every rank loads it into host memory and ``fully_shard`` moves
+    only that rank's shards to its GPU."""
+    return "cpu" if cfg.train.sharding == "fsdp" and cfg.train.lora is not None else _device()
 
 
 def with_adapter(base, lora, seed: int):
