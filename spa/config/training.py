@@ -220,6 +220,11 @@ class TrainConfig(_Section):
         return self.num_processes * self.nnodes
 
     @property
+    def shards_lora(self) -> bool:
+        """FSDP with LoRA: the frozen base loads into host memory and no rank ever holds it whole on a device."""
+        return self.sharding == "fsdp" and self.lora is not None
+
+    @property
     def gradient_accumulation_steps(self) -> int:
         """Derived: batch_size / (micro_batch_size * num_processes * nnodes)."""
         return self.batch_size // (self.micro_batch_size * self.world_size)

@@ -62,7 +62,7 @@ def load_device(cfg: SPAConfig) -> str:
     """Where a rank loads the policy before training: its own device, except under FSDP with LoRA (the 70B recipe:
     141 GB of bf16 base would not fit one GPU), where every rank loads it into host memory and ``fully_shard`` moves
     only that rank's shards to its GPU."""
-    return "cpu" if cfg.train.sharding == "fsdp" and cfg.train.lora is not None else _device()
+    return "cpu" if cfg.train.shards_lora else _device()
 
 
 def with_adapter(base, lora, seed: int):
@@ -177,7 +177,7 @@ def save(cfg: SPAConfig, rnd: TrainRound, trainer, tok, prompt_ids: list[str]) -
     if trainer.is_fsdp_enabled:  # every rank takes part in gathering the shards; rank 0 receives them
         from spa.training.fsdp import full_state_dict, full_trainable_state
 
-        if cfg.train.lora is not None:  # only the adapter is gathered: the frozen base is rnd.start's weights
+        if cfg.train.shards_lora:  # only the adapter is gathered: the frozen base is rnd.start's weights
             adapter = full_trainable_state(trainer.model)
         else:
             weights = full_state_dict(trainer.model)

@@ -99,7 +99,7 @@ def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        full = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
         if rank0:
             out[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().float().cpu()
     return out

@@ -244,17 +244,21 @@ def dro_weights(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> tor
     current parameters. Pairs with ``xi_i <= xi_min`` (outside the support) keep weight 1.
     """
     x = xi.detach().double().cpu()
-    p = dro_moved_share(x, eps, xi_min)
+    return _weights_of_share(x, dro_moved_share(x, eps, xi_min), xi_min).to(device=xi.device, dtype=xi.dtype)
+
+
+def _weights_of_share(x: torch.Tensor, p: torch.Tensor, xi_min: float) -> torch.Tensor:
     w = (1 - p) + p * x / xi_min
-    w = torch.where(x <= xi_min, torch.ones_like(w), w)
-    return w.to(device=xi.device, dtype=xi.dtype)
+    return torch.where(x <= xi_min, torch.ones_like(w), w)
 
 
 def dro_diagnostics(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> dict[str, float]:
     """What ``train_log`` records of one DRO solve (docs/variants.md 3.3, item 7): the largest weight of
     :func:`dro_weights`, the group's size and the share of its mass the worst case moves (:func:`dro_moved_share`)."""
-    return {"dro_max_weight": float(dro_weights(xi, eps, xi_min).max()), "dro_group_size": float(len(xi)),
-            "dro_moved_fraction": float(dro_moved_share(xi, eps, xi_min).mean())}
+    x = xi.detach().double().cpu()
+    p = dro_moved_share(x, eps, xi_min)  # solved once for both numbers
+    return {"dro_max_weight": float(_weights_of_share(x, p, xi_min).max()), "dro_group_size": float(len(x)),
+            "dro_moved_fraction": float(p.mean())}
 
 
 def dro_dpo_loss(margin: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1,

@@ -105,8 +105,7 @@ def resolve_round(cfg: SPAConfig, t: int) -> TrainRound:
     loss = LossSettings(kind, tc.rpo, tc.dro, tc.spo if kind.needs_key_phrases else None, tc.seed)
     # FSDP with LoRA: no pass before training (no rank could hold the whole base on its device for it); the
     # reference is the sharded base with the adapter disabled, at no memory cost
-    sharded_lora = tc.sharding == "fsdp" and tc.lora is not None
-    precompute = tc.precompute_reference and (refine is None or refine.lam == 0) and not sharded_lora
+    precompute = tc.precompute_reference and (refine is None or refine.lam == 0) and not tc.shards_lora
     materialised = (t > 0 and tc.replay_fraction > 0) or kind.needs_prompt_embeddings
     outputs = [layout.model(t), layout.train_log(t)]
     outputs += [layout.refinement(t)] if refine is not None else []
