@@ -33,6 +33,9 @@ from spa.demo.metrics import run_metrics  # noqa: E402
 from spa.demo.run import WorldSizes, build_world, demo_config  # noqa: E402
 
 STRONG = {"train.refinement.alpha": 0.5, "train.refinement.k_percent": 20.0}
+# Declared 2026-12-02 before any run, as a test of the break-even of refinement at flag precision 0.5
+# (bench/results/predictions_2026-12-02.md): the paper's K with five times its alpha.
+ALPHA05 = {"train.refinement.alpha": 0.5}
 FLIPS = (0.2, 0.4)
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = ("iteration", "win_rate", "lc_win_rate", "avg_length", "gold_agreement", "self_label_accuracy", "noise_rate",
@@ -43,8 +46,10 @@ KEEP = ("iteration", "win_rate", "lc_win_rate", "avg_length", "gold_agreement", 
 def arm_jobs() -> dict[str, dict]:
     jobs = {name: over for name, over in ARMS.items()}
     jobs["spa_strong"] = STRONG
+    jobs["spa_alpha05"] = ALPHA05
     for f in FLIPS:
-        for name, over in (("iterative_dpo", ARMS["iterative_dpo"]), ("spa", ARMS["spa"]), ("spa_strong", STRONG)):
+        for name, over in (("iterative_dpo", ARMS["iterative_dpo"]), ("spa", ARMS["spa"]), ("spa_strong", STRONG),
+                           ("spa_alpha05", ALPHA05)):
             jobs[f"{name}_flip{int(f * 100)}"] = {**over, "judge.flip_fraction": f}
     return jobs
 
@@ -108,10 +113,12 @@ def comparisons(all_results) -> str:
     lines = ["| comparison (final iteration) | mean difference | stdev of the difference | larger arm's stdev over seeds | "
              "larger than the seeds' stdev? |", "|---|---|---|---|---|"]
     pairs = [("spa", "iterative_dpo"), ("spa_sr", "iterative_dpo"), ("spa", "spa_sr"),
-             ("iterative_dpo", "seed_dpo"), ("seed_dpo", "sft"), ("spa_strong", "iterative_dpo")]
+             ("iterative_dpo", "seed_dpo"), ("seed_dpo", "sft"), ("spa_strong", "iterative_dpo"),
+             ("spa_alpha05", "iterative_dpo")]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
-        pairs += [(f"spa{tag}", f"iterative_dpo{tag}"), (f"spa_strong{tag}", f"iterative_dpo{tag}")]
+        pairs += [(f"spa{tag}", f"iterative_dpo{tag}"), (f"spa_strong{tag}", f"iterative_dpo{tag}"),
+                  (f"spa_alpha05{tag}", f"iterative_dpo{tag}")]
     present = set.intersection(*(set(res) for res in all_results.values()))
     for a, b in pairs:
         if a not in present or b not in present:
@@ -124,15 +131,19 @@ def comparisons(all_results) -> str:
 
 def noise_table(all_results) -> str:
     lines = ["| arm | flip rate | final win % | win-rate loss vs its noise-free run (negative: ended higher) | "
-             "SR flag precision on flips (t=1/2/3) | DND flag precision on flips (t=1/2/3) | flip base rate (t=1/2/3) "
-             "| SR lift |", "|---|---|---|---|---|---|---|---|"]
+             "loss minus iterative DPO's, paired (negative: loses less) | SR flag precision on flips (t=1/2/3) | DND flag precision on flips (t=1/2/3) | flip base rate (t=1/2/3) "
+             "| SR lift |", "|---|---|---|---|---|---|---|---|---|"]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
-        for arm in ("iterative_dpo", "spa", "spa_strong"):
+        for arm in ("iterative_dpo", "spa", "spa_strong", "spa_alpha05"):
             name = arm + tag
             if any(name not in res or arm not in res for res in all_results.values()):
                 continue
             loss = [res[arm][-1]["win_rate"] - res[name][-1]["win_rate"] for res in all_results.values() if name in res]
+            dpo, dpo_flip = "iterative_dpo", "iterative_dpo" + tag
+            vs_dpo = [(res[arm][-1]["win_rate"] - res[name][-1]["win_rate"])
+                      - (res[dpo][-1]["win_rate"] - res[dpo_flip][-1]["win_rate"])
+                      for res in all_results.values() if dpo in res and dpo_flip in res]
             iters = range(1, max(len(res[name]) for res in all_results.values()))
             prec = [_vals(all_results, name, t, "sr_flip_precision") for t in iters]
             dnd = [_vals(all_results, name, t, "dnd_flip_precision") for t in iters]
@@ -140,7 +151,7 @@ def noise_table(all_results) -> str:
             lifts = [p / b for t in iters for p, b in zip(_vals(all_results, name, t, "sr_flip_precision"),
                                                             _vals(all_results, name, t, "flip_rate"), strict=True) if b]
             lines.append(f"| {arm} | {f:.0%} | {_ms([r[name][-1]['win_rate'] for r in all_results.values()])} | "
-                         f"{_ms(loss)} | {'/'.join(_ms(p, '.2f') for p in prec) if arm != 'iterative_dpo' else '-'} | "
+                         f"{_ms(loss)} | {_ms(vs_dpo) if arm != 'iterative_dpo' and vs_dpo else '-'} | {'/'.join(_ms(p, '.2f') for p in prec) if arm != 'iterative_dpo' else '-'} | "
                          f"{'/'.join(_ms(p, '.2f') for p in dnd) if arm != 'iterative_dpo' else '-'} | "
                          f"{'/'.join(_ms(b, '.2f') for b in base) if arm != 'iterative_dpo' else '-'} | "
                          f"{_ms(lifts, '.2f') + 'x' if lifts else '-'} |")
@@ -161,7 +172,7 @@ def diagnostics_table(all_results, arm: str = "spa") -> str:
 
 
 def tables(all_results, seeds) -> str:
-    clean = [a for a in ("sft", "seed_dpo", "iterative_dpo", "spa_sr", "spa", "spa_strong") if a in all_results[seeds[0]]]
+    clean = [a for a in ("sft", "seed_dpo", "iterative_dpo", "spa_sr", "spa", "spa_strong", "spa_alpha05") if a in all_results[seeds[0]]]
     parts = [f"Seeds {list(seeds)}. Oracle win rate vs pi_init (%), mean ± stdev over seeds:", win_table(all_results, clean),
              "Differences at the final iteration, paired by seed:", comparisons(all_results)]
     noise = noise_table(all_results)
@@ -196,19 +207,26 @@ def main() -> None:
         jobs = {k: v for k, v in jobs.items() if k in ns.arms}
     sizes = WorldSizes()
     started = time.time()
-    all_results = {seed: run_seed(seed, ns.out, sizes, overrides, jobs) for seed in ns.seeds}
+    results_dir.mkdir(parents=True, exist_ok=True)
+
+    def save(all_results: dict, md: str) -> None:
+        (results_dir / f"{ns.name}.json").write_text(json.dumps({
+            "benchmark": "demo world arms: oracle win rate vs pi_init (%) and label/flag diagnostics per iteration",
+            "command": "python bench/demo_arms.py " + " ".join(sys.argv[1:]),
+            "seeds": sorted(all_results), "overrides": overrides, "arms": jobs, "sizes": sizes.__dict__,
+            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "wall_time_s": round(time.time() - started, 1),
+            "results": {str(k): v for k, v in all_results.items()},
+            "table": md,
+        }, indent=2))
+
+    all_results: dict[int, dict] = {}
+    for seed in ns.seeds:  # saved after every seed, so a stopped bench keeps the seeds it finished
+        all_results[seed] = run_seed(seed, ns.out, sizes, overrides, jobs)
+        save(all_results, "")
     md = tables(all_results, ns.seeds)
     print(md)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{ns.name}.json").write_text(json.dumps({
-        "benchmark": "demo world arms: oracle win rate vs pi_init (%) and label/flag diagnostics per iteration",
-        "command": "python bench/demo_arms.py " + " ".join(sys.argv[1:]),
-        "seeds": ns.seeds, "overrides": overrides, "arms": jobs, "sizes": sizes.__dict__,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "wall_time_s": round(time.time() - started, 1),
-        "results": {str(k): v for k, v in all_results.items()},
-        "table": md,
-    }, indent=2))
+    save(all_results, md)
     (results_dir / f"{ns.name}.md").write_text(md + "\n")
 
 
