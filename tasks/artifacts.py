@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import re
 from pathlib import Path
@@ -36,9 +35,8 @@ from prefect.exceptions import MissingContextError
 from spa.run.layout import RunLayout
 
 # column -> (summary file, key): the judge's summary exists from iteration 1 on (the seed stage judges nothing)
-METRICS = {"win rate": ("eval", "win_rate"), "LC win rate": ("eval", "lc_win_rate"),
-           "gold agreement": ("eval", "gold_agreement"), "self-label accuracy": ("judge", "self_label_accuracy"),
-           "mean length": ("eval", "avg_length")}
+METRICS = {"win rate": "win_rate", "LC win rate": "lc_win_rate", "gold agreement": "gold_agreement",
+           "self-label accuracy": "self_label_accuracy", "mean length": "avg_length"}
 
 
 def key_prefix(run_dir: str | Path) -> str:
@@ -77,20 +75,13 @@ def _layout(config: str) -> RunLayout:
     return RunLayout.of(load_config(config))
 
 
-def _summary(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def metrics_rows(layout: RunLayout) -> list[dict[str, Any]]:
-    """One row per iteration with an ``eval.json`` (iteration 0 is the seed stage; absent in no-seed mode)."""
-    rows, t = [], 0
-    while t == 0 or layout.iteration(t).exists():
-        ev = _summary(layout.eval_summary(t))
-        if ev:
-            found = {"eval": ev, "judge": _summary(layout.judge_summary(t))}
-            rows.append({"iteration": t, **{col: found[src].get(key) for col, (src, key) in METRICS.items()}})
-        t += 1
-    return rows
+    """One row per iteration with an ``eval.json`` (iteration 0 is the seed stage; absent in no-seed mode):
+    the closing table's rows (:func:`spa.stages.summary.iteration_rows`) under the artifact's column names."""
+    from spa.stages.summary import iteration_rows
+
+    return [{"iteration": r["iteration"], **{col: r[key] for col, key in METRICS.items()}}
+            for r in iteration_rows(layout) if r["evaluated"]]
 
 
 @never_fails

@@ -13,7 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
+import prefect.main  # noqa: F401  at collection: its import-time logging setup replaces the root logger's
+import pytest  # handlers, and would drop caplog's if it first ran inside a test (this file alone failed so)
 import yaml
 from conftest import tiny_config
 
@@ -221,3 +222,25 @@ def test_unreachable_api_is_one_warning_line_and_the_run_goes_on(tmp_path, tiny_
     assert len(warnings) == 3, warnings  # one line per failed publication, none for the skipped progress update
     assert all("not published" in w and "\n" not in w for w in warnings), warnings
     assert time.time() - start < 30
+
+
+def test_the_metrics_artifact_and_the_closing_table_read_the_same_rows(tmp_path):
+    """One reader (``iteration_rows``) feeds both: an iteration still running is a row of Nones (dashes in the closing
+    table) and stays out of the artifact; self-label accuracy comes from ``judge_summary.json``."""
+    from spa.stages.summary import iteration_rows
+    from spa_tasks import artifacts
+
+    lay = RunLayout(tmp_path / "run")
+    for t in range(3):
+        lay.iteration(t).mkdir(parents=True)
+    lay.eval_summary(0).write_text(json.dumps({"win_rate": 55.0, "gold_agreement": 0.7, "avg_length": 7.0}))
+    lay.eval_summary(1).write_text(json.dumps({"win_rate": 61.5, "lc_win_rate": 60.0, "avg_length": 7.4}))
+    lay.judge_summary(1).write_text(json.dumps({"self_label_accuracy": 0.72, "pairs": 400}))
+    rows = iteration_rows(lay)
+    assert [(r["iteration"], r["evaluated"], r["win_rate"], r["self_label_accuracy"]) for r in rows] == [
+        (0, True, 55.0, None), (1, True, 61.5, 0.72), (2, False, None, None)]
+    assert artifacts.metrics_rows(lay) == [
+        {"iteration": 0, "win rate": 55.0, "LC win rate": None, "gold agreement": 0.7, "self-label accuracy": None,
+         "mean length": 7.0},
+        {"iteration": 1, "win rate": 61.5, "LC win rate": 60.0, "gold agreement": None, "self-label accuracy": 0.72,
+         "mean length": 7.4}]

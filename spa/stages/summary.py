@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from spa.config import SPAConfig
@@ -12,12 +13,13 @@ from spa.run.manifest import Manifest, Stage
 COLUMNS = ("iteration", "win rate", "LC win rate", "gold agreement", "self-label acc.", "time")
 
 
-def iteration_rows(cfg: SPAConfig) -> list[dict[str, Any]]:
-    """Per iteration present in the run: win rate, LC win rate, gold agreement (``eval.json``), self-label
-    accuracy (the judge's summary, where an oracle or gold labels were known) and the stages' wall time."""
-    layout = RunLayout.of(cfg)
+def iteration_rows(layout: RunLayout, planned: int = 0) -> list[dict[str, Any]]:
+    """Per iteration present in the run (0..``planned``, and any added later by ``spa expand``): win rate, LC win
+    rate, gold agreement and mean length (``eval.json``), self-label accuracy (``judge_summary.json``, where an
+    oracle or gold labels were known), the stages' wall time (the manifest), and ``evaluated``: whether
+    ``eval.json`` exists. The closing table and the Prefect metrics artifact are both built from these rows."""
     stages = Manifest(layout.manifest).entries() if layout.manifest.exists() else {}
-    rows, last = [], cfg.iterations
+    rows, last = [], planned
     while layout.iteration(last + 1).exists():  # iterations added by `spa expand`
         last += 1
     for t in range(last + 1):
@@ -26,13 +28,18 @@ def iteration_rows(cfg: SPAConfig) -> list[dict[str, Any]]:
         keys = [Stage.PREPARE.key(), Stage.SEED.key()] if t == 0 else [
             Stage.SAMPLE.key(t), Stage.JUDGE.key(t), Stage.TRAIN.key(t)]
         keys.append(Stage.EVALUATE.key(t))
-        ev = json.loads(layout.eval_summary(t).read_text()) if layout.eval_summary(t).exists() else {}
-        judge = stages.get(Stage.JUDGE.key(t), {}).get("summary", {}) if t else {}
+        ev = _json(layout.eval_summary(t))
+        judge = _json(layout.judge_summary(t)) if t else {}
         times = [stages[k]["wall_time_s"] for k in keys if "wall_time_s" in stages.get(k, {})]
         rows.append({"iteration": t, "win_rate": ev.get("win_rate"), "lc_win_rate": ev.get("lc_win_rate"),
-                     "gold_agreement": ev.get("gold_agreement"), "self_label_accuracy": judge.get("self_label_accuracy"),
-                     "time_s": sum(times) if times else None})
+                     "gold_agreement": ev.get("gold_agreement"), "avg_length": ev.get("avg_length"),
+                     "self_label_accuracy": judge.get("self_label_accuracy"),
+                     "time_s": sum(times) if times else None, "evaluated": bool(ev)})
     return rows
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _cell(value: Any, kind: str) -> str:
@@ -50,7 +57,7 @@ def closing_table(cfg: SPAConfig) -> str:
     kinds = (None, "pct", "pct", "frac", "frac", "time")
     keys = ("iteration", "win_rate", "lc_win_rate", "gold_agreement", "self_label_accuracy", "time_s")
     body = [[str(r["iteration"])] + [_cell(r[k], kind) for k, kind in zip(keys[1:], kinds[1:], strict=True)]
-            for r in iteration_rows(cfg)]
+            for r in iteration_rows(RunLayout.of(cfg), cfg.iterations)]
     widths = [max(len(c) for c in col) for col in zip(COLUMNS, *body, strict=True)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths])] + [line(r) for r in body])
