@@ -36,6 +36,10 @@ STRONG = {"train.refinement.alpha": 0.5, "train.refinement.k_percent": 20.0}
 # Declared 2026-12-02 before any run, as a test of the break-even of refinement at flag precision 0.5
 # (bench/results/predictions_2026-12-02.md): the paper's K with five times its alpha.
 ALPHA05 = {"train.refinement.alpha": 0.5}
+# Declared the same day (prediction 4): near margin 0 a flip rate f scales DPO's expected gradient by 1 - 2f,
+# so iterative DPO under 20% flips should behave like clean iterative DPO at 0.6x the demo's rate (1e-4).
+DEMO_LR = 1e-4
+SLOWER = {**ARMS["iterative_dpo"], "train.learning_rate": DEMO_LR * (1 - 2 * 0.2)}
 FLIPS = (0.2, 0.4)
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = ("iteration", "win_rate", "lc_win_rate", "avg_length", "gold_agreement", "self_label_accuracy", "noise_rate",
@@ -47,6 +51,7 @@ def arm_jobs() -> dict[str, dict]:
     jobs = {name: over for name, over in ARMS.items()}
     jobs["spa_strong"] = STRONG
     jobs["spa_alpha05"] = ALPHA05
+    jobs["iterative_dpo_lr06"] = SLOWER
     for f in FLIPS:
         for name, over in (("iterative_dpo", ARMS["iterative_dpo"]), ("spa", ARMS["spa"]), ("spa_strong", STRONG),
                            ("spa_alpha05", ALPHA05)):
@@ -58,6 +63,8 @@ def run_seed(seed: int, out: Path, sizes: WorldSizes, overrides: dict, jobs: dic
     world = build_world(out / f"world_{seed}", seed=seed, sizes=sizes)
     raw = demo_config(world, out / f"s{seed}" / "base", sizes, seed=seed)
     raw = merge(raw, overrides)
+    if "iterative_dpo_lr06" in jobs and raw["train"]["learning_rate"] != DEMO_LR:
+        raise SystemExit(f"iterative_dpo_lr06 assumes the demo's learning rate {DEMO_LR}")
     keep = lambda rows: [{k: r.get(k) for k in KEEP} for r in rows]  # noqa: E731
     results: dict[str, list[dict]] = {"sft": keep([run_sft(raw, out / f"s{seed}" / "sft")])}
     base = run_seed_stage(raw)
@@ -114,7 +121,8 @@ def comparisons(all_results) -> str:
              "larger than the seeds' stdev? |", "|---|---|---|---|---|"]
     pairs = [("spa", "iterative_dpo"), ("spa_sr", "iterative_dpo"), ("spa", "spa_sr"),
              ("iterative_dpo", "seed_dpo"), ("seed_dpo", "sft"), ("spa_strong", "iterative_dpo"),
-             ("spa_alpha05", "iterative_dpo")]
+             ("spa_alpha05", "iterative_dpo"), ("iterative_dpo_lr06", "iterative_dpo"),
+             ("iterative_dpo_lr06", "iterative_dpo_flip20")]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
         pairs += [(f"spa{tag}", f"iterative_dpo{tag}"), (f"spa_strong{tag}", f"iterative_dpo{tag}"),
