@@ -1,0 +1,48 @@
+"""The demo bench's tables: the paired numbers the README quotes are computed as stated (by hand here)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("demo_arms", ROOT / "bench" / "demo_arms.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rows(*wins, flip=None, prec=None):
+    return [{"win_rate": w, "flip_rate": flip, "sr_flip_precision": prec, "dnd_flip_precision": prec}
+            for w in wins]
+
+
+def test_noise_table_pairs_each_arms_loss_with_iterative_dpos_on_the_same_seed():
+    bench = _bench()
+    # seed 0: DPO 60 -> 58 under flips (loses 2), SPA 59 -> 58 (loses 1): SPA loses 1 less (-1)
+    # seed 1: DPO 50 -> 55 (loses -5), SPA 52 -> 54 (loses -2): SPA loses 3 more (+3)
+    results = {
+        0: {"iterative_dpo": _rows(55, 60), "iterative_dpo_flip20": _rows(55, 58, flip=0.2, prec=0.5),
+            "spa": _rows(55, 59), "spa_flip20": _rows(55, 58, flip=0.2, prec=0.6)},
+        1: {"iterative_dpo": _rows(50, 50), "iterative_dpo_flip20": _rows(50, 55, flip=0.2, prec=0.5),
+            "spa": _rows(50, 52), "spa_flip20": _rows(50, 54, flip=0.2, prec=0.4)},
+    }
+    lines = bench.noise_table(results).splitlines()[2:]
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in lines}
+    assert set(cells) == {"iterative_dpo", "spa"}
+    _, rate, final, loss, vs_dpo, sr, *_ = cells["spa"]
+    assert (rate, final, loss, vs_dpo) == ("20%", "56.0 ± 2.8", "-0.5 ± 2.1", "1.0 ± 2.8")
+    assert sr == "0.50 ± 0.14"  # SR's precision on flips at t = 1 over the two seeds
+    assert cells["iterative_dpo"][4] == "-"  # no pairing with itself
+
+
+def test_every_declared_arm_is_a_known_override_and_the_slower_arm_is_the_flip_scaled_rate():
+    bench = _bench()
+    jobs = bench.arm_jobs()
+    assert jobs["spa_alpha05"] == {"train.refinement.alpha": 0.5}  # the paper's K, five times its alpha
+    assert jobs["spa_alpha05_flip20"] == {"train.refinement.alpha": 0.5, "judge.flip_fraction": 0.2}
+    assert abs(jobs["iterative_dpo_lr06"]["train.learning_rate"] - 6e-5) < 1e-12
+    assert jobs["iterative_dpo_lr06"]["train.refinement.self_refine"] is False
