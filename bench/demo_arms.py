@@ -40,6 +40,9 @@ ALPHA05 = {"train.refinement.alpha": 0.5}
 # so iterative DPO under 20% flips should behave like clean iterative DPO at 0.6x the demo's rate (1e-4).
 DEMO_LR = 1e-4
 SLOWER = {**ARMS["iterative_dpo"], "train.learning_rate": DEMO_LR * (1 - 2 * 0.2)}
+# Declared the same day (prediction 5): three epochs a round, so that a round can fit (memorise) its labels,
+# flipped ones included, as label-smoothing is meant to prevent; the paper runs one epoch over 8K-30K prompts.
+EPOCHS3 = {"train.epochs": 3}
 FLIPS = (0.2, 0.4)
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = ("iteration", "win_rate", "lc_win_rate", "avg_length", "gold_agreement", "self_label_accuracy", "noise_rate",
@@ -52,9 +55,12 @@ def arm_jobs() -> dict[str, dict]:
     jobs["spa_strong"] = STRONG
     jobs["spa_alpha05"] = ALPHA05
     jobs["iterative_dpo_lr06"] = SLOWER
+    jobs["iterative_dpo_ep3"] = {**ARMS["iterative_dpo"], **EPOCHS3}
+    jobs["spa_ep3"] = EPOCHS3
     for f in FLIPS:
         for name, over in (("iterative_dpo", ARMS["iterative_dpo"]), ("spa", ARMS["spa"]), ("spa_strong", STRONG),
-                           ("spa_alpha05", ALPHA05)):
+                           ("spa_alpha05", ALPHA05), ("iterative_dpo_ep3", jobs["iterative_dpo_ep3"]),
+                           ("spa_ep3", EPOCHS3)):
             jobs[f"{name}_flip{int(f * 100)}"] = {**over, "judge.flip_fraction": f}
     return jobs
 
@@ -122,11 +128,12 @@ def comparisons(all_results) -> str:
     pairs = [("spa", "iterative_dpo"), ("spa_sr", "iterative_dpo"), ("spa", "spa_sr"),
              ("iterative_dpo", "seed_dpo"), ("seed_dpo", "sft"), ("spa_strong", "iterative_dpo"),
              ("spa_alpha05", "iterative_dpo"), ("iterative_dpo_lr06", "iterative_dpo"),
-             ("iterative_dpo_lr06", "iterative_dpo_flip20")]
+             ("iterative_dpo_lr06", "iterative_dpo_flip20"), ("spa_ep3", "iterative_dpo_ep3"),
+             ("iterative_dpo_ep3", "iterative_dpo")]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
         pairs += [(f"spa{tag}", f"iterative_dpo{tag}"), (f"spa_strong{tag}", f"iterative_dpo{tag}"),
-                  (f"spa_alpha05{tag}", f"iterative_dpo{tag}")]
+                  (f"spa_alpha05{tag}", f"iterative_dpo{tag}"), (f"spa_ep3{tag}", f"iterative_dpo_ep3{tag}")]
     present = set.intersection(*(set(res) for res in all_results.values()))
     for a, b in pairs:
         if a not in present or b not in present:
@@ -137,18 +144,24 @@ def comparisons(all_results) -> str:
     return "\n".join(lines)
 
 
+def baseline(arm: str) -> str:
+    """The iterative-DPO arm an arm is paired with: the one trained the same way (``_ep3``: 3 epochs a round)."""
+    return "iterative_dpo_ep3" if arm.endswith("_ep3") else "iterative_dpo"
+
+
 def noise_table(all_results) -> str:
     lines = ["| arm | flip rate | final win % | win-rate loss vs its noise-free run (negative: ended higher) | "
              "loss minus iterative DPO's, paired (negative: loses less) | SR flag precision on flips (t=1/2/3) | DND flag precision on flips (t=1/2/3) | flip base rate (t=1/2/3) "
              "| SR lift |", "|---|---|---|---|---|---|---|---|---|"]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
-        for arm in ("iterative_dpo", "spa", "spa_strong", "spa_alpha05"):
+        for arm in ("iterative_dpo", "spa", "spa_strong", "spa_alpha05", "iterative_dpo_ep3", "spa_ep3"):
             name = arm + tag
             if any(name not in res or arm not in res for res in all_results.values()):
                 continue
             loss = [res[arm][-1]["win_rate"] - res[name][-1]["win_rate"] for res in all_results.values() if name in res]
-            dpo, dpo_flip = "iterative_dpo", "iterative_dpo" + tag
+            dpo = baseline(arm)
+            dpo_flip = dpo + tag
             vs_dpo = [(res[arm][-1]["win_rate"] - res[name][-1]["win_rate"])
                       - (res[dpo][-1]["win_rate"] - res[dpo_flip][-1]["win_rate"])
                       for res in all_results.values() if dpo in res and dpo_flip in res]
@@ -159,9 +172,10 @@ def noise_table(all_results) -> str:
             lifts = [p / b for t in iters for p, b in zip(_vals(all_results, name, t, "sr_flip_precision"),
                                                             _vals(all_results, name, t, "flip_rate"), strict=True) if b]
             lines.append(f"| {arm} | {f:.0%} | {_ms([r[name][-1]['win_rate'] for r in all_results.values()])} | "
-                         f"{_ms(loss)} | {_ms(vs_dpo) if arm != 'iterative_dpo' and vs_dpo else '-'} | {'/'.join(_ms(p, '.2f') for p in prec) if arm != 'iterative_dpo' else '-'} | "
-                         f"{'/'.join(_ms(p, '.2f') for p in dnd) if arm != 'iterative_dpo' else '-'} | "
-                         f"{'/'.join(_ms(b, '.2f') for b in base) if arm != 'iterative_dpo' else '-'} | "
+                         f"{_ms(loss)} | {_ms(vs_dpo) if arm != dpo and vs_dpo else '-'} | "
+                         f"{'/'.join(_ms(p, '.2f') for p in prec) if arm != dpo else '-'} | "
+                         f"{'/'.join(_ms(p, '.2f') for p in dnd) if arm != dpo else '-'} | "
+                         f"{'/'.join(_ms(b, '.2f') for b in base) if arm != dpo else '-'} | "
                          f"{_ms(lifts, '.2f') + 'x' if lifts else '-'} |")
     return "\n".join(lines)
 
@@ -180,7 +194,8 @@ def diagnostics_table(all_results, arm: str = "spa") -> str:
 
 
 def tables(all_results, seeds) -> str:
-    clean = [a for a in ("sft", "seed_dpo", "iterative_dpo", "spa_sr", "spa", "spa_strong", "spa_alpha05") if a in all_results[seeds[0]]]
+    clean = [a for a in ("sft", "seed_dpo", "iterative_dpo", "spa_sr", "spa", "spa_strong", "spa_alpha05",
+                         "iterative_dpo_lr06", "iterative_dpo_ep3", "spa_ep3") if a in all_results[seeds[0]]]
     parts = [f"Seeds {list(seeds)}. Oracle win rate vs pi_init (%), mean ± stdev over seeds:", win_table(all_results, clean),
              "Differences at the final iteration, paired by seed:", comparisons(all_results)]
     noise = noise_table(all_results)

@@ -46,3 +46,14 @@ def test_every_declared_arm_is_a_known_override_and_the_slower_arm_is_the_flip_s
     assert jobs["spa_alpha05_flip20"] == {"train.refinement.alpha": 0.5, "judge.flip_fraction": 0.2}
     assert abs(jobs["iterative_dpo_lr06"]["train.learning_rate"] - 6e-5) < 1e-12
     assert jobs["iterative_dpo_lr06"]["train.refinement.self_refine"] is False
+
+
+def test_three_epoch_arms_are_paired_with_three_epoch_iterative_dpo():
+    bench = _bench()
+    assert bench.baseline("spa_ep3") == "iterative_dpo_ep3" and bench.baseline("spa_alpha05") == "iterative_dpo"
+    results = {s: {"iterative_dpo": _rows(50, 60), "iterative_dpo_flip20": _rows(50, 60, flip=0.2, prec=0.5),
+                   "iterative_dpo_ep3": _rows(50, 62), "iterative_dpo_ep3_flip20": _rows(50, 56 + s, flip=0.2, prec=0.5),
+                   "spa_ep3": _rows(50, 61), "spa_ep3_flip20": _rows(50, 59 + s, flip=0.2, prec=0.7)} for s in (0, 2)}
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in bench.noise_table(results).splitlines()[2:]}
+    # spa_ep3 loses 2 and 0, iterative_dpo_ep3 loses 6 and 4: paired -4 both times (not against 1-epoch DPO's 0)
+    assert cells["spa_ep3"][3:5] == ["1.0 ± 1.4", "-4.0 ± 0.0"]
