@@ -203,6 +203,12 @@ def target_checks(arms: dict[str, list[dict[str, Any]]]) -> list[tuple[str, bool
                        "mean over iterations: " + (f"{lift:.2f}x" if lift is not None else "-")))
     loss = {name: (_final(arms.get(name, [])), _final(arms.get(f"{name}_flip", []))) for name in ("spa", "iterative_dpo")}
     drops = {k: a - b for k, (a, b) in loss.items() if a is not None and b is not None}
+    # near margin 0 a flip rate f scales DPO's expected gradient by 1 - 2f: where the rounds do not miss that
+    # smaller step, flips cost nothing and there is no loss for refinement to reduce
+    dpo_drop = drops.get("iterative_dpo")
+    checks.append(("refinement has a loss to reduce: injected flips cost iterative DPO win rate",
+                   None if dpo_drop is None else dpo_drop > 0,
+                   "-" if dpo_drop is None else f"{ARM_LABELS['iterative_dpo']} loses {dpo_drop:.1f} points"))
     checks.append(("under injected flips: SPA loses less win rate than iterative DPO",
                    None if len(drops) < 2 else drops["spa"] < drops["iterative_dpo"],
                    ", ".join(f"{ARM_LABELS[k]} loses {v:.1f} points" for k, v in drops.items())))
