@@ -65,8 +65,9 @@ def arm_jobs() -> dict[str, dict]:
     return jobs
 
 
-def run_seed(seed: int, out: Path, sizes: WorldSizes, overrides: dict, jobs: dict[str, dict]) -> dict[str, list[dict]]:
-    world = build_world(out / f"world_{seed}", seed=seed, sizes=sizes)
+def run_seed(seed: int, out: Path, sizes: WorldSizes, overrides: dict, jobs: dict[str, dict],
+             demo_rates: dict[str, float] | None = None) -> dict[str, list[dict]]:
+    world = build_world(out / f"world_{seed}", seed=seed, sizes=sizes, demo_rates=demo_rates)
     raw = demo_config(world, out / f"s{seed}" / "base", sizes, seed=seed)
     raw = merge(raw, overrides)
     if "iterative_dpo_lr06" in jobs and raw["train"]["learning_rate"] != DEMO_LR:
@@ -212,6 +213,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override key=value (all arms)")
     parser.add_argument("--name", default="demo_arms")
     parser.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (default: all)")
+    parser.add_argument("--demo-rate", action="append", default=[],
+                        help="a world variant: feature=rate replacing one of spa.demo.world.DEMO_RATES")
     parser.add_argument("--tables-only", action="store_true",
                         help="rebuild the tables from bench/results/<name>.json instead of running")
     ns = parser.parse_args()
@@ -225,6 +228,7 @@ def main() -> None:
         print(saved["table"])
         return
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in ns.set)}
+    demo_rates = {k: float(v) for k, v in (s.split("=", 1) for s in ns.demo_rate)} or None
     jobs = arm_jobs()
     if ns.arms:
         jobs = {k: v for k, v in jobs.items() if k in ns.arms}
@@ -236,7 +240,7 @@ def main() -> None:
         (results_dir / f"{ns.name}.json").write_text(json.dumps({
             "benchmark": "demo world arms: oracle win rate vs pi_init (%) and label/flag diagnostics per iteration",
             "command": "python bench/demo_arms.py " + " ".join(sys.argv[1:]),
-            "seeds": sorted(all_results), "overrides": overrides, "arms": jobs, "sizes": sizes.__dict__,
+            "seeds": sorted(all_results), "overrides": overrides, "demo_rates": demo_rates, "arms": jobs, "sizes": sizes.__dict__,
             "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "wall_time_s": round(time.time() - started, 1),
             "results": {str(k): v for k, v in all_results.items()},
@@ -245,7 +249,7 @@ def main() -> None:
 
     all_results: dict[int, dict] = {}
     for seed in ns.seeds:  # saved after every seed, so a stopped bench keeps the seeds it finished
-        all_results[seed] = run_seed(seed, ns.out, sizes, overrides, jobs)
+        all_results[seed] = run_seed(seed, ns.out, sizes, overrides, jobs, demo_rates)
         save(all_results, "")
     md = tables(all_results, ns.seeds)
     print(md)

@@ -152,3 +152,11 @@ def test_the_demo_checklist_by_hand():
         (False, "iterative DPO (no refinement) loses -1.0 points"),
         (False, "SPA (SR + DND) loses 1.0 points, iterative DPO (no refinement) loses -1.0 points"),
     ]
+
+
+def test_a_world_variant_names_known_demonstration_rates_only(tmp_path):
+    from spa.demo.policy import train_pi_init
+
+    with pytest.raises(ValueError, match="unknown demonstration rates \\['on_topc'\\]"):
+        train_pi_init(tmp_path / "pi_init", num_demos=10, rates={"on_topc": 0.7})
+    assert not (tmp_path / "pi_init").exists()

@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from spa.demo.world import DemoWriter, make_prompts, vocabulary
+from spa.demo.world import DEMO_RATES, DemoWriter, make_prompts, vocabulary
 from spa.models.logprobs import collate, encode_pair
 from spa.models.tiny import BOS, CHAT_TEMPLATE, EOS, IM_START, PAD, tiny_llama_config
 
@@ -59,15 +59,20 @@ def _sft_collate(pad_id: int):
 
 
 def train_pi_init(out_dir: str | Path, num_demos: int = 3000, epochs: int = 4,
-                  seed: int = 0, learning_rate: float = 3e-3, init_seed: int | None = None) -> Path:
+                  seed: int = 0, learning_rate: float = 3e-3, init_seed: int | None = None,
+                  rates: dict[str, float] | None = None) -> Path:
     """Write ``pi_init`` (safetensors + tokenizer) trained on ``num_demos`` mixed-quality demonstrations.
 
     ``init_seed`` (default ``seed``) seeds only the initial weights and the data order, not the demonstrations:
     ``build_world`` retrains from another one when this run stayed on the plateau where topic membership is
-    not learnt (``spa.demo.run._trained_pi_init``)."""
+    not learnt (``spa.demo.run._trained_pi_init``). ``rates``: per-feature rates that replace
+    :data:`spa.demo.world.DEMO_RATES` (a world variant, for trials)."""
+    unknown = set(rates or {}) - set(DEMO_RATES)
+    if unknown:
+        raise ValueError(f"unknown demonstration rates {sorted(unknown)}; known: {sorted(DEMO_RATES)}")
     out = Path(out_dir)
     tok = world_tokenizer()
-    writer = DemoWriter(rng=random.Random(seed + 1))
+    writer = DemoWriter(rates=DEMO_RATES | (rates or {}), rng=random.Random(seed + 1))
     prompts = make_prompts(num_demos, seed=seed + 1000)
     encoded = [encode_pair(tok, p, writer(p), True) for p in prompts]
     config = tiny_llama_config(len(tok), hidden_size=128, layers=2, heads=2, max_positions=256,

