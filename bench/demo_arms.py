@@ -47,7 +47,8 @@ FLIPS = (0.2, 0.4)
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = ("iteration", "win_rate", "lc_win_rate", "avg_length", "gold_agreement", "self_label_accuracy", "noise_rate",
         "judge_shorter_wins", "oracle_shorter_wins", "length_penalty", "sr_precision", "dnd_precision",
-        "sr_dnd_disagreement", "flip_rate", "sr_flip_precision", "dnd_flip_precision", "refined_fraction")
+        "sr_dnd_disagreement", "flip_rate", "sr_flip_precision", "dnd_flip_precision", "refined_fraction",
+        "judge_feature_accuracy", "sample_features")
 
 
 def arm_jobs() -> dict[str, dict]:
