@@ -43,6 +43,8 @@ SLOWER = {**ARMS["iterative_dpo"], "train.learning_rate": DEMO_LR * (1 - 2 * 0.2
 # Declared the same day (prediction 5): three epochs a round, so that a round can fit (memorise) its labels,
 # flipped ones included, as label-smoothing is meant to prevent; the paper runs one epoch over 8K-30K prompts.
 EPOCHS3 = {"train.epochs": 3}
+# Declared the same day (prediction 7): the paper's "previous model" judge (Table 7), pi_{t-1} against pi_{t-2}
+PREVIOUS_REF = {**ARMS["iterative_dpo"], "judge.reference": "previous"}
 FLIPS = (0.2, 0.4)
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = ("iteration", "win_rate", "lc_win_rate", "avg_length", "gold_agreement", "self_label_accuracy", "noise_rate",
@@ -58,6 +60,7 @@ def arm_jobs() -> dict[str, dict]:
     jobs["iterative_dpo_lr06"] = SLOWER
     jobs["iterative_dpo_ep3"] = {**ARMS["iterative_dpo"], **EPOCHS3}
     jobs["spa_ep3"] = EPOCHS3
+    jobs["iterative_dpo_prevref"] = PREVIOUS_REF
     for f in FLIPS:
         for name, over in (("iterative_dpo", ARMS["iterative_dpo"]), ("spa", ARMS["spa"]), ("spa_strong", STRONG),
                            ("spa_alpha05", ALPHA05), ("iterative_dpo_ep3", jobs["iterative_dpo_ep3"]),
@@ -131,7 +134,7 @@ def comparisons(all_results) -> str:
              ("iterative_dpo", "seed_dpo"), ("seed_dpo", "sft"), ("spa_strong", "iterative_dpo"),
              ("spa_alpha05", "iterative_dpo"), ("iterative_dpo_lr06", "iterative_dpo"),
              ("iterative_dpo_lr06", "iterative_dpo_flip20"), ("spa_ep3", "iterative_dpo_ep3"),
-             ("iterative_dpo_ep3", "iterative_dpo")]
+             ("iterative_dpo_ep3", "iterative_dpo"), ("iterative_dpo_prevref", "iterative_dpo")]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
         pairs += [(f"spa{tag}", f"iterative_dpo{tag}"), (f"spa_strong{tag}", f"iterative_dpo{tag}"),
@@ -197,7 +200,7 @@ def diagnostics_table(all_results, arm: str = "spa") -> str:
 
 def tables(all_results, seeds) -> str:
     clean = [a for a in ("sft", "seed_dpo", "iterative_dpo", "spa_sr", "spa", "spa_strong", "spa_alpha05",
-                         "iterative_dpo_lr06", "iterative_dpo_ep3", "spa_ep3") if a in all_results[seeds[0]]]
+                         "iterative_dpo_lr06", "iterative_dpo_ep3", "spa_ep3", "iterative_dpo_prevref") if a in all_results[seeds[0]]]
     parts = [f"Seeds {list(seeds)}. Oracle win rate vs pi_init (%), mean ± stdev over seeds:", win_table(all_results, clean),
              "Differences at the final iteration, paired by seed:", comparisons(all_results)]
     noise = noise_table(all_results)
