@@ -46,6 +46,8 @@ def test_every_declared_arm_is_a_known_override_and_the_slower_arm_is_the_flip_s
     assert jobs["spa_alpha05_flip20"] == {"train.refinement.alpha": 0.5, "judge.flip_fraction": 0.2}
     assert abs(jobs["iterative_dpo_lr06"]["train.learning_rate"] - 6e-5) < 1e-12
     assert jobs["iterative_dpo_lr06"]["train.refinement.self_refine"] is False
+    assert jobs["iterative_dpo_prevref"]["judge.reference"] == "previous"
+    assert jobs["spa_ep3_flip20"] == {"train.epochs": 3, "judge.flip_fraction": 0.2}
 
 
 def test_three_epoch_arms_are_paired_with_three_epoch_iterative_dpo():
