@@ -206,7 +206,8 @@ def tables(all_results, seeds) -> str:
     noise = noise_table(all_results)
     if noise.count("\n") > 1:
         parts += ["Label noise (judge.flip_fraction):", noise]
-    parts += ["SPA (SR + DND), round by round:", diagnostics_table(all_results)]
+    if all("spa" in res for res in all_results.values()):  # a subset of arms may leave SPA out
+        parts += ["SPA (SR + DND), round by round:", diagnostics_table(all_results)]
     return "\n\n".join(parts)
 
 
