@@ -213,6 +213,16 @@ def dense_logp_of_ids(model, prompt_ids, response_ids):
     return sum(logp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(response_ids))
 
 
+def bench_module(name: str):
+    """A benchmark script of ``bench/`` imported as a module (they are scripts, not an installed package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def oracle_prefers_shorter(prompt, output_1, output_2):
     """A test oracle (alpaca-eval encoding): the shorter text wins, equal lengths tie."""
     return 1.0 if len(output_1) < len(output_2) else 2.0 if len(output_2) < len(output_1) else 1.5

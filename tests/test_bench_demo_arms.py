@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import bench_module
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("demo_arms", ROOT / "bench" / "demo_arms.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("demo_arms")
 
 
 def _rows(*wins, flip=None, prec=None):

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _p7():
-    spec = importlib.util.spec_from_file_location("p7_gpu", ROOT / "bench" / "p7_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("p7_gpu")
 
 
 def test_parameter_count_matches_the_built_model():
