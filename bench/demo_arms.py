@@ -160,7 +160,8 @@ def noise_table(all_results) -> str:
              "| SR lift |", "|---|---|---|---|---|---|---|---|---|"]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
-        for arm in ("iterative_dpo", "spa", "spa_strong", "spa_alpha05", "iterative_dpo_ep3", "spa_ep3"):
+        first = next(iter(all_results.values()))
+        for arm in [a for a in first if a + tag in first]:  # every arm run both clean and with these flips
             name = arm + tag
             if any(name not in res or arm not in res for res in all_results.values()):
                 continue
@@ -199,8 +200,7 @@ def diagnostics_table(all_results, arm: str = "spa") -> str:
 
 
 def tables(all_results, seeds) -> str:
-    clean = [a for a in ("sft", "seed_dpo", "iterative_dpo", "spa_sr", "spa", "spa_strong", "spa_alpha05",
-                         "iterative_dpo_lr06", "iterative_dpo_ep3", "spa_ep3", "iterative_dpo_prevref") if a in all_results[seeds[0]]]
+    clean = [a for a in all_results[seeds[0]] if "_flip" not in a]  # in run order: sft, seed_dpo, then the arms
     parts = [f"Seeds {list(seeds)}. Oracle win rate vs pi_init (%), mean ± stdev over seeds:", win_table(all_results, clean),
              "Differences at the final iteration, paired by seed:", comparisons(all_results)]
     noise = noise_table(all_results)
