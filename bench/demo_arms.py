@@ -37,8 +37,8 @@ STRONG = {"train.refinement.alpha": 0.5, "train.refinement.k_percent": 20.0}
 # (bench/results/predictions_2026-12-02.md): the paper's K with five times its alpha.
 ALPHA05 = {"train.refinement.alpha": 0.5}
 # Declared the same day (prediction 4): near margin 0 a flip rate f scales DPO's expected gradient by 1 - 2f,
-# so iterative DPO under 20% flips should behave like clean iterative DPO at 0.6x the demo's rate (1e-4).
-DEMO_LR = 1e-4
+# so iterative DPO under 20% flips should behave like clean iterative DPO at 0.6x the demo's rate (1e-4 when declared).
+DEMO_LR = 6e-5
 SLOWER = {**ARMS["iterative_dpo"], "train.learning_rate": DEMO_LR * (1 - 2 * 0.2)}
 # Declared the same day (prediction 5): three epochs a round, so that a round can fit (memorise) its labels,
 # flipped ones included, as label-smoothing is meant to prevent; the paper runs one epoch over 8K-30K prompts.

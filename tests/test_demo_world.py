@@ -5,6 +5,7 @@ import pytest
 from spa.demo.world import (
     DEMO_RATES,
     FEATURES,
+    SEPARATORS,
     DemoWriter,
     Spec,
     features,
@@ -29,18 +30,22 @@ P = "Name 2 fruits . Include the word apple . Do not use the word pear . End wit
 
 
 @pytest.mark.parametrize(("response", "expected"), [
-    ("Here apple , banana !", 1.0),                 # all seven features
-    ("Um apple , banana !", 6 / 7),                 # a hedging opener
-    ("Here apple uh banana !", 6 / 7),              # a filler word as separator
-    ("apple banana !", 5 / 7),                      # no opener, a missing separator counts as a bad one
-    ("Here apple , banana , cherry !", 6 / 7),      # 3 items: count broken (longer is not better)
-    ("Here apple !", 6 / 7),                        # 1 item: count broken (shorter is not better)
-    ("Here banana , cherry !", 6 / 7),              # required word missing
-    ("Here apple , pear !", 6 / 7),                 # forbidden word used
-    ("Here apple , banana .", 6 / 7),               # wrong ending
-    ("Here apple , dog !", 6.5 / 7),                # half the items off topic
+    ("Here apple , banana !", 1.0),                 # all six scored features
+    ("Um apple , banana !", 5 / 6),                 # a hedging opener
+    ("Here apple uh banana !", 5 / 6),              # a filler word as separator
+    ("apple banana !", 4 / 6),                      # no opener, a missing separator counts as a bad one
+    ("Here apple , banana , cherry !", 5 / 6),      # 3 items: count broken (longer is not better)
+    ("Here apple !", 5 / 6),                        # 1 item: count broken (shorter is not better)
+    ("Here banana , cherry !", 5 / 6),              # required word missing
+    ("Here apple , pear !", 5 / 6),                 # forbidden word used
+    ("Here apple , banana .", 5 / 6),               # wrong ending
+    ("Here apple , dog !", 1.0),                    # an off-topic item: measured, not scored
+    ("Here dog , cat !", 5 / 6),                    # off topic: only the missing required word counts
+    ("Here apple ,", 3 / 6),                        # cut off after a separator: count and ending broken
+    ("Here , banana !", 3 / 6),                     # a separator in an item's slot: separators and count broken,
+                                                    # and the required word is missing
     ("", 0.0),                                      # empty loses
-    ("Here dog , cat !", 0.0),                      # off-topic loses
+    ("Here , !", 0.0),                              # no item at all loses
 ])
 def test_oracle_scores_by_hand(response, expected):
     assert score(P, response) == pytest.approx(expected)
@@ -53,7 +58,7 @@ def test_constraints_not_asked_for_count_as_met():
 
 def test_preference_encoding_and_ties():
     assert prefer(P, "Here apple , banana !", "Um apple , banana !") == 1.0
-    assert prefer(P, "dog !", "apple , banana !") == 2.0  # off topic loses
+    assert prefer(P, "dog !", "apple , banana !") == 2.0  # one item and the required word missing lose
     assert prefer(P, "Here apple , banana !", "Here banana , apple !") == 1.5
 
 
@@ -76,6 +81,12 @@ def test_demonstrations_vary_in_every_feature_at_its_rate():
     assert 0.3 < sum(features(p, drifting(p))["on_topic"] for p in prompts[:300]) / 300 < 0.7
     scores = [score(p, w(p)) for p in prompts[:300]]
     assert 0.4 < sum(scores) / len(scores) < 0.85
+    # a share 1 - well_formed of the demonstrations is broken: no ending mark (cut off after a separator) or two
+    # separators in a row / a separator first (a separator in an item's slot)
+    seps = set(SEPARATORS)
+    broken = [a for a in (w(p) for p in prompts) if (t := words_of(a))[-1] in seps
+              or any(x in seps and y in seps for x, y in zip(t, t[1:], strict=False)) or t[1] in seps]
+    assert abs(len(broken) / len(prompts) - (1 - DEMO_RATES["well_formed"])) < 0.03
 
 
 def test_gold_pairs_and_oracle_are_length_neutral():

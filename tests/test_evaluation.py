@@ -274,3 +274,18 @@ def test_mt_bench_two_turns_graded_by_python_and_api_judges(tmp_path, tiny_model
         "enabled": True, "questions": str(questions), "max_new_tokens": 8})
     assert summary["mt_bench"]["score"] is None and "grading skipped" in summary["mt_bench"]["note"]
     assert pq.read_table(lay.iteration(0) / "mt_bench.parquet").num_rows == 2
+
+
+def test_evaluation_samples_with_the_sampling_stage_settings_unless_it_sets_top_p(tmp_path):
+    """evaluate.top_p (when set) overrides sample.top_p for the evaluation answers only; unset, nothing changes,
+    and the resolved config does not even name it (resume keys of existing runs stay the same)."""
+    from spa.stages.evaluate import eval_sampling_spec
+
+    cfg = tiny_config(tmp_path, tmp_path / "m", tmp_path / "p.jsonl", sample={"top_p": 0.9, "max_new_tokens": 12},
+                      evaluate={"temperature": 0.5})
+    spec = eval_sampling_spec(cfg)
+    assert (spec.n, spec.top_p, spec.temperature) == (1, 0.9, 0.5)
+    assert "top_p" not in cfg.model_dump()["evaluate"]
+    cfg = tiny_config(tmp_path, tmp_path / "m", tmp_path / "p.jsonl", sample={"top_p": 0.9},
+                      evaluate={"top_p": 1.0})
+    assert eval_sampling_spec(cfg).top_p == 1.0 and cfg.model_dump()["evaluate"]["top_p"] == 1.0

@@ -172,6 +172,11 @@ class EvalConfig(_Section):
     judge_endpoint: JudgeEndpoint | None = None
     max_new_tokens: PositiveInt = 300
     temperature: Annotated[float, Field(gt=0)] = 0.7
+    # written only when set: configs and resume keys from before it existed stay the same
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="nucleus sampling of the evaluation answers (default: sample.top_p); set it to compare models "
+                    "sampled alike when the sampling stage uses another top_p")
     batch_size: PositiveInt = 16
     mt_bench: MTBenchConfig = Field(default_factory=MTBenchConfig)
 

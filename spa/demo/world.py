@@ -1,26 +1,37 @@
-"""An offline world with a known oracle: list answers with fixed slots and seven quality features.
+"""An offline world with a known oracle: list answers with fixed slots and six scored quality features.
 
 Prompts come from a seeded grammar ("Name 3 fruits . Include the word red . End with !").
 An answer has fixed slots: an opener word, the items with one separator between each
 two, and an ending mark, e.g. ``Here apple , pear , plum !``. The oracle reads the
 constraints back out of the prompt text and scores an answer in [0, 1] as the mean of
-seven features (:data:`FEATURES`):
+six features (:data:`SCORED`):
 
-- three that hold for every prompt, like the style part of human preference that a
+- two that hold for every prompt, like the style part of human preference that a
   pretrained model already represents: the opener is ``Here`` (not one of four hedges),
-  the separators are commas (not filler words), the items are on topic;
+  the separators are commas (not filler words);
 - four that are specific to the prompt: the item count asked for, the word to include,
   the word to avoid, the ending mark asked for.
 
+Whether the items belong to the prompt's topic is measured (``on_topic``, a diagnostic)
+but not scored. Why: which words a policy uses drifts under DPO (a word pushed up in some
+chosen answers becomes likelier in every context), the implicit reward of Eq. 7 rewards
+that drift wherever it went, and self-labelled rounds amplify it. An oracle that scored
+topic membership made that drift decide the outcome: on some seeds whole answers switched
+topic ("Name 3 animals" answered with vehicles) and the rounds collapsed (README, "How the
+world was chosen").
+
 Why slots: quality never changes length. Only the item count changes an answer's
 length, and a wrong count is one item too many or one too few about equally often, so
-neither the oracle nor the gold data favour short or long answers (a world whose gold
-data favoured short answers taught the seed judge "shorter wins", and iterations then
-collapsed length). Why several prompt-independent features, each only partly kept by
-the demonstrations: a small model trained from scratch learns such features from a few
-hundred pairs (it does not learn compositional constraints from so few), and a policy's
-own samples keep varying in them round after round, so self-labelling has something to
-label after the seed stage.
+neither the oracle nor the gold data favour short or long answers.
+
+Why some demonstrations are broken (:data:`DEMO_RATES` ``well_formed``): pi_init
+sometimes cuts a list off after a separator or puts a separator where an item belongs,
+as real SFT models sometimes stop mid-answer or repeat themselves. The gold pairs then
+contain such answers on the losing side, and the seed stage learns to make them
+unlikely. Without them, the rounds drove the policy into exactly these outputs (an
+end-of-turn right after a comma, runs of separators): pi_init never produced them, so
+no seed pair pinned their probabilities, and the implicit reward rewarded whatever way
+they drifted.
 """
 
 from __future__ import annotations
@@ -42,7 +53,8 @@ GOOD_SEPARATOR = ","
 SEPARATORS = [GOOD_SEPARATOR, "uh", "like", "basically", "erm"]
 ENDINGS = ["!", "."]
 COUNTS = (2, 3, 4)  # a wrong count is count-1 or count+1 (1..5): too short as often as too long
-FEATURES = ("opener", "separators", "on_topic", "count", "include", "exclude", "ending")
+FEATURES = ("opener", "separators", "on_topic", "count", "include", "exclude", "ending")  # measured
+SCORED = tuple(f for f in FEATURES if f != "on_topic")  # what the oracle's score averages
 
 
 @dataclass(frozen=True)
@@ -119,7 +131,8 @@ def words_of(response: str) -> list[str]:
 
 
 def features(prompt: str, response: str) -> dict[str, float]:
-    """The seven oracle features of ``response`` (each in [0, 1]; a constraint not asked for counts as met)."""
+    """The seven features of ``response``, six scored and ``on_topic`` measured (each in [0, 1]; a constraint not
+    asked for counts as met)."""
     spec = parse_prompt(prompt)
     tokens = words_of(response)
     body = tokens[1:] if tokens and tokens[0] in OPENERS else tokens
@@ -143,9 +156,12 @@ def features(prompt: str, response: str) -> dict[str, float]:
 
 
 def score(prompt: str, response: str) -> float:
-    """Oracle score in [0, 1]: the mean of the seven features; an answer with no on-topic item scores 0."""
+    """Oracle score in [0, 1]: the mean of the six :data:`SCORED` features; an answer that names no item scores 0."""
+    tokens = words_of(response)
+    if not any(w not in SEPARATORS and w not in OPENERS and w not in ENDINGS for w in tokens):
+        return 0.0
     f = features(prompt, response)
-    return 0.0 if f["on_topic"] == 0 else sum(f.values()) / len(f)
+    return sum(f[name] for name in SCORED) / len(SCORED)
 
 
 def prefer(prompt: str, response_1: str, response_2: str) -> float:
@@ -154,20 +170,19 @@ def prefer(prompt: str, response_1: str, response_2: str) -> float:
     return 1.0 if s1 > s2 else 2.0 if s2 > s1 else 1.5
 
 
-# How often pi_init's demonstrations get each feature right (the rest is what DPO can teach).
-# Off-topic items stay in the demonstrations (15% of items): with none (tried on two tuning seeds as
-# "world version 3"), pi_init gives other topics' words almost no probability, so the implicit reward
-# log pi_{t-1}/pi_init of the first off-topic word a later policy samples is huge; the judge then named
-# the off-topic answer the winner on 21 of 21 such pairs and the round collapsed (win rate 66.8 -> 40.1).
-# Not scoring topic membership at all (version 5) moved the same exploit to the next token the judge
-# rewards per occurrence: answers became runs of commas (win rate 62.1 -> 23.5 -> 0.1).
+# How often pi_init's demonstrations get each feature right (the rest is what DPO can teach), and how often a
+# demonstration is well formed (the rest are cut off after a separator or have a separator where an item
+# belongs: the module docstring says why). Off-topic items stay in the demonstrations (15% of items) although
+# they are not scored: with none (tried as "world version 3"), pi_init gives other topics' words almost no
+# probability and any later drift towards them earns a large implicit reward.
 DEMO_RATES = {"opener": 0.35, "separator": 0.5, "on_topic": 0.85, "count": 0.7, "include": 0.5, "exclude": 0.7,
-              "ending": 0.5}
+              "ending": 0.5, "well_formed": 0.85}
 
 
 @dataclass
 class DemoWriter:
-    """Demonstrations of mixed quality: each feature is right with its own probability (:data:`DEMO_RATES`).
+    """Demonstrations of mixed quality: each feature is right with its own probability (:data:`DEMO_RATES`),
+    and a share of them is broken (cut off after a separator, or a separator where an item belongs).
 
     The features vary independently, so a pair of demonstrations differs in several of them at once.
     """
@@ -195,4 +210,19 @@ class DemoWriter:
         asked = spec.ending or rng.choice(ENDINGS)
         other = ENDINGS[1 - ENDINGS.index(asked)]
         words.append(asked if spec.ending is None or rng.random() < p["ending"] else other)
+        if rng.random() < 1 - p["well_formed"]:
+            words = self._broken(words)
         return " ".join(words)
+
+    def _broken(self, words: list[str]) -> list[str]:
+        """The answer cut off right after one of its separators (no ending mark; shorter), or one of its items
+        replaced by a run of 2-6 separators (longer; also for one-item answers, which have no separator to cut
+        after): broken answers are shorter as often as longer, so the gold pairs stay length-neutral."""
+        rng = self.rng
+        seps = [i for i, w in enumerate(words) if w in SEPARATORS]
+        if rng.choice(("cut", "run")) == "cut" and seps:
+            return words[:rng.choice(seps) + 1]
+        items = [i for i in range(1, len(words) - 1) if words[i] not in SEPARATORS]
+        slot = rng.choice(items)
+        run = [rng.choice(SEPARATORS) for _ in range(rng.randint(2, 6))]
+        return words[:slot] + run + words[slot + 1:]

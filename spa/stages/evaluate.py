@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +22,9 @@ import pyarrow as pa
 from spa.config import SPAConfig
 from spa.errors import EvalSetError
 from spa.run.artifacts import read_table, write_table, write_text_atomic
+
+if TYPE_CHECKING:
+    from spa.models.sampling import SamplingSpec
 from spa.run.layout import RunLayout, model_dir
 from spa.run.manifest import Stage
 from spa.run.model_card import write_model_card
@@ -127,13 +130,22 @@ def _mt_bench(cfg: SPAConfig, t: int, sampler, layout: RunLayout, echo) -> dict[
     return out
 
 
-def _answer(cfg: SPAConfig, t: int, model: Path, prompts: list[str], echo):
-    """pi_t's answers to the evaluation prompts (vLLM where importable, else transformers) and its sampler."""
-    from spa.models.sampling import SamplingSpec, make_sampler, vllm_available
+def eval_sampling_spec(cfg: SPAConfig) -> SamplingSpec:
+    """How the evaluation answers are sampled: one answer a prompt, the sampling stage's settings with the
+    evaluate section's temperature, length, batch size and (where set) top_p."""
+    from spa.models.sampling import SamplingSpec
 
     ec = cfg.evaluate
-    spec = SamplingSpec.from_config(cfg.sample, cfg.model, n=1, temperature=ec.temperature,
-                                    max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size)
+    top_p = {} if ec.top_p is None else {"top_p": ec.top_p}
+    return SamplingSpec.from_config(cfg.sample, cfg.model, n=1, temperature=ec.temperature,
+                                    max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, **top_p)
+
+
+def _answer(cfg: SPAConfig, t: int, model: Path, prompts: list[str], echo):
+    """pi_t's answers to the evaluation prompts (vLLM where importable, else transformers) and its sampler."""
+    from spa.models.sampling import make_sampler, vllm_available
+
+    spec = eval_sampling_spec(cfg)
     backend = cfg.sample.backend if cfg.sample.backend != "vllm" or vllm_available() else "transformers"
     if backend != cfg.sample.backend:
         echo(f"[evaluate/{t}] vLLM is not importable here; answering with the transformers backend")
