@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from spa.config import SPAConfig
-from spa.demo.world import FEATURES, features
+from spa.demo.world import FEATURES, SCORED, features
 from spa.run.artifacts import read_table, write_text_atomic
 from spa.run.layout import RunLayout
 
@@ -250,8 +250,9 @@ def feature_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["### The judge on each oracle feature", "",
              "Judge: of the labelled pairs whose answers differ in the feature, the share whose chosen answer is "
              "the better one (0.5: the judge does not see it; below 0.5: it prefers the worse). Samples: the "
-             "feature's mean over the judged answers of pi_{t-1}.", "",
-             "| iteration | " + " | ".join(f"{f}: judge / samples" for f in FEATURES) + " |",
+             "feature's mean over the judged answers of pi_{t-1}. `on_topic` is measured, not scored by the oracle.", "",
+             "| iteration | " + " | ".join(f"{f}{'' if f in SCORED else ' (not scored)'}: judge / samples"
+                                         for f in FEATURES) + " |",
              "|---" * (len(FEATURES) + 1) + "|"]
     for r in judged:
         cells = [f"{_fmt(r['judge_feature_accuracy'][f])} ({r['feature_pairs'][f]}) / {_fmt(r['sample_features'][f])}"
