@@ -38,7 +38,12 @@ def test_every_declared_arm_is_a_known_override_and_the_slower_arm_is_the_flip_s
     jobs = bench.arm_jobs()
     assert jobs["spa_alpha05"] == {"train.refinement.alpha": 0.5}  # the paper's K, five times its alpha
     assert jobs["spa_alpha05_flip20"] == {"train.refinement.alpha": 0.5, "judge.flip_fraction": 0.2}
-    assert abs(jobs["iterative_dpo_lr06"]["train.learning_rate"] - 6e-5) < 1e-12
+    from pathlib import Path
+
+    from spa.demo.run import demo_config
+
+    demo_lr = demo_config(Path("world"), Path("run"))["train"]["learning_rate"]
+    assert abs(jobs["iterative_dpo_lr06"]["train.learning_rate"] - 0.6 * demo_lr) < 1e-12  # 20% flips: 1 - 2 * 0.2
     assert jobs["iterative_dpo_lr06"]["train.refinement.self_refine"] is False
     assert jobs["iterative_dpo_prevref"]["judge.reference"] == "previous"
     assert jobs["spa_ep3_flip20"] == {"train.epochs": 3, "judge.flip_fraction": 0.2}
