@@ -6,6 +6,7 @@ Reports the oracle win rate vs pi_init and the self-label accuracy (judge label 
 iteration, mean ± stdev over seeds; and a label-noise sweep (flip 0 / 20 / 40 %) for DPO, SR, DND, DRO.
 
     python bench/variant_arms.py --seeds 0 1 2 --out /tmp/spa-variants
+    python bench/variant_arms.py --seeds 0 1 2 --out /tmp/spa-variants --resume   # after a kill
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ NOISE_LEVELS = [0.0, 0.2, 0.4]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_seed(seed: int, out: Path, sizes: WorldSizes, arms: dict, noise: bool) -> dict[str, list[dict]]:
+def run_seed(seed: int, out: Path, sizes: WorldSizes, arms: dict, noise: bool,
+             resume: bool = False) -> dict[str, list[dict]]:
     world = build_world(out / f"world_{seed}", seed=seed, sizes=sizes)
     rm_dir = out / f"s{seed}" / "reward_model"
     base_raw = demo_config(world, out / f"s{seed}" / "base", sizes, seed=seed)
@@ -63,7 +65,7 @@ def run_seed(seed: int, out: Path, sizes: WorldSizes, arms: dict, noise: bool) -
                  for f in NOISE_LEVELS for name, over in NOISE_ARMS.items()]
     for name, over in jobs:
         started = time.time()
-        rows = run_arm(Path(base.run_dir), out / f"s{seed}" / name, base_raw, over)
+        rows = run_arm(Path(base.run_dir), out / f"s{seed}" / name, base_raw, over, resume=resume)
         results[name] = [{k: r.get(k) for k in ("iteration", "win_rate", "self_label_accuracy", "avg_length")}
                          for r in rows]
         print(f"seed {seed} {name}: win " + ", ".join(f"{r['win_rate']:.1f}" for r in results[name])
@@ -102,11 +104,13 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--no-noise", action="store_true", help="skip the label-noise sweep")
     parser.add_argument("--name", default="variant_arms")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the arm directories an earlier (killed) run left in --out; up-to-date stages are skipped")
     ns = parser.parse_args()
     sizes = WorldSizes()
     arms = {k: ARMS[k] for k in ns.arms}
     started = time.time()
-    all_results = {seed: run_seed(seed, ns.out, sizes, arms, not ns.no_noise) for seed in ns.seeds}
+    all_results = {seed: run_seed(seed, ns.out, sizes, arms, not ns.no_noise, ns.resume) for seed in ns.seeds}
     names = list(all_results[ns.seeds[0]])
     md = table(all_results, [n for n in names if not n.startswith("noise")])
     noise_names = [n for n in names if n.startswith("noise")]
@@ -123,6 +127,7 @@ def main() -> None:
         "noise_levels": NOISE_LEVELS if noise_names else None, "sizes": sizes.__dict__,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "wall_time_s": round(time.time() - started, 1),
+        "resumed": ns.resume,  # wall time then counts only the arms this invocation ran
         "results": {str(k): v for k, v in all_results.items()},
         "table": md,
     }, indent=2))

@@ -56,10 +56,15 @@ def run_iterations(cfg: SPAConfig, echo: Callable[[str], None] = quiet) -> SPACo
 
 
 def run_arm(base_run: Path, run_dir: Path, raw: dict, overrides: dict[str, Any],
-            echo: Callable[[str], None] = quiet) -> list[dict[str, Any]]:
-    """Copy ``base_run`` (seed stage done) to ``run_dir`` and run the iterations of ``raw`` + ``overrides``."""
+            echo: Callable[[str], None] = quiet, resume: bool = False) -> list[dict[str, Any]]:
+    """Copy ``base_run`` (seed stage done) to ``run_dir`` and run the iterations of ``raw`` + ``overrides``.
+
+    ``resume=True`` keeps an earlier attempt's ``run_dir`` (one with a manifest) instead of copying afresh:
+    its stages are skipped where the manifest says they are up to date (same inputs, stage config and code
+    version), so a killed benchmark picks up where it stopped and a changed arm still reruns."""
     run_dir = Path(run_dir)
-    if run_dir.resolve() != Path(base_run).resolve():
+    kept = resume and (run_dir / "manifest.json").exists()
+    if not kept and run_dir.resolve() != Path(base_run).resolve():
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(base_run, run_dir)
     cfg = parse_config(merge(raw, overrides) | {"run_dir": str(run_dir)})
