@@ -21,7 +21,22 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 # the temporary server of an in-process flow may take longer than Prefect's 20 s to start on 2 busy cores
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefects_temporary_server():
+    """Stop the temporary Prefect server an in-process flow started while pytest's streams are still open.
+
+    Prefect stops it from an ``atexit`` hook, which logs "Stopping temporary server" to a console pytest has
+    closed by then: a "--- Logging error ---" traceback at the end of every worker's output."""
+    yield
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None:  # only where a test imported it: nothing to stop otherwise
+        for instance in list(server.SubprocessASGIServer._instances.values()):
+            instance.stop()
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +94,6 @@ def tiny_config(run_dir, pi_init, source, **sections):
 # --- the pipeline flow, run once per session and shared by the flow tests ---
 import json  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
