@@ -38,7 +38,7 @@ STRONG = {"train.refinement.alpha": 0.5, "train.refinement.k_percent": 20.0}
 ALPHA05 = {"train.refinement.alpha": 0.5}
 # Declared the same day (prediction 4): near margin 0 a flip rate f scales DPO's expected gradient by 1 - 2f,
 # so iterative DPO under 20% flips should behave like clean iterative DPO at 0.6x the demo's rate (1e-4 when declared).
-DEMO_LR = 6e-5
+DEMO_LR = demo_config(Path("world"), Path("run"))["train"]["learning_rate"]  # 6e-5 since world version 7
 SLOWER = {**ARMS["iterative_dpo"], "train.learning_rate": DEMO_LR * (1 - 2 * 0.2)}
 # Declared the same day (prediction 5): three epochs a round, so that a round can fit (memorise) its labels,
 # flipped ones included, as label-smoothing is meant to prevent; the paper runs one epoch over 8K-30K prompts.

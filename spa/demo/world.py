@@ -130,6 +130,11 @@ def words_of(response: str) -> list[str]:
     return re.findall(r"[\w]+|[!.,]", response)
 
 
+def _items(tokens: list[str]) -> list[str]:
+    """The words of an answer that fill item slots: everything but openers, separators and ending marks."""
+    return [w for w in tokens if w not in SEPARATORS and w not in OPENERS and w not in ENDINGS]
+
+
 def features(prompt: str, response: str) -> dict[str, float]:
     """The seven features of ``response``, six scored and ``on_topic`` measured (each in [0, 1]; a constraint not
     asked for counts as met)."""
@@ -138,7 +143,7 @@ def features(prompt: str, response: str) -> dict[str, float]:
     body = tokens[1:] if tokens and tokens[0] in OPENERS else tokens
     body = body[:-1] if body and body[-1] in ENDINGS else body
     seps = [w for w in body if w in SEPARATORS]
-    items = [w for w in body if w not in SEPARATORS and w not in OPENERS and w not in ENDINGS]
+    items = _items(body)
     topic = set(TOPICS[spec.topic])
     expected_seps = max(len(items) - 1, 0)
     return {
@@ -157,8 +162,7 @@ def features(prompt: str, response: str) -> dict[str, float]:
 
 def score(prompt: str, response: str) -> float:
     """Oracle score in [0, 1]: the mean of the six :data:`SCORED` features; an answer that names no item scores 0."""
-    tokens = words_of(response)
-    if not any(w not in SEPARATORS and w not in OPENERS and w not in ENDINGS for w in tokens):
+    if not _items(words_of(response)):
         return 0.0
     f = features(prompt, response)
     return sum(f[name] for name in SCORED) / len(SCORED)

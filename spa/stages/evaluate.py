@@ -22,13 +22,13 @@ import pyarrow as pa
 from spa.config import SPAConfig
 from spa.errors import EvalSetError
 from spa.run.artifacts import read_table, write_table, write_text_atomic
-
-if TYPE_CHECKING:
-    from spa.models.sampling import SamplingSpec
 from spa.run.layout import RunLayout, model_dir
 from spa.run.manifest import Stage
 from spa.run.model_card import write_model_card
 from spa.stages.runner import StageResult, require, run_stage
+
+if TYPE_CHECKING:  # imported at call time: torch and the samplers stay out of the import of this stage
+    from spa.models.sampling import SamplingSpec
 
 SECTIONS = ["model", "evaluate", "judge"]
 
