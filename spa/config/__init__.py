@@ -76,6 +76,11 @@ class SPAConfig(_Section):
             raise ValueError("judge.type llm_judge compares two responses: use judge.select: first_two")
         if j.type == "external_rm" and not j.reward_model:
             raise ValueError("judge.type external_rm needs judge.reward_model (e.g. the output of `spa train-rm`)")
+        if (j.type == "verifier" or j.oracle == "verifier") and not j.instructions:
+            raise ValueError("judge.type verifier and judge.oracle verifier need judge.instructions: the file of "
+                             "IFEval-format rows (prompt, instruction_id_list, kwargs) of the run's prompts")
+        if j.type == "verifier" and j.length_penalty != 0:
+            raise ValueError("judge.type verifier labels by the constraints followed: set judge.length_penalty: 0")
         if j.policy_logps == "from_sampling" and j.type != "implicit":
             raise ValueError("judge.policy_logps: from_sampling reuses pi_{t-1}'s sampling log-probs, which only the "
                              "implicit-reward judge uses: set judge.type: implicit or policy_logps: rescore")

@@ -106,8 +106,9 @@ class SampleConfig(_Section):
 class JudgeConfig(_Section):
     """Direct preference judgment (Eq. 7, 8, 13), and the labelling variants of docs/variants.md 5-6."""
 
-    type: str = Field("implicit", pattern="^(implicit|external_rm|llm_judge)$",
-                      description="implicit reward (SPA), an external reward model, or an LLM judge (paper Table 2)")
+    type: str = Field("implicit", pattern="^(implicit|external_rm|llm_judge|verifier)$",
+                      description="implicit reward (SPA), an external reward model, an LLM judge (paper Table 2), or "
+                                  "the instruction verifier (a full labelling budget: needs judge.instructions)")
     reference: str = Field("init", pattern="^(init|previous|none)$", description="pi_init (paper), pi_{t-2}, or none")
     beta: Annotated[float, Field(gt=0)] = 0.1
     length_penalty: Annotated[float, Field(ge=0)] | str = Field(
@@ -128,8 +129,14 @@ class JudgeConfig(_Section):
     llm_judge_model: str | None = Field(None, description="judge.type llm_judge: causal LM dir (default pi_init)")
     oracle: str | None = Field(
         None, description="diagnostics only, never used for labels: python:module:function giving alpaca-eval's "
-                          "preference (1, 2, 1.5) on (prompt, chosen, rejected); the judge summary then reports "
-                          "self-label accuracy and the oracle's length preference (the demo world's oracle)")
+                          "preference (1, 2, 1.5) on (prompt, chosen, rejected), or 'verifier' (the constraints of "
+                          "judge.instructions); the judge summary then reports self-label accuracy and the oracle's "
+                          "length preference (the demo world's oracle)")
+    # written only when set: configs and resume keys from before it existed stay the same
+    instructions: str | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="verifiable-instruction rows (IFEval's format: prompt, instruction_id_list, kwargs) covering "
+                    "the run's prompts: read by judge.type verifier and judge.oracle verifier")
     drop_truncated: bool = Field(False, description="drop pairs with a response cut at max_new_tokens (docs/algorithm.md)")
     policy_logps: str = Field(
         "rescore", pattern="^(rescore|from_sampling)$",
@@ -162,8 +169,14 @@ class EvalConfig(_Section):
     """``spa evaluate``: AlpacaEval-style win rates, held-out gold agreement, response lengths, MT-Bench."""
 
     eval_set: str = Field("alpaca_eval", description="'alpaca_eval' (805 instructions, GPT-4-turbo reference "
-                          "outputs), 'heldout' (held-out prompts, no reference: lengths only), or a JSON/JSONL/"
-                          "Parquet file of (instruction, output) reference rows")
+                          "outputs), 'heldout' (held-out prompts, no reference: lengths only), a JSON/JSONL/"
+                          "Parquet file of (instruction, output) reference rows, or 'none' (no win rate)")
+    # written only when set: configs and resume keys from before it existed stay the same
+    instruction_sets: list[str] = Field(
+        default_factory=list, exclude_if=lambda v: not v,
+        description="instruction-following sets answered greedily and scored by IFEval's checkers: 'ifeval' "
+                    "(its 541 prompts, offline) or a file of IFEval-format rows (e.g. data/verifiable_tasks.py's "
+                    "held-out split)")
     max_prompts: PositiveInt | None = Field(
         None, description="answer only the first N prompts of the eval set (all when unset); a win rate on a subset "
                           "is marked as one in eval.json and the report")

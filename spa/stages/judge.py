@@ -52,6 +52,8 @@ def judge_name(cfg: SPAConfig, length_penalty: float | None = None) -> str:
         base = f"implicit(ref={j.reference},beta={j.beta},length_penalty={a_text}{reuse})"
     elif j.type == "external_rm":
         base = f"external_rm({Path(j.reward_model or '').name},length_penalty={a_text})"
+    elif j.type == "verifier":
+        base = f"verifier({Path(j.instructions or '').name})"
     else:
         base = f"llm_judge({Path(j.llm_judge_model or cfg.model.pi_init).name},both_orders)"
     if j.select == "best_worst":
@@ -84,7 +86,8 @@ def pick_pairs(scores: Scores, cands: list[list[str]], cfg: SPAConfig, prompt_id
     if cfg.judge.select == "best_worst":
         ci, ri = (x.numpy() for x in select_pairs(torch.from_numpy(scores.reward), torch.from_numpy(scores.lens), a))
         rows_idx = np.arange(len(cands))
-        p_chosen = 1.0 / (1.0 + np.exp(-(score[rows_idx, ci] - score[rows_idx, ri])))
+        margin = score[rows_idx, ci] - score[rows_idx, ri]
+        p_chosen = np.where(margin > 0, 1.0, 0.5) if scores.decisive else 1.0 / (1.0 + np.exp(-margin))
         tie = ci == ri
     else:
         p1 = scores.p_first if scores.p_first is not None else 1.0 / (1.0 + np.exp(-(score[:, 0] - score[:, 1])))
@@ -230,11 +233,13 @@ def oracle_summary(cfg: SPAConfig, judgments: Path, out: Path) -> dict[str, Any]
     Diagnostics only: the verdicts never reach training. Ties are left out (they are not trained on)."""
     from spa.evaluation.annotators import annotate, load_annotator
     from spa.judges.diagnostics import oracle_label_quality
+    from spa.judges.verifier import VerifierOracle
 
     table = pq.read_table(judgments, columns=["prompt_id", "prompt", "chosen", "rejected", "tie",
                                               "chosen_tokens", "rejected_tokens"])
     table = table.filter(pc.invert(table.column("tie")))
-    verdicts = annotate(load_annotator(cfg.judge.oracle), table.column("prompt").to_pylist(),
+    oracle = load_annotator(cfg.judge.oracle) if cfg.judge.oracle != "verifier" else VerifierOracle(cfg.judge.instructions)
+    verdicts = annotate(oracle, table.column("prompt").to_pylist(),
                         table.column("chosen").to_pylist(), table.column("rejected").to_pylist())
     write_table(pa.table({"prompt_id": table.column("prompt_id"), "oracle_verdict": pa.array(verdicts, pa.float64())},
                          schema=ORACLE_VERDICTS.schema),
@@ -251,6 +256,8 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
     policy = require(model_dir(cfg, t - 1), f"pi_{t-1}", "spa seed" if t == 1 else f"spa train --iteration {t-1}")
     ref = reference_dir(cfg, t)
     inputs = [responses, policy] + ([require(ref, "the judge's reference model", "spa seed / spa train")] if ref else [])
+    if cfg.judge.instructions:  # the verifier's constraints: a changed task file relabels
+        inputs.append(Path(cfg.judge.instructions))
     part = parse_shard(shard) if shard else None
     final = layout.judgments(t)
     output = final if part is None else shard_path(final, part)

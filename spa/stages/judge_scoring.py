@@ -43,6 +43,7 @@ class Scores:
     ref: np.ndarray  # log pi_ref(y|x); NaN without a reference
     lens: np.ndarray  # response tokens (the policy tokenizer's count)
     p_first: np.ndarray | None = None  # pairwise judges (LLM judge): p(y1 > y2) directly
+    decisive: bool = False  # the verifier: a higher reward is a certain preference (p_chosen 1, or 0.5 on a tie)
 
 
 
@@ -100,7 +101,7 @@ class Judges:
         self.cfg, self.t = cfg, t
         policy_dir = model_dir(cfg, t - 1)
         self.tok = load_tokenizer(policy_dir, trc)
-        self.policy = self.ref = self.rm = self.llm = None
+        self.policy = self.ref = self.rm = self.llm = self.verifier = None
         self.reuse = cfg.judge.type == "implicit" and cfg.judge.policy_logps == "from_sampling"
         self.policy_dir = policy_dir
         self.stats = {"responses": 0, "policy_rescored": 0}  # with reuse: responses pi_{t-1} had to rescore
@@ -109,6 +110,10 @@ class Judges:
             self.policy = None if self.reuse else load_causal_lm(policy_dir, dtype, trust_remote_code=trc)
             ref_dir = reference_dir(cfg, t)
             self.ref = load_causal_lm(ref_dir, dtype, trust_remote_code=trc) if ref_dir is not None else None
+        elif cfg.judge.type == "verifier":
+            from spa.judges.verifier import task_index
+
+            self.verifier = task_index(cfg.judge.instructions)
         elif cfg.judge.type == "external_rm":
             from spa.judges.reward_model import load_reward_model
 
@@ -158,6 +163,10 @@ class Judges:
             reward = cfg.judge.beta * (pol - ref) if self.ref is not None else cfg.judge.beta * pol
             return Scores(reward.reshape(n, k), pol.reshape(n, k), ref.reshape(n, k), lens.reshape(n, k))
         lens = np.array([len(render(self.tok, p, y, False)[1]) for p, y in zip(flat_p, flat_y, strict=True)], np.int32)
+        if self.verifier is not None:  # the share of each response's constraints it follows
+            reward = np.array(self.verifier.scores(prompts, cands), dtype=np.float64).reshape(n, k)
+            p1 = np.where(reward[:, 0] > reward[:, 1], 1.0, np.where(reward[:, 0] < reward[:, 1], 0.0, 0.5))
+            return Scores(reward, nan.reshape(n, k), nan.reshape(n, k), lens.reshape(n, k), p_first=p1, decisive=True)
         if self.rm is not None:
             from spa.judges.reward_model import reward_scores
 
