@@ -45,18 +45,20 @@ def merge(raw: dict, overrides: dict[str, Any]) -> dict:
     return out
 
 
-def run_iterations(cfg: SPAConfig, echo: Callable[[str], None] = quiet) -> SPAConfig:
-    """Iterations 1..T of ``cfg`` (sample, judge, train, evaluate), each stage skipped when up to date."""
+def run_iterations(cfg: SPAConfig, echo: Callable[[str], None] = quiet, evaluate_rounds: str = "every") -> SPAConfig:
+    """Iterations 1..T of ``cfg`` (sample, judge, train, evaluate), each stage skipped when up to date;
+    ``evaluate_rounds="last"`` evaluates only pi_T (where an evaluation costs more than a round's diagnostics say)."""
     for t in range(1, cfg.iterations + 1):
         sample.run(cfg, t, echo=echo)
         judge.run(cfg, t, echo=echo)
         train.run(cfg, t, echo=echo)
-        evaluate.run(cfg, t, echo=echo)
+        if evaluate_rounds == "every" or t == cfg.iterations:
+            evaluate.run(cfg, t, echo=echo)
     return cfg
 
 
 def run_arm(base_run: Path, run_dir: Path, raw: dict, overrides: dict[str, Any],
-            echo: Callable[[str], None] = quiet, resume: bool = False) -> list[dict[str, Any]]:
+            echo: Callable[[str], None] = quiet, resume: bool = False, evaluate_rounds: str = "every") -> list[dict[str, Any]]:
     """Copy ``base_run`` (seed stage done) to ``run_dir`` and run the iterations of ``raw`` + ``overrides``.
 
     ``resume=True`` keeps an earlier attempt's ``run_dir`` (one with a manifest) instead of copying afresh:
@@ -68,7 +70,8 @@ def run_arm(base_run: Path, run_dir: Path, raw: dict, overrides: dict[str, Any],
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(base_run, run_dir)
     cfg = parse_config(merge(raw, overrides) | {"run_dir": str(run_dir)})
-    return run_metrics(run_iterations(cfg, echo))
+    cfg = run_iterations(cfg, echo, evaluate_rounds)
+    return run_metrics(cfg) if evaluate_rounds == "every" else []
 
 
 def run_sft(raw: dict, run_dir: Path, echo: Callable[[str], None] = quiet) -> dict[str, Any]:
