@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_config
 
-from spa.errors import ConfigError
 from spa.config import parse_config
+from spa.errors import ConfigError
 from spa.judges.verifier import load_tasks, verify
 from spa.run.layout import RunLayout
 from spa.stages import evaluate, judge, prepare, sample
