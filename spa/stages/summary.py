@@ -34,8 +34,19 @@ def iteration_rows(layout: RunLayout, planned: int = 0) -> list[dict[str, Any]]:
         rows.append({"iteration": t, "win_rate": ev.get("win_rate"), "lc_win_rate": ev.get("lc_win_rate"),
                      "gold_agreement": ev.get("gold_agreement"), "avg_length": ev.get("avg_length"),
                      "self_label_accuracy": judge.get("self_label_accuracy"),
-                     "time_s": sum(times) if times else None, "evaluated": bool(ev)})
+                     "time_s": sum(times) if times else None, "evaluated": bool(ev),
+                     "instruction_following": instruction_columns(ev)})
     return rows
+
+
+def instruction_columns(ev: dict[str, Any]) -> dict[str, float | None]:
+    """IFEval's prompt-level accuracies of each instruction-following set in ``eval.json``, in percent, by column
+    name (``<set> prompt loose``, ``<set> prompt strict``)."""
+    out = {}
+    for name, got in (ev.get("instruction_following") or {}).items():
+        for key in ("prompt_loose", "prompt_strict"):
+            out[f"{name} {key.replace('_', ' ')}"] = None if got.get(key) is None else 100 * got[key]
+    return out
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -53,11 +64,16 @@ def _cell(value: Any, kind: str) -> str:
 
 
 def closing_table(cfg: SPAConfig) -> str:
-    """The iterations as an aligned text table (win rates in percent; ``-`` where not known)."""
+    """The iterations as an aligned text table (win rates and instruction-following accuracies in percent; ``-``
+    where not known). Instruction-following sets add their prompt-level loose accuracy before the time column."""
     kinds = (None, "pct", "pct", "frac", "frac", "time")
     keys = ("iteration", "win_rate", "lc_win_rate", "gold_agreement", "self_label_accuracy", "time_s")
-    body = [[str(r["iteration"])] + [_cell(r[k], kind) for k, kind in zip(keys[1:], kinds[1:], strict=True)]
-            for r in iteration_rows(RunLayout.of(cfg), cfg.iterations)]
-    widths = [max(len(c) for c in col) for col in zip(COLUMNS, *body, strict=True)]
+    rows = iteration_rows(RunLayout.of(cfg), cfg.iterations)
+    sets = list(dict.fromkeys(k for r in rows for k in r["instruction_following"] if k.endswith("prompt loose")))
+    columns = COLUMNS[:-1] + tuple(sets) + COLUMNS[-1:]
+    body = [[str(r["iteration"])] + [_cell(r[k], kind) for k, kind in zip(keys[1:-1], kinds[1:-1], strict=True)]
+            + [_cell(r["instruction_following"].get(k), "pct") for k in sets] + [_cell(r["time_s"], "time")]
+            for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(columns, *body, strict=True)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
-    return "\n".join([line(COLUMNS), line(["-" * w for w in widths])] + [line(r) for r in body])
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in body])

