@@ -1,4 +1,4 @@
-"""Bad input is one line naming what and where, exit code 2, no traceback and no output (README, "Bad input").
+"""Bad input is one line naming what and where, exit code 2, no traceback and no output (docs/usage.md, "Bad input").
 
 Two halves: every ``BadInput`` class of ``spa.errors`` raised from a stage reaches the user as that line, and a
 catalogue of broken sources run through the real ``spa prepare`` command.

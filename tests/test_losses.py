@@ -112,7 +112,7 @@ def test_percentile_and_window_threshold():
 
 
 def test_window_keeps_only_the_most_recent_values():
-    w = RefinementWindow(size=50, k_percent=10.0)
+    w = RefinementWindow(size=50, k_percent=10.0, warmup_fraction=0.2)
     w.update(torch.full((40,), -100.0))
     w.update(torch.arange(50.0))  # pushes all but the newest 50 out
     assert len(w) == 50
@@ -130,11 +130,11 @@ def test_window_warmup_flags_nothing_but_still_fills():
 
 def test_window_rejects_bad_arguments():
     with pytest.raises(ValueError):
-        RefinementWindow(size=0)
+        RefinementWindow(size=0, k_percent=10.0, warmup_fraction=0.2)
     with pytest.raises(ValueError):
-        RefinementWindow(k_percent=101)
+        RefinementWindow(size=50, k_percent=101, warmup_fraction=0.2)
     with pytest.raises(ValueError):
-        RefinementWindow(warmup_fraction=1.5)
+        RefinementWindow(size=50, k_percent=10.0, warmup_fraction=1.5)
 
 
 def test_decoupled_detection_flags_a_different_pair_than_sr():

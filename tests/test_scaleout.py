@@ -1,4 +1,4 @@
-"""Scale-out (README, "Scale-out"): sampling engines over several GPUs and shards pinned to their own GPUs (the
+"""Scale-out (docs/scale_out.md): sampling engines over several GPUs and shards pinned to their own GPUs (the
 plumbing: no GPU here), and multi-node training, run as two "nodes" on 127.0.0.1 with a c10d rendezvous."""
 
 import os

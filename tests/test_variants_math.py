@@ -47,9 +47,9 @@ def test_rpo_unpaired_shapes_and_group_of_one_is_dpo():
     torch.manual_seed(0)
     pc, rc, emb_c = torch.randn(3), torch.randn(3), torch.randn(3, 5)
     pr, rr, emb_r = torch.randn(5), torch.randn(5), torch.randn(5, 5)
-    out = rpo_loss(pc, pr, rc, rr, emb_c, emb_r)  # M = 3 winners, N = 5 losers
+    out = rpo_loss(pc, pr, rc, rr, emb_c, emb_r, beta=0.1, tau=0.5)  # M = 3 winners, N = 5 losers
     assert out.shape == () and torch.isfinite(out)
-    one = rpo_loss(pc[:1], pr[:1], rc[:1], rr[:1], emb_c[:1], emb_r[:1], beta=0.1)
+    one = rpo_loss(pc[:1], pr[:1], rc[:1], rr[:1], emb_c[:1], emb_r[:1], beta=0.1, tau=0.5)
     dpo = -torch.nn.functional.logsigmoid(0.1 * ((pc[0] - rc[0]) - (pr[0] - rr[0])))
     assert one.item() == pytest.approx(dpo.item(), abs=1e-7)
 

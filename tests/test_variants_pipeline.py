@@ -275,3 +275,26 @@ def _check_variant_run(tmp_path, tiny_model_dir, prefs_file, name, sections, bef
     if cfg.judge.type != "implicit":
         assert all(r["judge"].startswith(cfg.judge.type) for r in judgments)
         assert all(r["policy_logp_chosen"] is None or np.isnan(r["policy_logp_chosen"]) for r in judgments)
+
+
+@pytest.mark.parametrize("select,a", [("first_two", 0.0), ("first_two", 0.02), ("best_worst", 0.02)])
+def test_judge_stage_labels_are_the_tested_equations(tmp_path, tiny_model_dir, prefs_file, select, a):
+    """Every label the stage writes is Eq. 7-8 (``implicit_preference``, ``assign_labels``; ``select_pairs`` for
+    best-vs-worst) recomputed from the log-probs and lengths it recorded: a stage that computed its own labels
+    would fail here."""
+    from spa.judges.implicit_reward import assign_labels, implicit_preference
+
+    n = 4 if select == "best_worst" else 2
+    cfg, lay = _staged(tmp_path, tiny_model_dir, prefs_file, f"{select}{a}", sample={"n": n, "temperature": 1.5},
+                       judge={"select": select, "length_penalty": a})
+    judge.run(cfg, 1)
+    rows = pq.read_table(lay.judgments(1)).to_pylist()
+    col = lambda k: torch.tensor([r[k] for r in rows], dtype=torch.float64)  # noqa: E731
+    p = implicit_preference(col("policy_logp_chosen"), None, col("policy_logp_rejected"), None, cfg.judge.beta, a,
+                            col("chosen_tokens"), col("rejected_tokens"))
+    tie = torch.tensor([r["tie"] for r in rows])
+    assert not tie.all() and torch.equal(torch.where(tie, 0.5, p), col("p_chosen"))
+    if select == "first_two":  # orientation: Eq. 8 on (y1, y2) as sampled decides which one is chosen
+        first_wins, ties = assign_labels(torch.where(col("chosen_index") == 0, p, 1 - p))
+        assert [r["first_is_chosen"] for r in rows] == [bool(w or t) for w, t in zip(first_wins, ties, strict=True)]
+        assert ties.tolist() == tie.tolist()

@@ -44,7 +44,7 @@ class DataConfig(_Section):
 
     source: str | None = Field(
         None, description="preference pairs: a Parquet, JSONL, JSON, CSV or TSV file, a datasets save_to_disk folder, a "
-                          "folder of data files, or a hub dataset id org/name (README, \"Data sources\")")
+                          "folder of data files, or a hub dataset id org/name (docs/usage.md, \"Data sources\")")
     # split and revision are written only when set: configs and resume keys from before they existed stay the same
     split: str | None = Field(None, exclude_if=lambda v: v is None,
                               description="the split of a hub dataset, a DatasetDict folder or a folder of data files "
@@ -82,7 +82,7 @@ class SampleConfig(_Section):
     # written only when > 1: configs and resume keys from before they existed stay the same
     tensor_parallel_size: PositiveInt = Field(
         1, exclude_if=lambda v: v == 1,
-        description="vLLM only: GPUs one engine splits every layer over (tensor parallelism; README, \"Scale-out\")")
+        description="vLLM only: GPUs one engine splits every layer over (tensor parallelism; docs/scale_out.md)")
     pipeline_parallel_size: PositiveInt = Field(
         1, exclude_if=lambda v: v == 1,
         description="vLLM only: GPUs one engine splits the layers over (pipeline stages); one engine uses "

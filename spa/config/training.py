@@ -135,7 +135,7 @@ class TrainConfig(_Section):
     num_processes: PositiveInt = Field(1, description="training processes (GPUs) per node; > 1: torchrun")
     nnodes: PositiveInt = Field(1, exclude_if=lambda v: v == 1,  # written only when > 1: older resume keys stay
                                 description="nodes of a multi-node training: one `spa train` per node, each with "
-                                            "its node rank in NODE_RANK or SLURM_NODEID (README, \"Scale-out\")")
+                                            "its node rank in NODE_RANK or SLURM_NODEID (docs/scale_out.md)")
     rdzv_endpoint: str | None = Field(
         None, pattern=r"^\S+:\d{1,5}$",
         description="host:port of torchrun's c10d rendezvous (the first node's); needed when nnodes > 1 "

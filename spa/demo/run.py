@@ -96,7 +96,7 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
     if quality.get("on_topic", 1.0) < SFT_ON_TOPIC_MIN:
         echo(f"[demo] warning: pi_init put only {quality['on_topic']:.0%} of its items on topic (93-96% when its "
              "training succeeds): topic membership is not scored, but its answers mix topics, which makes the "
-             "inclusion constraint harder to meet (README, 'The demo world')")
+             "inclusion constraint harder to meet (docs/demo_world.md)")
     write_text_atomic(marker, json.dumps(wanted))
     write_text_atomic(world / "pi_init_quality.json", json.dumps(quality, indent=2))
     return world

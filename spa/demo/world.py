@@ -17,8 +17,8 @@ but not scored. Why: which words a policy uses drifts under DPO (a word pushed u
 chosen answers becomes likelier in every context), the implicit reward of Eq. 7 rewards
 that drift wherever it went, and self-labelled rounds amplify it. An oracle that scored
 topic membership made that drift decide the outcome: on some seeds whole answers switched
-topic ("Name 3 animals" answered with vehicles) and the rounds collapsed (README, "How the
-world was chosen").
+topic ("Name 3 animals" answered with vehicles) and the rounds collapsed (docs/demo_world.md, "Why the
+world looks like this").
 
 Why slots: quality never changes length. Only the item count changes an answer's
 length, and a wrong count is one item too many or one too few about equally often, so

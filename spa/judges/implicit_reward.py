@@ -1,8 +1,26 @@
-"""Direct preference judgment with the implicit reward (Eq. 4, 7, 8, 13)."""
+"""Direct preference judgment with the implicit reward (Eq. 4, 7, 8, 13): the one home of these equations.
+
+The judge stage (``spa.stages.judge``), the evaluation's gold agreement and the training margin
+(``spa.training.losses.dpo_margin``) all compute them through these functions.
+"""
 
 from __future__ import annotations
 
 import torch
+
+
+def _tensor(x) -> torch.Tensor:
+    """A tensor as given (its dtype kept: training's autograd graph), anything else as float64."""
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
+
+
+def length_penalised(reward: torch.Tensor, length: torch.Tensor | None, length_penalty: float) -> torch.Tensor:
+    """Eq. 13: ``r(y) - a * |y|`` (``|y|`` in tokens); ``a = 0`` returns ``reward`` unchanged."""
+    if not length_penalty:
+        return reward
+    if length is None:
+        raise ValueError("a length penalty (Eq. 13) needs the response lengths in tokens")
+    return reward - length_penalty * _tensor(length).to(reward.dtype)
 
 
 def implicit_reward(
@@ -12,19 +30,23 @@ def implicit_reward(
     length_penalty: float = 0.0,
     length: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DPO implicit reward ``r(y) = beta * (log pi(y|x) - log pi_ref(y|x))`` (Eq. 4).
+    """DPO implicit reward ``r(y) = beta * (log pi(y|x) - log pi_ref(y|x))`` (Eq. 4), elementwise.
 
     ``ref_logp=None`` is the paper's reference-free variant (Table 7),
     ``r = beta * log pi(y|x)``. With ``length_penalty = a > 0`` the reward is
-    ``r - a * |y|`` (Eq. 13, ``|y|`` in tokens), which needs ``length``.
+    ``r - a * |y|`` (Eq. 13, ``|y|`` in tokens), which needs ``length``. Tensors keep
+    their dtype (the training margin's graph); other inputs are taken as float64.
     """
-    policy_logp = torch.as_tensor(policy_logp, dtype=torch.float64)
-    reward = beta * (policy_logp - torch.as_tensor(ref_logp, dtype=torch.float64)) if ref_logp is not None else beta * policy_logp
-    if length_penalty:
-        if length is None:
-            raise ValueError("a length penalty (Eq. 13) needs the response lengths in tokens")
-        reward = reward - length_penalty * torch.as_tensor(length, dtype=torch.float64)
-    return reward
+    policy_logp = _tensor(policy_logp)
+    reward = beta * (policy_logp - _tensor(ref_logp).to(policy_logp.dtype)) if ref_logp is not None else beta * policy_logp
+    return length_penalised(reward, length, length_penalty)
+
+
+def preference(reward_1: torch.Tensor, reward_2: torch.Tensor) -> torch.Tensor:
+    """Eq. 7 (Bradley-Terry on two rewards): ``p(y1 > y2 | x) = sigma(r(y1) - r(y2))``, elementwise.
+
+    Equal rewards give exactly 0.5, a tie (docs/algorithm.md)."""
+    return torch.sigmoid(_tensor(reward_1) - _tensor(reward_2))
 
 
 def implicit_preference(
@@ -37,7 +59,7 @@ def implicit_preference(
     len_1: torch.Tensor | None = None,
     len_2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``p(y1 > y2 | x) = sigma(r(y1) - r(y2))`` of Eq. 7 (float64, ``[N]``).
+    """``p(y1 > y2 | x) = sigma(r(y1) - r(y2))`` of Eq. 7 with the implicit reward of Eq. 4 (``[N]``, float64).
 
     ``r`` is :func:`implicit_reward`: against a reference (``pi_init`` in SPA) or
     reference-free when both ``ref_logp_*`` are None, with the optional length
@@ -45,9 +67,10 @@ def implicit_preference(
     """
     if (ref_logp_1 is None) != (ref_logp_2 is None):
         raise ValueError("give reference log-probs for both responses or for neither")
-    r1 = implicit_reward(policy_logp_1, ref_logp_1, beta, length_penalty, len_1)
-    r2 = implicit_reward(policy_logp_2, ref_logp_2, beta, length_penalty, len_2)
-    return torch.sigmoid(r1 - r2)
+    f64 = lambda x: None if x is None else _tensor(x).double()  # noqa: E731 - labels are judged in float64
+    r1 = implicit_reward(f64(policy_logp_1), f64(ref_logp_1), beta, length_penalty, len_1)
+    r2 = implicit_reward(f64(policy_logp_2), f64(ref_logp_2), beta, length_penalty, len_2)
+    return preference(r1, r2)
 
 
 def assign_labels(p_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +87,7 @@ def select_pairs(rewards: torch.Tensor, lengths: torch.Tensor,
     returns (chosen index, rejected index) per prompt: the first argmax and the first argmin. When all
     scores of a prompt are equal both indices are 0 (a tie).
     """
-    score = rewards.double() - length_penalty * lengths.double()
+    score = length_penalised(rewards.double(), lengths.double(), length_penalty)  # Eq. 13
     chosen = torch.argmax(score, dim=1)
     rejected = torch.argmin(score, dim=1)
     same = score.max(dim=1).values == score.min(dim=1).values

@@ -40,7 +40,7 @@ class SamplingSpec:
     max_num_batched_tokens: int | None
     dtype: str
     trust_remote_code: bool
-    tensor_parallel_size: int = 1  # vLLM only (README, "Scale-out")
+    tensor_parallel_size: int = 1  # vLLM only (docs/scale_out.md)
     pipeline_parallel_size: int = 1
 
     @classmethod

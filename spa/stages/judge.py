@@ -79,23 +79,24 @@ def pick_pairs(scores: Scores, cands: list[list[str]], cfg: SPAConfig, prompt_id
     with Eq. 13's penalty), ties, and the injected flips: ``(ci, ri, p_chosen, tie, flipped)``."""
     import torch
 
-    from spa.judges.implicit_reward import select_pairs
+    from spa.judges.implicit_reward import assign_labels, length_penalised, preference, select_pairs
 
-    a = length_penalty
-    score = scores.reward - a * scores.lens
+    reward, lens = torch.from_numpy(scores.reward), torch.from_numpy(scores.lens)
+    score = length_penalised(reward, lens, length_penalty)  # Eq. 13 on Eq. 4's rewards
+    rows_idx = torch.arange(len(cands))
     if cfg.judge.select == "best_worst":
-        ci, ri = (x.numpy() for x in select_pairs(torch.from_numpy(scores.reward), torch.from_numpy(scores.lens), a))
-        rows_idx = np.arange(len(cands))
-        margin = score[rows_idx, ci] - score[rows_idx, ri]
-        p_chosen = np.where(margin > 0, 1.0, 0.5) if scores.decisive else 1.0 / (1.0 + np.exp(-margin))
+        ci, ri = (x.numpy() for x in select_pairs(reward, lens, length_penalty))
         tie = ci == ri
     else:
-        p1 = scores.p_first if scores.p_first is not None else 1.0 / (1.0 + np.exp(-(score[:, 0] - score[:, 1])))
-        tie = p1 == 0.5
-        first = p1 > 0.5  # Eq. 8; on a tie y1 stays first and the row is kept out of training
+        p1 = scores.p_first if scores.p_first is not None else preference(score[:, 0], score[:, 1]).numpy()  # Eq. 7
+        first, tie = (x.numpy() for x in assign_labels(torch.from_numpy(p1)))  # Eq. 8; a tie keeps y1 first
         ci = np.where(first | tie, 0, 1)
         ri = 1 - ci
-        p_chosen = np.where(first | tie, p1, 1.0 - p1)
+    if scores.p_first is not None:  # a pairwise judge (LLM judge): its own p(y1 > y2)
+        p_chosen = np.where(ci == 0, scores.p_first, 1.0 - scores.p_first)
+    else:  # Eq. 7 for (chosen, rejected); the verifier's preference is certain
+        p_chosen = preference(score[rows_idx, ci], score[rows_idx, ri]).numpy()
+        p_chosen = np.where(p_chosen > 0.5, 1.0, 0.5) if scores.decisive else p_chosen
     identical = np.array([c[i] == c[j] for c, i, j in zip(cands, ci, ri, strict=True)]) | np.array(
         [i == j for i, j in zip(ci, ri, strict=True)])
     tie = tie | identical  # identical texts are a tie even if padding nudged the numbers

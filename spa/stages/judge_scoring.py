@@ -142,6 +142,7 @@ class Judges:
 
     def score(self, prompts: list[str], cands: list[list[str]], fins: list[list[bool]],
               sampled: Sampled | None = None) -> Scores:
+        from spa.judges.implicit_reward import implicit_reward
         from spa.models.logprobs import sequence_logps
         from spa.models.rendering import render
 
@@ -160,13 +161,12 @@ class Judges:
             pol, counts = sequence_logps(self.policy, self.tok, flat_p, flat_y, flat_f, bs, ml)
             lens = response_lengths(counts, flat_f)
             ref = sequence_logps(self.ref, self.tok, flat_p, flat_y, flat_f, bs, ml)[0] if self.ref is not None else nan
-            reward = cfg.judge.beta * (pol - ref) if self.ref is not None else cfg.judge.beta * pol
+            reward = implicit_reward(pol, ref if self.ref is not None else None, cfg.judge.beta).numpy()  # Eq. 4
             return Scores(reward.reshape(n, k), pol.reshape(n, k), ref.reshape(n, k), lens.reshape(n, k))
         lens = np.array([len(render(self.tok, p, y, False)[1]) for p, y in zip(flat_p, flat_y, strict=True)], np.int32)
         if self.verifier is not None:  # the share of each response's constraints it follows
             reward = np.array(self.verifier.scores(prompts, cands), dtype=np.float64).reshape(n, k)
-            p1 = np.where(reward[:, 0] > reward[:, 1], 1.0, np.where(reward[:, 0] < reward[:, 1], 0.0, 0.5))
-            return Scores(reward, nan.reshape(n, k), nan.reshape(n, k), lens.reshape(n, k), p_first=p1, decisive=True)
+            return Scores(reward, nan.reshape(n, k), nan.reshape(n, k), lens.reshape(n, k), decisive=True)
         if self.rm is not None:
             from spa.judges.reward_model import reward_scores
 
@@ -183,6 +183,7 @@ class Judges:
         """Eq. 7 with log pi_{t-1} taken from sampling wherever the sampled ids are exactly the ids the rendering
         path gives the response text (the ids every later stage uses); the other responses are rescored with
         pi_{t-1} (loaded on first need). The reference always scores the rendered ids, as in full rescoring."""
+        from spa.judges.implicit_reward import implicit_reward
         from spa.models.loading import load_causal_lm
         from spa.models.logprobs import encode_pair, encoded_logps
 
@@ -204,10 +205,9 @@ class Judges:
         lens = response_lengths([e.num_response_tokens for e in encoded], flat_f)
         if self.ref is None:
             ref = np.full(n * k, np.nan)
-            reward = cfg.judge.beta * pol
         else:
             ref = encoded_logps(self.ref, encoded, self.tok.pad_token_id, cfg.judge.batch_size)[0]
-            reward = cfg.judge.beta * (pol - ref)
+        reward = implicit_reward(pol, ref if self.ref is not None else None, cfg.judge.beta).numpy()  # Eq. 4
         return Scores(reward.reshape(n, k), pol.reshape(n, k), ref.reshape(n, k), lens.reshape(n, k))
 
 

@@ -129,7 +129,7 @@ def index_source(source: Source | str, progress: bool = False) -> SourceIndex:
             i += len(batch)
             bar.update(len(batch))
     if not i:
-        raise StageInputError(f"{source}: no rows; give a source of preference pairs (README, \"Data sources\")")
+        raise StageInputError(f"{source}: no rows; give a source of preference pairs (docs/usage.md, \"Data sources\")")
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
     return SourceIndex(cat(keys, np.uint64), cat(usable, bool), cat(ids, np.uint64), cat(empty, bool))
 

@@ -1,6 +1,6 @@
 """Reading ``data.source``: a local file or folder, or a Hugging Face dataset id, as batches of row dicts.
 
-What ``data.source`` may be (README, "Data sources"), tried in this order (a path that exists always wins):
+What ``data.source`` may be (docs/usage.md, "Data sources"), tried in this order (a path that exists always wins):
 
 - a Parquet or JSONL file (``.parquet``, ``.jsonl``, ``.json`` with one object a line) or a JSON array (``.json``);
 - a CSV or TSV file (``.csv``, ``.tsv``; every column read as a string, empty cells as ``""``);

@@ -13,6 +13,8 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
+from spa.judges.implicit_reward import implicit_reward
+
 
 def dpo_margin(
     policy_chosen_logps: torch.Tensor,
@@ -21,12 +23,13 @@ def dpo_margin(
     ref_rejected_logps: torch.Tensor,
     beta: float,
 ) -> torch.Tensor:
-    """DPO implicit-reward margin, Eq. 5 (the argument of sigma).
+    """DPO implicit-reward margin, Eq. 5 (the argument of sigma): the difference of two Eq. 4 rewards.
 
     ``m = beta*(log pi(y_w) - log pi_ref(y_w)) - beta*(log pi(y_l) - log pi_ref(y_l))``.
-    All inputs are ``[B]`` summed response log-probs; returns ``[B]``.
+    All inputs are ``[B]`` summed response log-probs; returns ``[B]`` in their dtype.
     """
-    return beta * (policy_chosen_logps - ref_chosen_logps) - beta * (policy_rejected_logps - ref_rejected_logps)
+    return (implicit_reward(policy_chosen_logps, ref_chosen_logps, beta)
+            - implicit_reward(policy_rejected_logps, ref_rejected_logps, beta))
 
 
 def refined_dpo_loss(margin: torch.Tensor, z: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -122,7 +125,7 @@ class RefinementWindow:
     every rank's values so all ranks share one window and one ``tau`` (docs/algorithm.md, "Self-refinement").
     """
 
-    def __init__(self, size: int = 50, k_percent: float = 10.0, warmup_fraction: float = 0.2):
+    def __init__(self, size: int, k_percent: float, warmup_fraction: float):
         if size < 1:
             raise ValueError(f"window size must be >= 1, got {size}")
         if not 0.0 <= k_percent <= 100.0:
@@ -173,6 +176,16 @@ class RefinementWindow:
 # --- variants (`docs/variants.md`) --------------------------------------------------------------
 
 
+@torch.no_grad()
+def rpo_weights(chosen_prompt_emb: torch.Tensor, rejected_prompt_emb: torch.Tensor, tau: float) -> torch.Tensor:
+    """RPO's prompt-similarity weights (Yin et al., Eq. 11-12): ``w = softmax_j(-(1 - cos(e_i, e_j)) / tau)``
+    over the ``[M, d]`` winners' and ``[N, d]`` losers' prompt embeddings (each row sums to 1; cosine *distance*,
+    as the official code). Returns ``[M, N]`` float32, no gradient."""
+    ec = F.normalize(chosen_prompt_emb.float(), dim=-1)
+    er = F.normalize(rejected_prompt_emb.float(), dim=-1)
+    return torch.softmax(-(1.0 - ec @ er.T) / tau, dim=1)
+
+
 def rpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -180,27 +193,23 @@ def rpo_loss(
     ref_rejected_logps: torch.Tensor,
     chosen_prompt_emb: torch.Tensor,
     rejected_prompt_emb: torch.Tensor,
-    beta: float = 0.1,
-    tau: float = 0.5,
+    beta: float,
+    tau: float,
     z_chosen: torch.Tensor | None = None,
     z_rejected: torch.Tensor | None = None,
     alpha: float = 0.0,
 ) -> torch.Tensor:
     """Relative Preference Optimization (Yin et al., Eq. 9-14; docs/variants.md section 2): scalar loss.
 
-    ``s_ij = beta * w_ij * ((pc_i - rc_i) - (pr_j - rr_j))`` over the M winners x N losers,
-    ``w = softmax_j(-(1 - cos(e_i, e_j)) / tau)`` (each row sums to 1; cosine *distance*, as the
-    official code), loss ``mean_ij -logsigmoid(s_ij)``. Paired data: M = N, pairs on the diagonal.
-    With self-refinement (docs/variants.md 2.7) ``z_ij = max(z_i, z_j)`` and SPA Eq. 10 per entry.
-    Written by hand: no library has RPO's contrast matrix.
+    ``s_ij = beta * w_ij * ((pc_i - rc_i) - (pr_j - rr_j))`` over the M winners x N losers, ``w`` of
+    :func:`rpo_weights`, loss ``mean_ij -logsigmoid(s_ij)``. Paired data: M = N, pairs on the diagonal.
+    With self-refinement (docs/variants.md 2.7) ``z_ij = max(z_i, z_j)`` and SPA Eq. 10 per entry
+    (``alpha`` is SR's; 0 without refinement). Written by hand: no library has RPO's contrast matrix.
     """
     lw = policy_chosen_logps - ref_chosen_logps  # [M]
     ll = policy_rejected_logps - ref_rejected_logps  # [N]
     diff = lw[:, None] - ll[None, :]  # [M, N]
-    with torch.no_grad():
-        ec = F.normalize(chosen_prompt_emb.float(), dim=-1)
-        er = F.normalize(rejected_prompt_emb.float(), dim=-1)
-        w = torch.softmax(-(1.0 - ec @ er.T) / tau, dim=1).to(diff.dtype)
+    w = rpo_weights(chosen_prompt_emb, rejected_prompt_emb, tau).to(diff.dtype)
     s = beta * w * diff
     if z_chosen is None and z_rejected is None:
         return (-F.logsigmoid(s)).mean()
@@ -210,7 +219,7 @@ def rpo_loss(
     return refined_dpo_loss(s, z, alpha).mean()
 
 
-def dro_moved_share(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> torch.Tensor:
+def dro_moved_share(xi: torch.Tensor, eps: float, xi_min: float) -> torch.Tensor:
     """The worst case's transport plan of the Wasserstein-DRO reweighting (docs/variants.md 3.3, from
     proposal Eq. 2-3/2-4): the share ``p_i`` of each pair's probability mass moved from ``xi_i`` to
     ``xi_min``.
@@ -236,7 +245,7 @@ def dro_moved_share(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) ->
     return p
 
 
-def dro_weights(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> torch.Tensor:
+def dro_weights(xi: torch.Tensor, eps: float, xi_min: float) -> torch.Tensor:
     """Per-pair weights of the Wasserstein-DRO reweighting (docs/variants.md 3.3, from proposal Eq. 2-3/2-4).
 
     With ``p_i`` the moved share of :func:`dro_moved_share`, the loss ``w_i * -logsigmoid(margin_i)``,
@@ -252,7 +261,7 @@ def _weights_of_share(x: torch.Tensor, p: torch.Tensor, xi_min: float) -> torch.
     return torch.where(x <= xi_min, torch.ones_like(w), w)
 
 
-def dro_diagnostics(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) -> dict[str, float]:
+def dro_diagnostics(xi: torch.Tensor, eps: float, xi_min: float) -> dict[str, float]:
     """What ``train_log`` records of one DRO solve (docs/variants.md 3.3, item 7): the largest weight of
     :func:`dro_weights`, the group's size and the share of its mass the worst case moves (:func:`dro_moved_share`)."""
     x = xi.detach().double().cpu()
@@ -261,7 +270,7 @@ def dro_diagnostics(xi: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1) ->
             "dro_moved_fraction": float(p.mean())}
 
 
-def dro_dpo_loss(margin: torch.Tensor, eps: float = 0.01, xi_min: float = 0.1,
+def dro_dpo_loss(margin: torch.Tensor, eps: float, xi_min: float,
                  z: torch.Tensor | None = None, alpha: float = 0.0) -> torch.Tensor:
     """Per-sample loss of the DRO variants: ``w_i * -logsigmoid(margin_i)`` (``dro``), or with SR
     (``sr+dro``) SPA Eq. 10 on the flagged pairs (``z = 1``) and the DRO weights computed over the

@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from spa.config import LossKind
+from spa.judges.implicit_reward import implicit_reward
 from spa.models.logprobs import gather_logps
 from spa.run.console import progress_bar
 from spa.schemas import REFINEMENT, TRAIN_LOG_WRITTEN
@@ -35,6 +36,7 @@ from spa.training.losses import (
     extrapolated_logps,
     refined_dpo_loss,
     rpo_loss,
+    rpo_weights,
 )
 from spa.training.rounds import LossSettings, RefineSettings
 from spa.training.spo import SPOHeads, aux_loss, step_generator
@@ -225,7 +227,8 @@ class RefinedDPOTrainer(FSDPTrainerMixin, Trainer):
             self.stats.sums.add(
                 loss=loss.item() * half, pairs=half, margin=margin.sum().item(), refined=z.sum().item(),
                 logps_chosen=pc.sum().item(), logps_rejected=pr.sum().item(),
-                rewards_chosen=(self.beta * (pc - rc)).sum().item(), rewards_correct=(margin > 0).sum().item())
+                rewards_chosen=implicit_reward(pc, rc, self.beta).sum().item(),  # Eq. 4
+                rewards_correct=(margin > 0).sum().item())
             self.stats.lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else 0.0
         return loss
 
@@ -259,10 +262,8 @@ class RefinedDPOTrainer(FSDPTrainerMixin, Trainer):
         ls, stats = self.loss_settings, self.stats.variant
         if ls.kind is LossKind.RPO:
             emb = inputs["prompt_emb"]
-            with torch.no_grad():
-                e = torch.nn.functional.normalize(emb.float(), dim=-1)
-                w = torch.softmax(-(1.0 - e @ e.T) / ls.rpo.tau, dim=1)
-                stats["rpo_diag_weight"] = max(stats.get("rpo_diag_weight", 0.0), float(w.diagonal().mean()))
+            w = rpo_weights(emb, emb, ls.rpo.tau)
+            stats["rpo_diag_weight"] = max(stats.get("rpo_diag_weight", 0.0), float(w.diagonal().mean()))
             refined = self.refine is not None
             return rpo_loss(pc, pr, rc, rr, emb, emb, self.beta, ls.rpo.tau, z_chosen=z if refined else None,
                             z_rejected=z if refined else None, alpha=alpha)
