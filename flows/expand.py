@@ -12,18 +12,20 @@ from spa.run.console import say
 from spa.run.layout import RunLayout
 from spa.run.runlock import RunLock
 from spa.stages.expansion import incoming_batches, mark_done, plan_batch
-from spa_tasks import stage_tasks as stages
+from spa_flows.steps import Steps, iteration
 
 
 @flow(name="spa-expand", log_prints=True)
-def expand(config: str, incoming: str | None = None) -> list[dict]:
-    """For each unused batch in ``incoming`` (default ``<run_dir>/incoming``): sample -> judge -> train -> evaluate."""
+def expand(config: str, incoming: str | None = None, shards: int = 1) -> list[dict]:
+    """For each unused batch in ``incoming`` (default ``<run_dir>/incoming``): one round of the pipeline (sample ->
+    judge -> train -> evaluate, sample and judge over ``shards``), then the report."""
     cfg = load_config(config)
     layout = RunLayout.of(cfg)
     folder = Path(incoming) if incoming else layout.incoming
     done = []
     with RunLock(cfg.run_dir, "spa-expand"):
         config = str(save_resolved(cfg))  # hub ids resolved once: every stage reads the same snapshot
+        steps = Steps(config, shards)
         for batch in incoming_batches(folder):
             plan = plan_batch(cfg, batch)
             if plan is None:
@@ -31,15 +33,11 @@ def expand(config: str, incoming: str | None = None) -> list[dict]:
             say(f"[expand] {plan.batch}: {plan.new_prompts} new prompts, {plan.overlap} already used (dropped), "
                 f"{plan.duplicates} duplicates -> iteration {plan.iteration}")
             if plan.new_prompts:
-                t = plan.iteration
-                stages.sample(config, t)
-                stages.judge(config, t)
-                stages.train(config, t)
-                stages.evaluate(config, t)
+                iteration(steps, plan.iteration)
             mark_done(layout, plan)
             done.append(asdict(plan))
         if done:
-            stages.report(config)
+            steps.report()
     if not done:
         say(f"[expand] no new prompt batches in {folder}")
     return done

@@ -115,6 +115,7 @@ def _run_flow(flow, **params) -> Any:
 @app.command()
 def expand(config_file: Path = ConfigArg, config: Path = ConfigOpt,
            incoming: Path = typer.Option(None, help="folder of new prompt batches (default <run_dir>/incoming)"),
+           shards: int = typer.Option(1, min=1, help="split sample and judge into N shards mapped over the task runner"),
            verbose: bool = VerboseOpt) -> None:
     """Run one more iteration per new prompt batch in the incoming folder, from the newest model."""
     import time
@@ -128,7 +129,8 @@ def expand(config_file: Path = ConfigArg, config: Path = ConfigOpt,
     from spa_flows.expand import expand as expand_flow  # Prefect imported before the session (see run)
 
     with terminal_session(cfg.run_dir, verbose, keep_handlers=True) as log_path:
-        done = _run_flow(expand_flow, config=str(config.resolve()), incoming=str(incoming.resolve()) if incoming else None)
+        done = _run_flow(expand_flow, config=str(config.resolve()), incoming=str(incoming.resolve()) if incoming else None,
+                         shards=shards)
         if done:
             closing_summary(cfg, log_path, started)
 

@@ -39,6 +39,7 @@ def test_engine_kwargs_carry_the_parallel_sizes():
     assert (kwargs["tensor_parallel_size"], kwargs["pipeline_parallel_size"]) == (4, 2)
     assert kwargs["model"] == kwargs["tokenizer"] == "models/m" and kwargs["max_model_len"] == 512
     assert kwargs["generation_config"] == "vllm" and kwargs["logprobs_mode"] == "raw_logprobs"
+    assert kwargs.get("enforce_eager", False) is not torch.cuda.is_available()  # no graph compilation on CPU
     assert sample.gpus_per_engine == 8
     one = engine_kwargs("m", SamplingSpec.from_config(SampleConfig(), ModelConfig(pi_init="m")))
     assert (one["tensor_parallel_size"], one["pipeline_parallel_size"]) == (1, 1)
