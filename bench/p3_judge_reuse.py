@@ -50,9 +50,9 @@ def with_judge(cfg, **judge):
 
 def time_judge(cfg, responses: Path, out: Path) -> dict[str, float]:
     """Seconds for the whole judge pass, and for the scoring alone (models already loaded)."""
+    from spa.judges.scoring import Judges
     from spa.run.artifacts import iter_chunks
     from spa.stages.judge import judge_file
-    from spa.stages.judge_scoring import Judges
 
     stats: dict[str, int] = {}
     start = time.perf_counter()

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from prefect import flow
 
-from spa.config import load_config, save_resolved
+from spa.config import load_config
+from spa.data.expansion import incoming_batches, mark_done, plan_batch
 from spa.run.console import say
-from spa.run.layout import RunLayout
+from spa.run.layout import RunLayout, save_resolved
 from spa.run.runlock import RunLock
-from spa.stages.expansion import incoming_batches, mark_done, plan_batch
 from spa_flows.steps import Steps, iteration
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from spa.config import load_config, save_resolved
+from spa.config import load_config
+from spa.run.layout import save_resolved
 from spa.run.preflight import preflight
 from spa.run.runlock import RunLock
 from spa_flows.steps import Steps, iteration
@@ -18,7 +19,7 @@ def spa_pipeline(config: str, shards: int = 1) -> str:
     """prepare -> seed -> evaluate pi_0 -> for t in 1..T: sample -> judge -> train -> evaluate -> report.
 
     Results as Prefect artifacts (``spa_tasks.artifacts``): metrics after each evaluate, the report, progress."""
-    cfg = load_config(config)  # hub ids resolve here, once (spa/models/hub.py)
+    cfg = load_config(config)  # hub ids resolve here, once (spa/config/hub.py)
     preflight(cfg, config)  # missing model folders or data: one error before any task starts (never retried)
     with RunLock(cfg.run_dir, "spa-pipeline"):
         # every stage reads the resolved config: a hub branch that moves during the run changes nothing

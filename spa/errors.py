@@ -21,7 +21,7 @@ class ConfigError(BadInput, ValueError):
 
 
 class HubModelNotFound(ConfigError):
-    """A model setting's hub id that neither the local cache nor the hub knows (spa/models/hub.py)."""
+    """A model setting's hub id that neither the local cache nor the hub knows (spa/config/hub.py)."""
 
 
 class ArtifactError(BadInput, ValueError):

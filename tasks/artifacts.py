@@ -70,15 +70,15 @@ def never_fails(fn):
 
 
 def _layout(config: str) -> RunLayout:
-    from spa.config import load_config
+    from spa_tasks.run_config import run_config
 
-    return RunLayout.of(load_config(config))
+    return RunLayout.of(run_config(config))
 
 
 def metrics_rows(layout: RunLayout) -> list[dict[str, Any]]:
     """One row per iteration with an ``eval.json`` (iteration 0 is the seed stage; absent in no-seed mode):
-    the closing table's rows (:func:`spa.stages.summary.iteration_rows`) under the artifact's column names."""
-    from spa.stages.summary import iteration_rows
+    the closing table's rows (:func:`spa.run.summary.iteration_rows`) under the artifact's column names."""
+    from spa.run.summary import iteration_rows
 
     return [{"iteration": r["iteration"], **{col: r[key] for col, key in METRICS.items()},
              **{f"{col} (%)": v for col, v in r["instruction_following"].items()}}

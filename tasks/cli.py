@@ -63,12 +63,12 @@ def checked_config(config: Path, overrides: list[str] | None = None):
 
 
 def closing_summary(cfg, log_path: Path, started: float) -> None:
-    """The iterations' table, then the report's and the log's paths (:mod:`spa.stages.summary`)."""
+    """The iterations' table, then the report's and the log's paths (:mod:`spa.run.summary`)."""
     import time
 
     from spa.run.console import say
     from spa.run.layout import RunLayout
-    from spa.stages.summary import closing_table
+    from spa.run.summary import closing_table
 
     say("")
     say(closing_table(cfg))
@@ -185,7 +185,7 @@ def check_config(
 ) -> None:
     """Validate a config and the files it names (model folders, data, eval set), and print it resolved (every
     default filled in)."""
-    from spa.config import save_resolved
+    from spa.run.layout import save_resolved
 
     cfg = checked_config(which_config(config_file, config))
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -202,7 +202,7 @@ def plan_command(
 ) -> None:
     """Print the resolved rounds (models, references, prompts, judge, loss, schedule) and what a rerun would
     redo, before any heavy work. Loads no model."""
-    from spa.stages.plan import format_plan, plan, plan_as_dict
+    from spa_tasks.plan import format_plan, plan, plan_as_dict
 
     cfg = checked_config(which_config(config_file, config), overrides)
     try:

@@ -23,6 +23,7 @@ from spa.run.console import FLOW_STAGE_ENV, PROGRESS_RELAY_ENV, RelayedBar
 from spa.run.manifest import Stage
 from spa.run.sharding import parse_shard, shard_devices, visible_devices
 from spa_tasks import artifacts
+from spa_tasks.run_config import run_config
 
 
 class BadStageInput(RuntimeError):
@@ -46,13 +47,6 @@ def stage_command(stage: str, config: str, iteration: int | None = None, *extra:
     if iteration is not None:
         cmd += ["-t", str(iteration)]
     return cmd + list(extra)
-
-
-def _inline(cmd: list[str]) -> bool:
-    """Whether the run's config asks for stages in the flow's own process (``stage_processes: inline``)."""
-    from spa.config import load_config
-
-    return load_config(cmd[cmd.index("-c") + 1]).stage_processes == "inline"
 
 
 def run_inline(cmd: list[str]) -> None:
@@ -121,10 +115,11 @@ def shard_env(shard: str | None, group_size: int, env: dict[str, str] | None = N
     return env
 
 
-def run_command(cmd: list[str], env: dict[str, str] | None = None) -> None:
-    """Run a stage process, streaming its output into the Prefect log (or in this process: ``run_inline``, which
-    ignores ``env``); ``env`` replaces this process's environment for it."""
-    if _inline(cmd):
+def run_command(cmd: list[str], config: str, env: dict[str, str] | None = None) -> None:
+    """Run a stage command of the run ``config``: as a process, streaming its output into the Prefect log, or in
+    this process (``run_inline``, which ignores ``env``) when the config says ``stage_processes: inline``; ``env``
+    replaces this process's environment for the process."""
+    if run_config(config).stage_processes == "inline":
         run_inline(cmd)
         return
     logger = get_run_logger()
@@ -154,10 +149,9 @@ def run_command(cmd: list[str], env: dict[str, str] | None = None) -> None:
 
 def stage_record(config: str, key: str) -> dict[str, Any]:
     """The small result a task passes on: the stage key and its outputs' content hashes."""
-    from spa.config import load_config
     from spa.run.layout import RunLayout
 
-    run = RunLayout.of(load_config(config))
+    run = RunLayout.of(run_config(config))
     entry = json.loads(run.manifest.read_text())["stages"][key]
     return {"stage": key, "outputs": entry["outputs"], "summary": entry.get("summary", {})}
 
@@ -189,61 +183,59 @@ def _task(stage: str):
 
 @_task("prepare")
 def prepare(config: str) -> dict[str, Any]:
-    run_command(stage_command("prepare", config))
+    run_command(stage_command("prepare", config), config)
     return stage_record(config, "prepare")
 
 
 @_task("seed")
 def seed(config: str) -> dict[str, Any]:
-    run_command(stage_command("seed", config))
+    run_command(stage_command("seed", config), config)
     return stage_record(config, Stage.SEED.key())
 
 
 @_task("sample")
 def sample(config: str, t: int, shard: str | None = None) -> dict[str, Any]:
-    from spa.config import load_config
-
-    group = load_config(config).sample.gpus_per_engine if shard else 1  # one engine's GPUs per shard
-    run_command(stage_command("sample", config, t, *(["--shard", shard] if shard else [])), shard_env(shard, group))
+    group = run_config(config).sample.gpus_per_engine if shard else 1  # one engine's GPUs per shard
+    run_command(stage_command("sample", config, t, *(["--shard", shard] if shard else [])), config,
+                shard_env(shard, group))
     return stage_record(config, Stage.SAMPLE.key(t, parse_shard(shard) if shard else None))
 
 
 @_task("merge samples")
 def merge_samples(config: str, t: int, shards: int) -> dict[str, Any]:
-    run_command(stage_command("sample", config, t, "--merge", str(shards)))
+    run_command(stage_command("sample", config, t, "--merge", str(shards)), config)
     return stage_record(config, Stage.SAMPLE.key(t))
 
 
 @_task("judge")
 def judge(config: str, t: int, shard: str | None = None) -> dict[str, Any]:
-    run_command(stage_command("judge", config, t, *(["--shard", shard] if shard else [])), shard_env(shard, 1))
+    run_command(stage_command("judge", config, t, *(["--shard", shard] if shard else [])), config, shard_env(shard, 1))
     return stage_record(config, Stage.JUDGE.key(t, parse_shard(shard) if shard else None))
 
 
 @_task("merge judgments")
 def merge_judgments(config: str, t: int, shards: int) -> dict[str, Any]:
-    run_command(stage_command("judge", config, t, "--merge", str(shards)))
+    run_command(stage_command("judge", config, t, "--merge", str(shards)), config)
     return stage_record(config, Stage.JUDGE.key(t))
 
 
 @_task("train")
 def train(config: str, t: int) -> dict[str, Any]:
-    run_command(stage_command("train", config, t))
+    run_command(stage_command("train", config, t), config)
     return stage_record(config, Stage.TRAIN.key(t))
 
 
 @_task("evaluate")
 def evaluate(config: str, t: int) -> dict[str, Any]:
-    run_command(stage_command("evaluate", config, t))
+    run_command(stage_command("evaluate", config, t), config)
     artifacts.publish_metrics(config)  # <prefix>-metrics: every iteration evaluated so far
     return stage_record(config, Stage.EVALUATE.key(t))
 
 
 @_task("report")
 def report(config: str) -> str:
-    run_command(stage_command("report", config))
+    run_command(stage_command("report", config), config)
     artifacts.publish_report(config)  # <prefix>-report, -run-dir, -report-file
-    from spa.config import load_config
     from spa.run.layout import RunLayout
 
-    return str(RunLayout.of(load_config(config)).report)
+    return str(RunLayout.of(run_config(config)).report)

@@ -150,7 +150,7 @@ def test_a_stage_removes_the_temporaries_a_killed_attempt_left(tmp_path, tiny_mo
     from conftest import tiny_config
 
     from spa.run.artifacts import write_text_atomic
-    from spa.stages.runner import run_stage
+    from spa.run.stage_runner import run_stage
 
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file)
     out_file, out_dir = tmp_path / "run" / "iter_1" / "judgments.parquet", tmp_path / "run" / "iter_1" / "model"

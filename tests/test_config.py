@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from spa.config import ConfigError, load_config, parse_config, save_resolved
+from spa.config import ConfigError, load_config, parse_config
+from spa.run.layout import save_resolved
 
 
 def minimal(tmp_path, **extra):

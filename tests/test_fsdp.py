@@ -166,8 +166,8 @@ def test_sharded_lora_loads_in_host_memory_and_takes_its_reference_from_the_base
     """FSDP with LoRA: every rank loads the base on the CPU (fully_shard moves only its shards to its GPU) and no
     reference pass runs before training (it would need the whole base on one device); full fine-tuning under FSDP
     and LoRA without it keep the device load and the pass."""
-    from spa.stages.train_worker import load_device
     from spa.training.rounds import resolve_round
+    from spa.training.worker import load_device
 
     lora = {"r": 4}
     sharded_lora = tiny_config(tmp_path, tiny_model_dir, prefs_file, train={"sharding": "fsdp", "num_processes": 2,

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from conftest import tiny_config
 
+from spa.config.hub import parse_hub_id, resolve_model_refs
 from spa.errors import ConfigError
-from spa.models.hub import parse_hub_id, resolve_model_refs
 
 SPA = str(Path(sys.executable).parent / "spa")
 MAIN = "a" * 40

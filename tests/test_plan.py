@@ -12,7 +12,7 @@ from conftest import tiny_config
 
 from spa.config import parse_config
 from spa.stages import prepare
-from spa.stages.plan import format_plan, plan
+from spa_tasks.plan import format_plan, plan
 
 
 def _cfg(tmp_path, **over):
@@ -101,7 +101,7 @@ def test_a_new_checkpoint_cadence_reruns_nothing(inline_run):
 def test_iterations_added_by_expand_are_planned(inline_run, tmp_path):
     """`spa expand` claims iteration T + 1 for a new prompt batch (expansion.json): the plan shows that round
     with its prompts and what is still to run, after the configured ones."""
-    from spa.stages.expansion import plan_batch
+    from spa.data.expansion import plan_batch
 
     cfg, _, _ = inline_run
     shutil.copytree(cfg.run_dir, tmp_path / "run")

@@ -227,7 +227,7 @@ def test_unreachable_api_is_one_warning_line_and_the_run_goes_on(tmp_path, tiny_
 def test_the_metrics_artifact_and_the_closing_table_read_the_same_rows(tmp_path):
     """One reader (``iteration_rows``) feeds both: an iteration still running is a row of Nones (dashes in the closing
     table) and stays out of the artifact; self-label accuracy comes from ``judge_summary.json``."""
-    from spa.stages.summary import iteration_rows
+    from spa.run.summary import iteration_rows
     from spa_tasks import artifacts
 
     lay = RunLayout(tmp_path / "run")
@@ -249,8 +249,8 @@ def test_the_metrics_artifact_and_the_closing_table_read_the_same_rows(tmp_path)
 def test_instruction_following_sets_in_the_artifact_the_closing_table_and_the_report(tmp_path, tiny_model_dir,
                                                                                      prefs_file):
     """Each set's prompt-level accuracies (%) become columns; report.md gets IFEval's four accuracies per set."""
+    from spa.run.summary import closing_table
     from spa.stages.report import build_report
-    from spa.stages.summary import closing_table
     from spa_tasks import artifacts
 
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file)

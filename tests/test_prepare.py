@@ -7,11 +7,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_config
 
+from spa.data import sources
+from spa.data.sources import normalise_prompt, prompt_hash
 from spa.run.artifacts import read_table
 from spa.run.layout import RunLayout
-from spa.stages import prepare, sources
-from spa.stages.prepare import normalise_prompt, prompt_hash
-from spa.stages.runner import StageInputError
+from spa.run.stage_runner import StageInputError
+from spa.stages import prepare
 
 
 def test_prompt_hash_is_normalised():
@@ -241,8 +242,8 @@ def test_a_seed_pair_too_long_for_the_seed_stage_is_named_by_its_source_row(tmp_
 
 def test_only_drawn_rows_are_measured_and_a_skipped_rerun_loads_no_tokenizer(tmp_path, tiny_model_dir, prefs_file,
                                                                             monkeypatch):
+    from spa.data import overlong
     from spa.models import logprobs, rendering
-    from spa.stages import overlong
 
     calls = {"prompts": 0, "encode_pair": 0, "prompt_ids": 0}
 

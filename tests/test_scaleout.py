@@ -21,7 +21,7 @@ from spa.run.layout import RunLayout
 from spa.run.manifest import Manifest
 from spa.run.sharding import shard_devices, visible_devices
 from spa.stages import prepare, train
-from spa.stages.train_worker import node_rank, torchrun_command
+from spa.training.worker import node_rank, torchrun_command
 
 SPA = str(Path(sys.executable).parent / "spa")
 
@@ -98,7 +98,7 @@ def test_the_sample_and_judge_tasks_start_each_shard_on_its_gpus(tmp_path, monke
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     started = []
-    monkeypatch.setattr(st, "run_command", lambda cmd, env=None: started.append((cmd[3:], env)))
+    monkeypatch.setattr(st, "run_command", lambda cmd, config, env=None: started.append((cmd[3:], env)))
     monkeypatch.setattr(st, "stage_record", lambda config, key: {"stage": key})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     st.sample.fn(str(path), 1, "1/2")

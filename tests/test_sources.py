@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
+from spa.data import sources
 from spa.errors import StageInputError
 from spa.run.layout import RunLayout
-from spa.stages import prepare, sources
-from spa.stages.plan import stage_status
+from spa.stages import prepare
+from spa_tasks.plan import stage_status
 
 MAIN, OLD = "a" * 40, "b" * 40
 README = """---

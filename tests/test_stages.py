@@ -114,8 +114,8 @@ def test_judged_lengths_have_one_definition(chained):
     token, finished or not: the count ``responses.parquet`` records for the same text."""
     import pyarrow as pa
 
+    from spa.judges.scoring import Judges
     from spa.stages.judge import judge_rows
-    from spa.stages.judge_scoring import Judges
 
     cfg, _, _ = chained
     lay = RunLayout(cfg.run_dir)
@@ -222,9 +222,9 @@ def test_ties_are_kept_out_of_training(tmp_path, chained):
     """Identical responses are a tie (p = 0.5) and never reach the optimiser."""
     import pyarrow as pa
 
+    from spa.judges.scoring import Judges
     from spa.stages.judge import judge_rows
-    from spa.stages.judge_scoring import Judges
-    from spa.stages.train_data import training_pairs
+    from spa.training.data import training_pairs
 
     cfg, _, _ = chained
     lay = RunLayout(cfg.run_dir)
@@ -370,3 +370,22 @@ def test_judge_reuse_refuses_untrusted_logps(chained, tmp_path):
     assert "bfloat16" in res.stderr and "policy_logps: rescore" in res.stderr
     assert not lay_cli.judgments(1).exists()
 
+
+
+def test_the_flow_parses_its_config_once_per_process(tmp_path, tiny_model_dir, prefs_file, monkeypatch):
+    """The tasks of a flow read one saved config: parsed once while the file is unchanged, again after it changes."""
+    import yaml
+
+    import spa.config
+    from spa_tasks.run_config import _parsed, run_config
+
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    calls = []
+    real = spa.config.load_config
+    monkeypatch.setattr(spa.config, "load_config", lambda p: calls.append(p) or real(p))
+    _parsed.cache_clear()
+    assert run_config(str(path)) is run_config(str(path)) and len(calls) == 1
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json") | {"iterations": 0}))
+    assert run_config(str(path)).iterations == 0 and len(calls) == 2

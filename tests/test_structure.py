@@ -18,7 +18,7 @@ CODE_DIRS = ("spa", "tasks", "flows", "data")
 INSTALLED_AS = {"tasks": "spa_tasks", "flows": "spa_flows"}  # folder -> import name (pyproject package-dir)
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
-LIBRARY = ("spa.config", "spa.errors", "spa.schemas", "spa.run", "spa.models", "spa.judges", "spa.training",
+LIBRARY = ("spa.config", "spa.errors", "spa.schemas", "spa.run", "spa.models", "spa.data", "spa.judges", "spa.training",
            "spa.evaluation")  # below the stages: never imports them, the demo, the CLI, the flows or Prefect
 ABOVE_LIBRARY = ("spa.stages", "spa.demo", "spa_tasks", "spa_flows", "prefect")
 
@@ -116,6 +116,44 @@ def test_library_never_imports_upward():
         if mod.startswith("spa") and not mod.startswith(("spa_tasks", "spa_flows")):
             bad += [f"{mod} -> prefect" for name in imports_of(path, {}) if name.split(".")[0] == "prefect"]
     assert bad == []
+
+
+# The layers, lowest first: a module imports only modules of its own layer or of lower ones (function-level
+# imports included). Same-layer imports are allowed (the judges' scoring and the training margin share Eq. 4).
+# The `spa` command (spa_tasks.cli) starts the flows, so it sits above them.
+LAYERS = (("spa.errors", "spa.schemas"), ("spa.config",), ("spa.run",), ("spa.models",),
+          ("spa.data", "spa.judges", "spa.training", "spa.evaluation"), ("spa.stages",), ("spa.demo",),
+          ("spa_tasks",), ("spa_flows",), ("spa_tasks.cli",))
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of the most specific entry of :data:`LAYERS` that names ``module`` or a package above it."""
+    found = [(len(n), k) for k, names in enumerate(LAYERS) for n in names if module == n or module.startswith(n + ".")]
+    return max(found)[1] if found else None
+
+
+def test_imports_only_go_down_the_layers():
+    up = [f"{mod} -> {dep}" for mod, deps in import_graph().items() for dep in deps
+          if layer_of(mod) is not None and layer_of(dep) is not None and layer_of(dep) > layer_of(mod)]
+    assert up == []
+    assert layer_of("spa.config.hub") == 1 and layer_of("spa.data.sources") == 4 and layer_of("spa_flows.steps") == 8
+    assert layer_of("spa_tasks.cli") == 9 and layer_of("spa_tasks.stage_tasks") == 7
+
+
+def test_stages_holds_stages_of_one_shape():
+    """Every module of spa/stages/ is a stage: a module-level ``run(cfg, ...)`` returning a ``StageResult``, with no
+    function nested inside it (the stage's body is a module-level function given to ``run_stage``)."""
+    odd = []
+    for mod, path in python_modules().items():
+        if not mod.startswith("spa.stages.") or path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        runs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run"]
+        if not runs or ast.unparse(runs[0].returns) != "StageResult":
+            odd.append(f"{mod}: no run(...) -> StageResult")
+        elif any(isinstance(n, ast.FunctionDef | ast.Lambda) for n in ast.walk(runs[0]) if n is not runs[0]):
+            odd.append(f"{mod}: run() defines a function inside it")
+    assert odd == []
 
 
 def test_modules_are_small():

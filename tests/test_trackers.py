@@ -83,7 +83,7 @@ def test_tensorboard_holds_every_iterations_training_and_stage_scalars(tracked_r
 def test_report_to_changes_no_resume_key(tracked_run):
     """Trackers only watch: without them (or with others) every stage of the finished run stays done."""
     from spa.stages import train
-    from spa.stages.plan import plan
+    from spa_tasks.plan import plan
 
     cfg, raw, _, _, _ = tracked_run
     for report_to in ([], ["tensorboard", "wandb"]):

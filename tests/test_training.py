@@ -153,7 +153,7 @@ def test_lora_adapter_starts_from_the_seed_alone(tiny_model_dir):
     """A's random start comes from train.seed, whatever the process drew before (a stage process, a flow's process
     and each torchrun rank start the same adapter), and the global generator is left as it was."""
     from spa.config import LoraConfig
-    from spa.stages.train_worker import with_adapter
+    from spa.training.worker import with_adapter
 
     lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj"])
 
@@ -246,7 +246,7 @@ def test_dnd_reference_is_loaded_in_the_policys_precision(tmp_path, tiny_model_d
     import dataclasses
 
     import spa.models.loading as loading
-    from spa.stages.train_worker import load_models
+    from spa.training.worker import load_models
 
     real_resolve = loading.resolve_dtype
     monkeypatch.setattr(loading, "resolve_dtype",

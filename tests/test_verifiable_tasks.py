@@ -6,10 +6,10 @@ import re
 import pytest
 from typer.testing import CliRunner
 
+from spa.data.sources import normalise_prompt
 from spa.evaluation.instruction_sets import ifeval_path
 from spa.judges.gold_pairs import GoldPlan, best_worst, build_gold_source, gold_rows, labelled_order
 from spa.judges.verifier import NEEDS_NLTK_DATA, checkable, load_tasks, parse_task, verify
-from spa.stages.prepare import normalise_prompt
 from tests.test_data_scripts import _module
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from spa.config.hub import resolve_model_refs  # hub ids -> snapshot directories, once, at load time
 from spa.config.sections import (
     OPERATIONAL,
     DataConfig,
@@ -38,12 +39,11 @@ from spa.config.training import (
     TrainConfig,
 )
 from spa.errors import ConfigError
-from spa.run.artifacts import write_text_atomic
 
 __all__ = [
     "OPERATIONAL", "DataConfig", "DROConfig", "EvalConfig", "Fraction", "JudgeConfig", "JudgeEndpoint", "LoraConfig",
     "LossKind", "ModelConfig", "MTBenchConfig", "PositiveInt", "RPOConfig", "RefinementConfig", "SampleConfig",
-    "SPAConfig", "SPOConfig", "TrainConfig", "load_config", "parse_config", "save_resolved",
+    "SPAConfig", "SPOConfig", "TrainConfig", "load_config", "parse_config",
 ]
 
 
@@ -120,7 +120,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SP
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    from spa.models.hub import resolve_model_refs  # hub ids -> snapshot directories, once, at load time
 
     return parse_config(resolve_model_refs(raw), where=str(path))
 
@@ -132,10 +131,3 @@ def parse_config(raw: dict[str, Any], where: str = "<config>") -> SPAConfig:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{where}: invalid config: {problems}") from None
-
-
-def save_resolved(config: SPAConfig, run_dir: str | Path | None = None) -> Path:
-    """Write the resolved config (all defaults filled in) to ``<run>/config.yaml``, atomically."""
-    target = Path(run_dir or config.run_dir) / "config.yaml"
-    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    return write_text_atomic(target, text)

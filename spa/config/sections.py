@@ -29,7 +29,7 @@ class ModelConfig(_Section):
     """``pi_init``: the SFT model every iteration is measured against."""
 
     pi_init: str = Field(description="AutoModelForCausalLM directory (safetensors), a peft adapter directory, or a "
-                                     "hub id org/name[@revision] (resolved to a cached snapshot: spa/models/hub.py)")
+                                     "hub id org/name[@revision] (resolved to a cached snapshot: spa/config/hub.py)")
     pi_0: str | None = Field(None, description="no-seed mode (paper Fig. 4): a given pi_0, the seed stage is skipped")
     hub_refs: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="written by the loader, not by hand: for each model setting given as a "

@@ -148,3 +148,13 @@ def model_dir(cfg: SPAConfig, t: int) -> Path:
     if t == 0 and cfg.model.pi_0:
         return Path(cfg.model.pi_0)
     return RunLayout.of(cfg).model(t)
+
+
+def save_resolved(config: SPAConfig, run_dir: str | Path | None = None) -> Path:
+    """Write the resolved config (all defaults filled in) to ``<run>/config.yaml``, atomically."""
+    import yaml
+
+    from spa.run.artifacts import write_text_atomic
+
+    target = Path(run_dir or config.run_dir) / "config.yaml"
+    return write_text_atomic(target, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

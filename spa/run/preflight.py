@@ -22,7 +22,7 @@ _DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".tsv")
 
 
 def is_hub_dataset_id(value: str) -> bool:
-    """``org/name`` that names no local path and no data file: ``spa.stages.sources`` reads it from the hub
+    """``org/name`` that names no local path and no data file: ``spa.data.sources`` reads it from the hub
     (or its local cache), and whether it exists there is that stage's check, not one of the filesystem."""
     return bool(_HUB_ID.match(value)) and Path(value).suffix.lower() not in _DATA_SUFFIXES and not Path(value).exists()
 

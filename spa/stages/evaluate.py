@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from spa.run.artifacts import read_table, write_table, write_text_atomic
 from spa.run.layout import RunLayout, model_dir
 from spa.run.manifest import Stage
 from spa.run.model_card import write_model_card
-from spa.stages.runner import StageResult, require, run_stage
+from spa.run.stage_runner import StageResult, require, run_stage
 
 if TYPE_CHECKING:  # imported at call time: torch and the samplers stay out of the import of this stage
     from spa.models.sampling import SamplingSpec
@@ -275,7 +276,7 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
     inputs = [heldout_path, model, Path(cfg.model.pi_init)] + ([] if es in NAMED_SETS else [Path(es)])
     inputs += [Path(spec) for spec in cfg.evaluate.instruction_sets if spec != IFEVAL]
     result = run_stage(cfg, Stage.EVALUATE.key(t), inputs, SECTIONS, outputs,
-                       lambda: evaluate_model(cfg, t, model, heldout_path, echo),
+                       partial(evaluate_model, cfg, t, model, heldout_path, echo),
                        extra_key={"iteration": t}, force=force, echo=echo)
     write_model_card(cfg, t)  # the card of pi_t, now with this evaluation's numbers
     return result

@@ -11,8 +11,8 @@ responses in batches: memory does not grow with the number of prompts.
 
 from __future__ import annotations
 
-import hashlib
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from spa.config import SPAConfig
+from spa.judges.labels import label_rows
+from spa.judges.scoring import Judges, Scores, reference_dir
 from spa.run.artifacts import (
     atomic_path,
     conform,
@@ -35,120 +37,11 @@ from spa.run.console import progress_bar
 from spa.run.layout import RunLayout, model_dir
 from spa.run.manifest import Stage
 from spa.run.sharding import parse_shard, shard_bounds, shard_path
+from spa.run.stage_runner import StageResult, require, run_stage
 from spa.schemas import JUDGMENTS, JUDGMENTS_WRITTEN, ORACLE_VERDICTS
-from spa.stages.judge_scoring import Judges, Scores, reference_dir
-from spa.stages.runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "judge"]
 
-
-
-def judge_name(cfg: SPAConfig, length_penalty: float | None = None) -> str:
-    j = cfg.judge
-    a = j.length_penalty if length_penalty is None else length_penalty
-    a_text = f"{a:.6g}" if isinstance(a, float | int) else str(a)
-    if j.type == "implicit":
-        reuse = ",policy_logps=from_sampling" if j.policy_logps == "from_sampling" else ""
-        base = f"implicit(ref={j.reference},beta={j.beta},length_penalty={a_text}{reuse})"
-    elif j.type == "external_rm":
-        base = f"external_rm({Path(j.reward_model or '').name},length_penalty={a_text})"
-    elif j.type == "verifier":
-        base = f"verifier({Path(j.instructions or '').name})"
-    else:
-        base = f"llm_judge({Path(j.llm_judge_model or cfg.model.pi_init).name},both_orders)"
-    if j.select == "best_worst":
-        base += f"+best_worst(n={cfg.sample.n})"
-    if j.flip_fraction:
-        base += f"+flip({j.flip_fraction})"
-    return base
-
-
-def flip_mask(prompt_ids: list[str], fraction: float, seed: int, t: int) -> np.ndarray:
-    """Label-noise injection: each prompt's label flips with probability ``fraction``, decided by a
-    hash of (seed, iteration, prompt id) so that shards and reruns flip the same rows."""
-    if fraction <= 0:
-        return np.zeros(len(prompt_ids), dtype=bool)
-    u = [int.from_bytes(hashlib.sha256(f"{seed}\0{t}\0{pid}".encode()).digest()[:8], "little") / 2**64
-         for pid in prompt_ids]
-    return np.array(u) < fraction
-
-
-def pick_pairs(scores: Scores, cands: list[list[str]], cfg: SPAConfig, prompt_ids: list[str], t: int,
-               length_penalty: float) -> tuple[np.ndarray, ...]:
-    """Which candidate is chosen and which rejected per row (Eq. 8, or best-vs-worst), ``p_chosen`` (Eq. 7
-    with Eq. 13's penalty), ties, and the injected flips: ``(ci, ri, p_chosen, tie, flipped)``."""
-    import torch
-
-    from spa.judges.implicit_reward import assign_labels, length_penalised, preference, select_pairs
-
-    reward, lens = torch.from_numpy(scores.reward), torch.from_numpy(scores.lens)
-    score = length_penalised(reward, lens, length_penalty)  # Eq. 13 on Eq. 4's rewards
-    rows_idx = torch.arange(len(cands))
-    if cfg.judge.select == "best_worst":
-        ci, ri = (x.numpy() for x in select_pairs(reward, lens, length_penalty))
-        tie = ci == ri
-    else:
-        p1 = scores.p_first if scores.p_first is not None else preference(score[:, 0], score[:, 1]).numpy()  # Eq. 7
-        first, tie = (x.numpy() for x in assign_labels(torch.from_numpy(p1)))  # Eq. 8; a tie keeps y1 first
-        ci = np.where(first | tie, 0, 1)
-        ri = 1 - ci
-    if scores.p_first is not None:  # a pairwise judge (LLM judge): its own p(y1 > y2)
-        p_chosen = np.where(ci == 0, scores.p_first, 1.0 - scores.p_first)
-    else:  # Eq. 7 for (chosen, rejected); the verifier's preference is certain
-        p_chosen = preference(score[rows_idx, ci], score[rows_idx, ri]).numpy()
-        p_chosen = np.where(p_chosen > 0.5, 1.0, 0.5) if scores.decisive else p_chosen
-    identical = np.array([c[i] == c[j] for c, i, j in zip(cands, ci, ri, strict=True)]) | np.array(
-        [i == j for i, j in zip(ci, ri, strict=True)])
-    tie = tie | identical  # identical texts are a tie even if padding nudged the numbers
-    p_chosen = np.where(tie, 0.5, p_chosen)
-    ri = np.where(tie & (ci == ri), (ci + 1) % len(cands[0]), ri)  # a tie row still names two responses
-    flipped = flip_mask(prompt_ids, cfg.judge.flip_fraction, cfg.sample.seed, t) & ~tie
-    ci, ri = np.where(flipped, ri, ci), np.where(flipped, ci, ri)
-    p_chosen = np.where(flipped, 1.0 - p_chosen, p_chosen)
-    return ci, ri, p_chosen, tie, flipped
-
-
-def label_rows(rows: pa.Table, scores: Scores, cands: list[list[str]], fins: list[list[bool]], cfg: SPAConfig,
-               t: int, length_penalty: float) -> pa.Table:
-    """Eq. 7-8 (or best-vs-worst selection) on scored candidates -> judgments rows."""
-    n = len(cands)
-    ci, ri, p_chosen, tie, flipped = pick_pairs(scores, cands, cfg, rows.column("prompt_id").to_pylist(), t,
-                                                length_penalty)
-    rows_idx = np.arange(n)
-
-    def chosen_of(m: np.ndarray) -> np.ndarray:
-        return m[rows_idx, ci]
-
-    def rejected_of(m: np.ndarray) -> np.ndarray:
-        return m[rows_idx, ri]
-
-    text = np.empty((n, len(cands[0]) if n else 2), dtype=object)
-    for i, row in enumerate(cands):
-        text[i, :] = row
-    fin = np.array(fins, dtype=bool).reshape(n, -1) if n else np.zeros((0, 2), dtype=bool)
-    truncated = ~(chosen_of(fin) & rejected_of(fin))
-    return pa.table({
-        "prompt_id": rows.column("prompt_id"),
-        "prompt": rows.column("prompt"),
-        "chosen": pa.array(chosen_of(text).tolist(), pa.string()),
-        "rejected": pa.array(rejected_of(text).tolist(), pa.string()),
-        "p_chosen": pa.array(p_chosen, pa.float64()),
-        "policy_logp_chosen": pa.array(chosen_of(scores.policy), pa.float64(), from_pandas=True),
-        "policy_logp_rejected": pa.array(rejected_of(scores.policy), pa.float64(), from_pandas=True),
-        "ref_logp_chosen": pa.array(chosen_of(scores.ref), pa.float64(), from_pandas=True),
-        "ref_logp_rejected": pa.array(rejected_of(scores.ref), pa.float64(), from_pandas=True),
-        "tie": pa.array(tie, pa.bool_()),
-        "judge": pa.array([judge_name(cfg, length_penalty)] * n, pa.string()),
-        "chosen_finished": pa.array(chosen_of(fin), pa.bool_()),
-        "rejected_finished": pa.array(rejected_of(fin), pa.bool_()),
-        "chosen_tokens": pa.array(chosen_of(scores.lens), pa.int32()),
-        "rejected_tokens": pa.array(rejected_of(scores.lens), pa.int32()),
-        "first_is_chosen": pa.array(ci < ri, pa.bool_()),
-        "dropped": pa.array(truncated & cfg.judge.drop_truncated, pa.bool_()),
-        "chosen_index": pa.array(ci, pa.int32()),
-        "rejected_index": pa.array(ri, pa.int32()),
-        "flipped": pa.array(flipped, pa.bool_()),
-    })
 
 
 def judge_rows(rows: pa.Table, judges: Judges, cfg: SPAConfig, t: int, length_penalty: float | None = None) -> pa.Table:
@@ -249,6 +142,57 @@ def oracle_summary(cfg: SPAConfig, judgments: Path, out: Path) -> dict[str, Any]
                                 table.column("rejected_tokens").to_numpy())
 
 
+def write_judge_summary(cfg: SPAConfig, t: int, length_penalty: float, echo) -> dict[str, Any]:
+    """Write ``judge_summary.json`` of the whole set (numbers of the judgments alone: a merged set and the same set
+    judged at once write the same bytes), with the oracle's diagnostics where one is configured."""
+    layout = RunLayout.of(cfg)
+    final = layout.judgments(t)
+    summary = _summary(final) | {"length_penalty": length_penalty}
+    if cfg.judge.oracle:
+        summary |= oracle_summary(cfg, final, layout.oracle_verdicts(t))
+    write_text_atomic(layout.judge_summary(t), json.dumps(summary, indent=2))
+    if cfg.train.report_to:  # the same numbers into iteration t's experiment-tracker run
+        from spa.run.trackers import log_summary
+
+        log_summary(cfg.train.report_to, cfg.run_dir, t, "judge", summary, echo)
+    return summary
+
+
+def _merge_shards(cfg: SPAConfig, t: int, merge: int, echo) -> dict[str, Any]:
+    final = RunLayout.of(cfg).judgments(t)
+    parts = [shard_path(final, (i, merge)) for i in range(merge)]
+    for p in parts:
+        require(p, "a judge shard", f"spa judge --iteration {t} --shard i/{merge}")
+    merge_parquet(parts, final, "judgments")
+    # 'auto' is refused when sharded: the configured penalty is the one every shard used
+    return write_judge_summary(cfg, t, float(cfg.judge.length_penalty), echo) | {"shards": merge}
+
+
+def _judge(cfg: SPAConfig, t: int, responses: Path, output: Path, part, echo) -> tuple[float, dict[str, int]]:
+    """Judge (a shard of) the responses into ``output``; the penalty used and how the policy log-probs were got."""
+    stats: dict[str, int] = {}
+    a = judge_file(cfg, t, responses, output, part, stats=stats)
+    if stats.get("policy_rescored"):
+        share = stats["policy_rescored"] / max(1, stats["responses"])
+        echo(f"[judge/{t}] policy_logps from_sampling: {stats['policy_rescored']} of {stats['responses']} "
+             f"responses ({share:.1%}) were rescored with pi_{t-1}: their sampled ids are not the ids their "
+             "text renders to (special tokens dropped by decoding, a stop on EOS instead of the template's "
+             "end-of-turn token, or a non-canonical tokenization)")
+    reuse = ({"policy_logps_reused": stats["responses"] - stats["policy_rescored"],
+              "policy_logps_rescored": stats["policy_rescored"]} if stats else {})
+    return a, reuse
+
+
+def _judge_whole(cfg: SPAConfig, t: int, responses: Path, output: Path, part, echo) -> dict[str, Any]:
+    a, reuse = _judge(cfg, t, responses, output, part, echo)
+    return write_judge_summary(cfg, t, a, echo) | reuse
+
+
+def _judge_shard(cfg: SPAConfig, t: int, responses: Path, output: Path, part, echo) -> dict[str, Any]:
+    a, reuse = _judge(cfg, t, responses, output, part, echo)
+    return _summary(output) | {"length_penalty": a} | reuse
+
+
 def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | None = None,
         merge: int | None = None) -> StageResult:
     """Judge iteration ``t`` whole, one shard of it (``shard="i/N"``), or merge ``merge`` shards."""
@@ -265,41 +209,10 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
     whole = part is None  # the whole set (judged at once or merged): its summary and diagnostics are written
     diagnostics = [layout.judge_summary(t)] + ([layout.oracle_verdicts(t)] if cfg.judge.oracle else [])
 
-    def finish(length_penalty: float, run_info: dict[str, Any]) -> dict[str, Any]:
-        """Write ``judge_summary.json`` (numbers of the judgments alone: a merged set and the same set judged
-        at once write the same bytes) and return it with ``run_info`` (how it was run) for the manifest."""
-        summary = _summary(final) | {"length_penalty": length_penalty}
-        if cfg.judge.oracle:
-            summary |= oracle_summary(cfg, final, layout.oracle_verdicts(t))
-        write_text_atomic(layout.judge_summary(t), json.dumps(summary, indent=2))
-        if cfg.train.report_to:  # the same numbers into iteration t's experiment-tracker run
-            from spa.run.trackers import log_summary
-
-            log_summary(cfg.train.report_to, cfg.run_dir, t, "judge", summary, echo)
-        return summary | run_info
-
     if merge:
-        parts = [shard_path(final, (i, merge)) for i in range(merge)]
-
-        def body() -> dict[str, Any]:
-            for p in parts:
-                require(p, "a judge shard", f"spa judge --iteration {t} --shard i/{merge}")
-            merge_parquet(parts, final, "judgments")
-            return finish(float(cfg.judge.length_penalty), {"shards": merge})  # 'auto' is refused when sharded
+        body = partial(_merge_shards, cfg, t, merge, echo)
     else:
-        def body() -> dict[str, Any]:
-            stats: dict[str, int] = {}
-            a = judge_file(cfg, t, responses, output, part, stats=stats)
-            if stats.get("policy_rescored"):
-                share = stats["policy_rescored"] / max(1, stats["responses"])
-                echo(f"[judge/{t}] policy_logps from_sampling: {stats['policy_rescored']} of {stats['responses']} "
-                     f"responses ({share:.1%}) were rescored with pi_{t-1}: their sampled ids are not the ids their "
-                     "text renders to (special tokens dropped by decoding, a stop on EOS instead of the template's "
-                     "end-of-turn token, or a non-canonical tokenization)")
-            reuse = ({"policy_logps_reused": stats["responses"] - stats["policy_rescored"],
-                      "policy_logps_rescored": stats["policy_rescored"]} if stats else {})
-            return finish(a, reuse) if whole else _summary(output) | {"length_penalty": a} | reuse
-
+        body = partial(_judge_whole if whole else _judge_shard, cfg, t, responses, output, part, echo)
     key = Stage.JUDGE.key(t, part)
     outputs = [output] + (diagnostics if whole else [])
     return run_stage(cfg, key, inputs, SECTIONS, outputs, body, extra_key={"iteration": t}, force=force, echo=echo)

@@ -8,9 +8,9 @@ long for the context (``data.overlong``, measured with the model's tokenizer on 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,30 +18,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spa.config import SPAConfig
+from spa.data.overlong import Overlong, tokenizer_digest
+from spa.data.sources import Source, iter_source, prompt_hash, resolve_source
+from spa.data.sources import load_source as load_source  # re-exported: the readers live in sources.py
 from spa.errors import StageInputError
 from spa.run.artifacts import atomic_path, conform, write_table
 from spa.run.layout import RunLayout
 from spa.run.manifest import Stage
+from spa.run.stage_runner import StageResult, run_stage
 from spa.schemas import PAIRS_WRITTEN, PROMPTS
-from spa.stages.overlong import Overlong, tokenizer_digest
-from spa.stages.runner import StageResult, run_stage
-from spa.stages.sources import Source, iter_source, resolve_source
-from spa.stages.sources import load_source as load_source  # re-exported: the readers live in sources.py
 
 SECTIONS = ["data", "iterations"]  # config this stage's resume key covers
-
-_SPACE = re.compile(r"\s+")
-
-
-def normalise_prompt(text: str) -> str:
-    """Case- and whitespace-insensitive form used for disjointness and ids."""
-    return _SPACE.sub(" ", text).strip().lower()
-
-
-def prompt_hash(text: str) -> str:
-    """Stable prompt id: first 16 hex digits of sha256 of the normalised prompt."""
-    return hashlib.sha256(normalise_prompt(text).encode("utf-8")).hexdigest()[:16]
-
 
 def _last_assistant(record: dict[str, Any], column: str, row: int, source: Source | str) -> str:
     """A response given as a string, or as a message list (UltraFeedback-binarized layout)."""
@@ -263,6 +250,20 @@ def write_splits(source: Source | str, split: np.ndarray, rank: np.ndarray, layo
             write_table(table, target, kind)
 
 
+def _prepare(cfg: SPAConfig, source: Source, echo) -> dict[str, Any]:
+    """Two streaming passes (bench P6): index and split on hashes only, then write the selected rows (and a third,
+    over the drawn rows only, to measure their token lengths)."""
+    index = index_source(source)
+    split, rank, report, over = draw_splits(index, cfg, source)
+    del index
+    write_splits(source, split, rank, RunLayout.of(cfg), cfg.iterations)
+    if report["duplicate_prompts"] or report["empty_prompts"]:
+        echo(f"[prepare] dropped {report['duplicate_prompts']} duplicate and {report['empty_prompts']} empty prompts")
+    if over.line():
+        echo(over.line())
+    return report | {"source": source.record()}
+
+
 def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
     """Write ``<run>/data/seed.parquet``, ``<run>/data/prompts_<t>.parquet`` and ``<run>/data/heldout.parquet``."""
     layout = RunLayout.of(cfg)
@@ -272,19 +273,7 @@ def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
     source = resolve_source(cfg.data.source, cfg.data.split, cfg.data.revision)
     outputs = [layout.seed, layout.heldout] + [layout.prompts(t) for t in range(1, cfg.iterations + 1)]
 
-    def body() -> dict[str, Any]:
-        # two streaming passes (bench P6): index and split on hashes only, then write the selected rows
-        # (and a third, over the drawn rows only, to measure their token lengths)
-        index = index_source(source)
-        split, rank, report, over = draw_splits(index, cfg, source)
-        del index
-        write_splits(source, split, rank, layout, cfg.iterations)
-        if report["duplicate_prompts"] or report["empty_prompts"]:
-            echo(f"[prepare] dropped {report['duplicate_prompts']} duplicate and {report['empty_prompts']} empty prompts")
-        if over.line():
-            echo(over.line())
-        return report | {"source": source.record()}
-
+    body = partial(_prepare, cfg, source, echo)
     # a local source is keyed by its content hash (a folder's files too); a hub dataset by repo, split and commit
     hub = {"source_ref": source.ref()} if source.kind == "hub" else {}
     return run_stage(cfg, Stage.PREPARE.key(), source.inputs(), SECTIONS, outputs, body,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from spa.config import SPAConfig
 from spa.run.artifacts import write_text_atomic
 from spa.run.layout import RunLayout
 from spa.run.manifest import Manifest, Stage
+from spa.run.stage_runner import StageResult
 
 
 def _fmt(value, digits=3) -> str:
@@ -145,8 +145,10 @@ def evaluation_table(layout: RunLayout) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|", *rows, "", *notes, ""]
 
 
-def run(cfg: SPAConfig, echo=print) -> Path:
+def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
+    """Write ``report.md`` from the run directory as it is now. Always rewritten (it reads every finished stage, and
+    costs milliseconds), so it keeps no manifest entry and ``force`` changes nothing."""
     layout = RunLayout.of(cfg)
     write_text_atomic(layout.report, build_report(cfg))
     echo(f"[report] wrote {layout.report}")
-    return layout.report
+    return StageResult("report", False, [str(layout.report)], {"report": str(layout.report)})

@@ -9,9 +9,8 @@ and ``--merge N`` joins the shards into the same file an unsharded run writes. W
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,8 @@ from spa.run.console import progress_bar
 from spa.run.layout import RunLayout, model_dir
 from spa.run.manifest import Stage
 from spa.run.sharding import parse_shard, shard_bounds, shard_path
+from spa.run.stage_runner import StageResult, require, run_stage
 from spa.schemas import RESPONSES_WRITTEN
-from spa.stages.runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "sample"]
 
@@ -84,6 +83,29 @@ def _summary(path: Path) -> dict[str, Any]:
     }
 
 
+def _merge_shards(cfg: SPAConfig, t: int, merge: int) -> dict[str, Any]:
+    final = RunLayout.of(cfg).responses(t)
+    parts = [shard_path(final, (i, merge)) for i in range(merge)]
+    for p in parts:
+        require(p, "a sampling shard", f"spa sample --iteration {t} --shard i/{merge}")
+    merge_parquet(parts, final, "responses")
+    return _summary(final) | {"shards": merge}
+
+
+def _sample(cfg: SPAConfig, t: int, shard: str | None) -> dict[str, Any]:
+    """Sample (a shard of) ``X_t`` here, or in ``sample.python``'s interpreter when that is another one."""
+    from spa.models.remote_sampling import same_interpreter
+
+    layout = RunLayout.of(cfg)
+    part = parse_shard(shard) if shard else None
+    if same_interpreter(cfg.sample.python):
+        sample_worker(cfg, t, part)
+    else:
+        cmd = [cfg.sample.python, "-m", "spa.stages.sample", "--config", str(layout.config), "--iteration", str(t)]
+        subprocess.run(cmd + (["--shard", shard] if shard else []), check=True)
+    return _summary(layout.responses(t) if part is None else shard_path(layout.responses(t), part))
+
+
 def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | None = None,
         merge: int | None = None) -> StageResult:
     """Sample iteration ``t`` whole, one shard of it (``shard="i/N"``), or merge ``merge`` shards."""
@@ -98,26 +120,7 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print, shard: str | No
     part = parse_shard(shard) if shard else None
     final = layout.responses(t)
 
-    if merge:
-        parts = [shard_path(final, (i, merge)) for i in range(merge)]
-
-        def body() -> dict[str, Any]:
-            for p in parts:
-                require(p, "a sampling shard", f"spa sample --iteration {t} --shard i/{merge}")
-            merge_parquet(parts, final, "responses")
-            return _summary(final) | {"shards": merge}
-    else:
-        out = final if part is None else shard_path(final, part)
-
-        def body() -> dict[str, Any]:
-            # compare unresolved paths: venv interpreters are symlinks to one base Python
-            if cfg.sample.python and os.path.abspath(cfg.sample.python) != os.path.abspath(sys.executable):
-                cmd = [cfg.sample.python, "-m", "spa.stages.sample", "--config", str(layout.config), "--iteration", str(t)]
-                subprocess.run(cmd + (["--shard", shard] if shard else []), check=True)
-            else:
-                sample_worker(cfg, t, part)
-            return _summary(out)
-
+    body = partial(_merge_shards, cfg, t, merge) if merge else partial(_sample, cfg, t, shard)
     key = Stage.SAMPLE.key(t, part)
     output = final if part is None else shard_path(final, part)
     return run_stage(cfg, key, [prompts, policy], SECTIONS, [output], body,

@@ -4,7 +4,7 @@ Seed stage (docs/algorithm.md): ``pi_0 = DPO(pi_init, D_0)`` with ``pi_ref = pi_
 Iteration t: from ``pi_{t-1}`` with ``pi_ref = pi_{t-1}``, 1 epoch, self-refinement (Eq. 9-10)
 with de-coupled detection (Eq. 11-12, ``lambda_t``), ties left out. The round's decisions are
 taken once, in :func:`spa.training.rounds.resolve_round`; the training itself is
-:mod:`spa.stages.train_worker` (in this process, or under torchrun).
+:mod:`spa.training.worker` (in this process, or under torchrun).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from functools import partial
 from typing import Any
 
 import pyarrow.compute as pc
@@ -21,7 +22,7 @@ from spa.run.artifacts import read_table
 from spa.run.layout import RunLayout
 from spa.run.manifest import Manifest, content_hash, is_up_to_date
 from spa.run.model_card import write_model_card
-from spa.stages.runner import StageResult, expected_key, require, run_stage
+from spa.run.stage_runner import StageResult, expected_key, require, run_stage
 from spa.training.rounds import TrainRound, resolve_round
 
 # torch, transformers and the trainer are imported inside the functions that train, so that a stage
@@ -71,8 +72,8 @@ def run_key(cfg: SPAConfig, rnd: TrainRound) -> str:
 
 def train_round(cfg: SPAConfig, rnd: TrainRound) -> dict[str, Any]:
     """Train the round (materialising its pairs first where needed) and summarise its train log."""
-    from spa.stages.train_data import build_training_set
-    from spa.stages.train_worker import launch, train_worker
+    from spa.training.data import build_training_set
+    from spa.training.worker import launch, train_worker
 
     layout, t = RunLayout.of(cfg), rnd.t
     extra_summary = build_training_set(cfg, rnd) if rnd.training_set is not None else {}
@@ -104,12 +105,12 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
         require(rnd.start, rnd.start_name, "spa train" if t > 1 else "spa seed")
         require(rnd.data, "judgments", f"spa judge --iteration {t}")
     if cfg.train.nnodes > 1:
-        from spa.stages.train_worker import node_rank
+        from spa.training.worker import node_rank
 
         if node_rank(cfg) > 0:
             return follow(cfg, rnd, force, echo)
     return run_stage(cfg, rnd.stage_key, [rnd.start, rnd.data], SECTIONS, list(rnd.outputs),
-                     lambda: train_round(cfg, rnd), extra_key={"iteration": t}, force=force, echo=echo)
+                     partial(train_round, cfg, rnd), extra_key={"iteration": t}, force=force, echo=echo)
 
 
 def follow(cfg: SPAConfig, rnd: TrainRound, force: bool = False, echo=print) -> StageResult:
@@ -117,7 +118,7 @@ def follow(cfg: SPAConfig, rnd: TrainRound, force: bool = False, echo=print) -> 
     nothing else is done here. Node 0's stage materialises the pairs before its torchrun meets the others, and
     writes the summary, model card and manifest entry after; this node writes nothing itself (its workers do
     what their global ranks do, in the shared run directory)."""
-    from spa.stages.train_worker import launch, node_rank
+    from spa.training.worker import launch, node_rank
 
     layout, key, outputs = RunLayout.of(cfg), rnd.stage_key, [str(o) for o in rnd.outputs]
     expected = expected_key(cfg, [rnd.start, rnd.data], SECTIONS, {"iteration": rnd.t})

@@ -7,6 +7,7 @@ from ``pi_init``'s backbone with a fresh 1-output head.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,19 @@ from spa.config import SPAConfig
 from spa.run.artifacts import read_table
 from spa.run.layout import RunLayout
 from spa.run.manifest import Stage
-from spa.stages.runner import StageResult, require, run_stage
+from spa.run.stage_runner import StageResult, require, run_stage
 
 SECTIONS = ["model", "judge"]
+
+
+def _train_reward_model(cfg: SPAConfig, seed: Path, out: Path, epochs: int, lr: float) -> dict[str, Any]:
+    from spa.judges.reward_model import train_reward_model
+
+    table = read_table(seed, "seed")
+    return train_reward_model(
+        cfg.model.pi_init, out, table.column("prompt").to_pylist(), table.column("chosen").to_pylist(),
+        table.column("rejected").to_pylist(), epochs=epochs, lr=lr, batch_size=cfg.judge.batch_size,
+        max_length=cfg.model.max_length, seed=cfg.train.seed, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def run(cfg: SPAConfig, force: bool = False, echo=print, epochs: int | None = None,
@@ -30,14 +41,6 @@ def run(cfg: SPAConfig, force: bool = False, echo=print, epochs: int | None = No
     seed = require(layout.seed, "the seed set", "spa prepare")
     out = Path(cfg.judge.reward_model)
 
-    def body() -> dict[str, Any]:
-        from spa.judges.reward_model import train_reward_model
-
-        table = read_table(seed, "seed")
-        return train_reward_model(
-            cfg.model.pi_init, out, table.column("prompt").to_pylist(), table.column("chosen").to_pylist(),
-            table.column("rejected").to_pylist(), epochs=epochs, lr=lr, batch_size=cfg.judge.batch_size,
-            max_length=cfg.model.max_length, seed=cfg.train.seed, trust_remote_code=cfg.model.trust_remote_code)
-
+    body = partial(_train_reward_model, cfg, seed, out, epochs, lr)
     return run_stage(cfg, Stage.TRAIN_RM.key(), [seed, Path(cfg.model.pi_init)], SECTIONS, [out], body,
                      extra_key={"epochs": epochs, "lr": lr}, force=force, echo=echo)

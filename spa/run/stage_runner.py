@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spa.config import SPAConfig, save_resolved
+from spa.config import SPAConfig
 from spa.errors import StageInputError
 from spa.run.artifacts import remove_orphans
-from spa.run.layout import RunLayout
+from spa.run.layout import RunLayout, save_resolved
 from spa.run.manifest import Manifest, hash_inputs, is_up_to_date, make_entry, stage_key
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 ``train_worker`` runs in the stage's own process, or once per device under ``torchrun`` when
 ``train.num_processes x train.nnodes > 1`` (gloo on CPU; several nodes meet in a c10d rendezvous: :func:`launch`);
 this module is then the workers' entry point
-(``python -m spa.stages.train_worker``). What the round does is decided in
+(``python -m spa.training.worker``). What the round does is decided in
 :func:`spa.training.rounds.resolve_round`; this module only carries it out.
 """
 
@@ -21,7 +21,7 @@ from spa.config import SPAConfig, load_config
 from spa.errors import ConfigError
 from spa.run.artifacts import write_table
 from spa.run.layout import RunLayout
-from spa.stages.train_data import load_training_set, reference_logps_once
+from spa.training.data import load_training_set, reference_logps_once
 from spa.training.rounds import TrainRound, resolve_round
 
 
@@ -273,7 +273,7 @@ def torchrun_command(cfg: SPAConfig, t: int, run_key: str, config_path: Path) ->
     else:
         cmd += [f"--nnodes={tc.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={tc.rdzv_endpoint}",
                 f"--rdzv_id={rdzv_id(cfg, t)}"]
-    return cmd + ["-m", "spa.stages.train_worker", "--config", str(config_path), "--iteration", str(t),
+    return cmd + ["-m", "spa.training.worker", "--config", str(config_path), "--iteration", str(t),
                   "--run-key", run_key]
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from spa.config import SPAConfig
+from spa.data.sources import load_source, prompt_hash
 from spa.errors import StageInputError
 from spa.run.artifacts import file_sha256, iter_batches, write_table, write_text_atomic
 from spa.run.layout import RunLayout
 from spa.schemas import PROMPTS
-from spa.stages.prepare import load_source, prompt_hash
 
 BATCH_SUFFIXES = (".parquet", ".jsonl", ".json")
 

@@ -20,6 +20,7 @@ order, so prepare's passes over the source see the same rows in the same order.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -32,6 +33,19 @@ import pyarrow.parquet as pq
 
 from spa.errors import StageInputError
 from spa.run.preflight import is_hub_dataset_id
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_prompt(text: str) -> str:
+    """Case- and whitespace-insensitive form used for disjointness and ids."""
+    return _SPACE.sub(" ", text).strip().lower()
+
+
+def prompt_hash(text: str) -> str:
+    """Stable prompt id: first 16 hex digits of sha256 of the normalised prompt."""
+    return hashlib.sha256(normalise_prompt(text).encode("utf-8")).hexdigest()[:16]
+
 
 BATCH_ROWS = 4096  # rows per streamed batch of the source
 FILE_KINDS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}

@@ -138,8 +138,8 @@ def stage_status(cfg: SPAConfig, keys: list[str]) -> dict[str, str]:
 def _same_source(cfg: SPAConfig, entry: dict[str, Any], root: Path) -> bool:
     """prepare's input is the preference source: a local file or folder hashed here (data, not weights; cheap
     next to a run), a hub dataset by repo id, split and the commit its revision resolves to now."""
+    from spa.data.sources import resolve_source
     from spa.errors import BadInput
-    from spa.stages.sources import resolve_source
 
     try:
         source = resolve_source(cfg.data.source, cfg.data.split, cfg.data.revision) if cfg.data.source else None
@@ -177,7 +177,7 @@ def _iteration_lines(cfg: SPAConfig, t: int, batch: str | None) -> list[tuple[st
 
 def iterations(cfg: SPAConfig) -> dict[int, str | None]:
     """The run's iterations: ``1..T`` of the config, then those ``spa expand`` added (with their batch file)."""
-    from spa.stages.expansion import expanded_iterations
+    from spa.data.expansion import expanded_iterations
 
     added = {t: f for t, f in expanded_iterations(RunLayout.of(cfg)).items() if t > cfg.iterations}
     return {**dict.fromkeys(range(1, cfg.iterations + 1)), **dict(sorted(added.items()))}
