@@ -156,7 +156,7 @@ def _ms(vals: list[float], scale: float = 100.0, fmt: str = ".1f") -> str:
         return "-"
     if len(vals) == 1:
         return format(vals[0], fmt)
-    return f"{format(statistics.mean(vals), fmt)} ± {format(statistics.stdev(vals), fmt)}"
+    return f"{format(statistics.mean(vals), fmt)} ± {format(statistics.stdev(vals), fmt.lstrip('+'))}"
 
 
 def arm_table(all_results: dict, arms: list[str]) -> str:
@@ -211,13 +211,45 @@ def gap_closed(all_results: dict, s: str) -> float | None:
     return m_spa / m_ref if m_ref == m_ref and m_ref > 0 and m_spa == m_spa else None
 
 
+def length_table(all_results: dict) -> str:
+    """Each arm's answer length relative to pi_0's (seed-only DPO), per set: mean ± stdev over seeds of the ratio."""
+    sets = sorted({s for res in all_results.values() for row in res.values() for s in row["sets"]})
+    lines = ["| arm | " + " | ".join(f"{s}: length vs pi_0 (%)" for s in sets) + " |", "|---|" + "---|" * len(sets)]
+    for arm in ("sft", *ARMS):
+        cells = []
+        for s in sets:
+            ratios = [res[arm]["sets"][s]["avg_length"] / res["seed_dpo"]["sets"][s]["avg_length"] - 1
+                      for res in all_results.values() if arm in res and "seed_dpo" in res
+                      and s in res[arm]["sets"] and s in res["seed_dpo"]["sets"]]
+            cells.append(_ms(ratios, 100.0, "+.1f"))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage_time_table(all_results: dict) -> str:
+    """Wall time of each stage kind (minutes, mean over seeds and rounds), by arm, from the manifests."""
+    kinds = ("prepare", "seed", "sample", "judge", "train", "evaluate")
+    lines = ["| arm | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for arm in ("sft", "seed_dpo", *ARMS):
+        cells = []
+        for kind in kinds:
+            vals = [v / 60 for res in all_results.values() if arm in res
+                    for key, v in res[arm].get("stage_times_s", {}).items() if key.split("/")[0] == kind]
+            cells.append(f"{statistics.mean(vals):.1f}" if vals else "-")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def tables(all_results: dict) -> str:
     arms = ["sft", "seed_dpo", *ARMS]
     sets = sorted({s for res in all_results.values() for row in res.values() for s in row["sets"]})
     closed = ", ".join(f"{s}: {g:.2f}" for s in sets if (g := gap_closed(all_results, s)) is not None)
     return "\n\n".join([f"Seeds {sorted(all_results)}. Accuracies in %, mean ± stdev over seeds:",
                         arm_table(all_results, arms), "Differences, paired by seed:", comparisons(all_results),
-                        f"Share of the seed-DPO-to-verifier gap that SPA closes (prompt-level loose): {closed or '-'}"])
+                        f"Share of the seed-DPO-to-verifier gap that SPA closes (prompt-level loose): {closed or '-'}",
+                        "Answer length against pi_0's (greedy answers, tokens):", length_table(all_results),
+                        "Wall time per stage (minutes; a stage copied from the base run counts in every arm that "
+                        "reuses it):", stage_time_table(all_results)])
 
 
 def main() -> None:
@@ -230,6 +262,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override key=value (every arm)")
     parser.add_argument("--small", action="store_true", help="a smoke run of a few minutes (transformers backend)")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--tables-only", action="store_true", help="rebuild <name>.md from <name>.json, run nothing")
     ns = parser.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in ns.set)}
     sizes = SMALL_WORLD if ns.small else WORLD
@@ -238,6 +271,10 @@ def main() -> None:
     all_results: dict[int, dict] = {int(k): v for k, v in saved.get("results", {}).items()}
     arm_times: dict[str, float] = saved.get("arm_wall_time_s", {})
     ns.results.mkdir(parents=True, exist_ok=True)
+    if ns.tables_only:
+        (ns.results / f"{ns.name}.md").write_text(tables(all_results) + "\n")
+        print(tables(all_results))
+        return
 
     def save(seed: int, results: dict, arm: str, seconds: float) -> None:
         all_results[seed] = {**all_results.get(seed, {}), **results}

@@ -88,3 +88,13 @@ def test_small_bench_killed_then_resumed(tmp_path):
         assert row["evaluated_iteration"] == 1 and set(row["sets"]) == {"dev", "ifeval_head"}
     assert saved["results"]["0"]["verifier_dpo"]["rounds"][0]["self_label_accuracy"] == 1.0
     assert "| spa | dev |" in (tmp_path / "results" / "real_model_arms.md").read_text()
+
+
+def test_length_against_pi_0_and_stage_times_by_hand():
+    bench = bench_module("real_model_arms")
+    res = {0: {"seed_dpo": _row(dev=0.2), "spa": _row(dev=0.3)}, 1: {"seed_dpo": _row(dev=0.2), "spa": _row(dev=0.3)}}
+    res[0]["spa"]["sets"]["dev"]["avg_length"] = 60.0  # +20% of pi_0's 50 on seed 0, +0% on seed 1
+    assert "| spa | +10.0 ± 14.1 |" in bench.length_table(res)
+    res[0]["spa"]["stage_times_s"] = {"train/1": 600.0, "train/2": 1200.0, "sample/1": 120.0}
+    res[1]["spa"]["stage_times_s"] = {"train/1": 900.0}
+    assert "| spa | - | - | 2.0 | - | 15.0 | - |" in bench.stage_time_table(res)  # (10 + 20 + 15) / 3 minutes

@@ -71,7 +71,7 @@ def sample_answers(cfg: SPAConfig, prompts: list[str], plan: GoldPlan, cache: Pa
     from spa.models.sampling import SamplingSpec
     from spa.run.artifacts import atomic_path
 
-    if cache.exists() and pq.read_schema(cache).metadata.get(b"spa_key", b"").decode() == key:
+    if cache.exists() and (pq.read_schema(cache).metadata or {}).get(b"spa_key", b"").decode() == key:
         echo(f"[gold-pairs] reusing the samples in {cache}")
         return pq.read_table(cache).column("responses").to_pylist()
     spec = SamplingSpec.from_config(cfg.sample, cfg.model, n=plan.samples)
