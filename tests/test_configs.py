@@ -135,3 +135,23 @@ def test_prefect_yaml_points_at_existing_configs():
     assert named, "prefect.yaml names no config"
     assert all((ROOT / f).is_file() for f in named), named
     assert "configs/paper_zephyr_4gpu.yaml" in named
+
+
+def test_spa_plan_accepts_the_real_model_preset(tmp_path):
+    """configs/smollm2_ifeval.yaml with its files stood in for: the preflight passes (no win-rate set, the
+    instruction-following sets and the verifier's task file exist), two rounds, and a missing task file is named."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    for name in ("gold.jsonl", "tasks.jsonl", "dev.jsonl"):
+        (tmp_path / name).write_text("")
+    spa = str(Path(sys.executable).parent / "spa")
+    over = ["-s", f"run_dir={tmp_path / 'run'}", "-s", f"model.pi_init={tmp_path / 'model'}",
+            "-s", f"data.source={tmp_path / 'gold.jsonl'}", "-s", f"evaluate.instruction_sets=[{tmp_path / 'dev.jsonl'}, ifeval]"]
+    preset = str(ROOT / "configs" / "smollm2_ifeval.yaml")
+    res = subprocess.run([spa, "plan", preset, *over, "-s", f"judge.instructions={tmp_path / 'tasks.jsonl'}"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "2 iteration(s)" in res.stdout and "train/2 to run" in res.stdout, res.stdout
+    missing = subprocess.run([spa, "plan", preset, *over, "-s", f"judge.instructions={tmp_path / 'nope.jsonl'}"],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "judge.instructions" in missing.stderr and "nope.jsonl" in missing.stderr

@@ -51,8 +51,13 @@ def problems(cfg: SPAConfig) -> list[str]:
         elif not Path(source).exists() and not is_hub_dataset_id(source):
             found.append(f"data.source: {source} does not exist")
     eval_set = cfg.evaluate.eval_set
-    if eval_set not in ("alpaca_eval", "heldout") and not Path(eval_set).exists():
+    if eval_set not in ("alpaca_eval", "heldout", "none") and not Path(eval_set).exists():
         found.append(f"evaluate.eval_set: {eval_set} does not exist")
+    found += [f"evaluate.instruction_sets: {s} does not exist ('ifeval' or a file of IFEval-format rows)"
+              for s in cfg.evaluate.instruction_sets if s != "ifeval" and not Path(s).exists()]
+    if cfg.judge.instructions and not Path(cfg.judge.instructions).exists():
+        found.append(f"judge.instructions: {cfg.judge.instructions} does not exist (the verifiable-instruction rows "
+                     "of the run's prompts)")
     return [p for p in found if p]
 
 
