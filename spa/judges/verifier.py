@@ -23,7 +23,6 @@ counted where a set is scored (:func:`checkable`).
 from __future__ import annotations
 
 import functools
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -165,30 +164,12 @@ def parse_task(row: Any, where: str) -> Task:
 
 def read_rows(path: str | Path) -> list[Any]:
     """The rows of a JSONL, JSON (a list) or Parquet file; an unreadable line is an error naming it."""
+    from spa.evaluation.eval_sets import read_rows as read
+
     path = Path(path)
     if not path.is_file():
         raise InstructionError(f"{path}: no such file of verifiable-instruction rows")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InstructionError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(rows, list):
-            raise InstructionError(f"{path}: expected a JSON list of rows")
-        return rows
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise InstructionError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
-    return rows
+    return read(path, InstructionError)
 
 
 def load_tasks(path: str | Path) -> list[Task]:
