@@ -5,7 +5,7 @@ The run config is ``configs/smollm2_ifeval.yaml`` (paths, sizes and seeds replac
 (``data/verifiable_tasks.py``), and the gold source (``spa gold-pairs``: pi_init's samples labelled by
 the verifier), shared by every seed. Per seed (``data.shuffle_seed``, ``sample.seed`` and ``train.seed``):
 
-- ``sft``: pi_init itself (no-seed mode) evaluated;
+- ``sft``: pi_init itself (no-seed mode) evaluated, once for all seeds (greedy answers of a fixed model);
 - ``seed_dpo``: the seed stage (DPO of pi_init on the seed's gold pairs) evaluated; its run directory,
   with round 1's samples and implicit-reward labels, is the base every iterative arm is copied from
   (the manifest is relocatable, so the arms share pi_0, round 1's samples and, where their judge is the
@@ -129,9 +129,10 @@ def run_seed(seed: int, out: Path, paths: dict, small: bool, overrides: dict, ar
     results: dict[str, dict] = {}
     raw = base_config(out / f"s{seed}" / "base", paths, small, overrides, seed, sets)
     started = time.time()
-    if "sft" in arms:
-        run_sft(raw, out / f"s{seed}" / "sft")
-        results["sft"] = arm_row(out / f"s{seed}" / "sft", merge(raw, {"model.pi_0": raw["model"]["pi_init"]}))
+    if "sft" in arms:  # pi_init's greedy answers do not depend on the seed: evaluated once, shared by the seeds
+        sft_raw = base_config(out / "sft", paths, small, overrides, 0, sets)
+        run_sft(sft_raw, out / "sft")
+        results["sft"] = arm_row(out / "sft", merge(sft_raw, {"model.pi_0": raw["model"]["pi_init"]}))
         save(seed, results, "sft", time.time() - started)
     started = time.time()
     base = run_seed_stage(raw)
