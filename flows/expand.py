@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 
@@ -13,17 +14,20 @@ from spa.run.console import say
 from spa.run.layout import RunLayout, save_resolved
 from spa.run.runlock import RunLock
 from spa_flows.steps import Steps, iteration
+from spa_tasks.interrupts import watching_flow_run
 
 
 @flow(name="spa-expand", log_prints=True)
-def expand(config: str, incoming: str | None = None, shards: int = 1) -> list[dict]:
+def expand(config: str, incoming: str | None = None, shards: int = 1,
+           overrides: dict[str, Any] | None = None) -> list[dict]:
     """For each unused batch in ``incoming`` (default ``<run_dir>/incoming``): one round of the pipeline (sample ->
-    judge -> train -> evaluate, sample and judge over ``shards``), then the report."""
-    cfg = load_config(config)
+    judge -> train -> evaluate, sample and judge over ``shards``), then the report. ``overrides``: dotted config
+    keys over the file's values."""
+    cfg = load_config(config, overrides)
     layout = RunLayout.of(cfg)
     folder = Path(incoming) if incoming else layout.incoming
     done = []
-    with RunLock(cfg.run_dir, "spa-expand"):
+    with RunLock(cfg.run_dir, "spa-expand"), watching_flow_run():  # Ctrl-C: spa_tasks/interrupts.py
         config = str(save_resolved(cfg))  # hub ids resolved once: every stage reads the same snapshot
         steps = Steps(config, shards)
         for batch in incoming_batches(folder):

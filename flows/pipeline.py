@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 
@@ -12,16 +13,18 @@ from spa.run.preflight import preflight
 from spa.run.runlock import RunLock
 from spa_flows.steps import Steps, iteration
 from spa_tasks.artifacts import Progress
+from spa_tasks.interrupts import watching_flow_run
 
 
 @flow(name="spa-pipeline", log_prints=True)
-def spa_pipeline(config: str, shards: int = 1) -> str:
+def spa_pipeline(config: str, shards: int = 1, overrides: dict[str, Any] | None = None) -> str:
     """prepare -> seed -> evaluate pi_0 -> for t in 1..T: sample -> judge -> train -> evaluate -> report.
 
-    Results as Prefect artifacts (``spa_tasks.artifacts``): metrics after each evaluate, the report, progress."""
-    cfg = load_config(config)  # hub ids resolve here, once (spa/config/hub.py)
+    ``overrides``: dotted config keys (``train.beta``) over the file's values. Results as Prefect artifacts
+    (``spa_tasks.artifacts``): metrics after each evaluate, the report, progress."""
+    cfg = load_config(config, overrides)  # hub ids resolve here, once (spa/config/hub.py)
     preflight(cfg, config)  # missing model folders or data: one error before any task starts (never retried)
-    with RunLock(cfg.run_dir, "spa-pipeline"):
+    with RunLock(cfg.run_dir, "spa-pipeline"), watching_flow_run():  # Ctrl-C: spa_tasks/interrupts.py
         # every stage reads the resolved config: a hub branch that moves during the run changes nothing
         config = str(save_resolved(cfg))
         seeded = not cfg.model.pi_0  # no-seed mode: pi_0 is given

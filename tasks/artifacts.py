@@ -1,8 +1,9 @@
 """A run's results as Prefect artifacts, where Prefect users look (the flow run's Artifacts tab).
 
 Every key starts with the run's prefix, ``spa-<run directory name>-<6 hex digits of its absolute path>``
-(lowercase letters, digits and dashes: ``runs/Zephyr_v2`` -> ``spa-zephyr-v2-1a2b3c``), so reruns of one
-run directory stack new versions under the same keys and two runs never overwrite each other's:
+(lowercase letters, digits and dashes: ``runs/Zephyr_v2`` -> ``spa-zephyr-v2-1a2b3c``, ``runs/demo/run`` ->
+``spa-demo-run-1a2b3c``), so reruns of one run directory stack new versions under the same keys and two runs
+never overwrite each other's:
 
 - ``<prefix>-metrics`` (table, after each evaluate): one row per evaluated iteration so far, read from
   ``iter_t/eval.json`` and ``iter_t/judge_summary.json``.
@@ -39,10 +40,15 @@ METRICS = {"win rate": "win_rate", "LC win rate": "lc_win_rate", "gold agreement
            "self-label accuracy": "self_label_accuracy", "mean length": "avg_length"}
 
 
+GENERIC_NAMES = {"run", "runs", "out", "output", "outputs"}  # named with their parent: runs/quickstart/run
+
+
 def key_prefix(run_dir: str | Path) -> str:
-    """``spa-<sanitised directory name>-<hash of the absolute path>``: stable per run directory, distinct across."""
+    """``spa-<sanitised directory name>-<hash of the absolute path>``: stable per run directory, distinct across.
+    A generic name (``run``) is preceded by its parent's: ``runs/demo/run`` -> ``spa-demo-run-<hash>``."""
     path = Path(run_dir).resolve()
-    name = re.sub(r"[^a-z0-9]+", "-", path.name.lower()).strip("-")[:40].strip("-") or "run"
+    readable = f"{path.parent.name}-{path.name}" if path.name.lower() in GENERIC_NAMES else path.name
+    name = re.sub(r"[^a-z0-9]+", "-", readable.lower()).strip("-")[:40].strip("-") or "run"
     return f"spa-{name}-{hashlib.sha1(str(path).encode()).hexdigest()[:6]}"
 
 

@@ -7,14 +7,19 @@ uploads a finished model (``spa.run.push``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from spa_tasks.stage_cli import ConfigArg, ConfigOpt, SetOpt, VerboseOpt, load_with_overrides, which_config
+from spa_tasks import interrupts
+from spa_tasks.stage_cli import (ConfigArg, ConfigOpt, SetOpt, VerboseOpt, load_with_overrides, parse_overrides,
+                                 which_config)
 from spa_tasks.stage_cli import app as stage_app
 
 app = typer.Typer(
@@ -79,7 +84,7 @@ def closing_summary(cfg, log_path: Path, started: float) -> None:
 def run_pipeline(config_file: Path = ConfigArg, config: Path = ConfigOpt,
                  shards: int = typer.Option(1, min=1, help="split sample and judge into N shards mapped over the task runner"),
                  ray_address: str = typer.Option(None, help="run tasks on a Ray cluster ('auto', 'ray://host:10001'); needs prefect-ray"),
-                 verbose: bool = VerboseOpt) -> None:
+                 overrides: list[str] = SetOpt, verbose: bool = VerboseOpt) -> None:
     """Run the whole SPA pipeline as a Prefect flow (embedded API unless PREFECT_API_URL is set)."""
     import time
 
@@ -87,14 +92,51 @@ def run_pipeline(config_file: Path = ConfigArg, config: Path = ConfigOpt,
 
     started = time.time()
     config = which_config(config_file, config)
-    cfg = checked_config(config)  # bad input ends here, in one line, before Prefect's server starts
+    cfg = checked_config(config, overrides)  # bad input ends here, in one line, before Prefect's server starts
     embedded_server_defaults()
-    # imports Prefect before the session starts: its console handler is then found and replaced
-    from spa_flows.pipeline import pipeline_with_runner
+    interrupts.arm(resume_command())
+    with api_server() as api:
+        # imports Prefect before the session starts: its console handler is then found and replaced
+        from spa_flows.pipeline import pipeline_with_runner
 
-    with terminal_session(cfg.run_dir, verbose, keep_handlers=True) as log_path:
-        _run_flow(pipeline_with_runner(ray_address), config=str(config.resolve()), shards=shards)
-        closing_summary(cfg, log_path, started)
+        with terminal_session(cfg.run_dir, verbose, keep_handlers=True) as log_path:
+            log_api(api)
+            _run_flow(pipeline_with_runner(ray_address), config=str(config.resolve()), shards=shards,
+                      overrides=parse_overrides(overrides))
+            closing_summary(cfg, log_path, started)
+
+
+@contextlib.contextmanager
+def api_server() -> Iterator[str | None]:
+    """The flow's Prefect API: ``PREFECT_API_URL``'s (yields ``None``), or a temporary server for this command
+    (``spa_tasks.temporary_server``, yields its URL); a server that does not start is one line and exit code 1."""
+    from spa_tasks.temporary_server import ServerDidNotStart, temporary_server
+
+    try:
+        server = temporary_server()
+        url = server.__enter__()
+    except ServerDidNotStart as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        yield url
+    finally:
+        server.__exit__(None, None, None)
+
+
+def log_api(url: str | None) -> None:
+    """Into the run's log (inside the terminal session): where the temporary server answers."""
+    import logging
+
+    if url:
+        logging.getLogger("spa").info("Prefect API: temporary server at %s (stopped when this command ends)", url)
+
+
+def resume_command() -> str:
+    """This command as typed (``spa run run.yaml -s ...``): rerunning it resumes the run."""
+    import shlex
+
+    return "spa " + shlex.join(sys.argv[1:])
 
 
 def _run_flow(flow, **params) -> Any:
@@ -116,7 +158,7 @@ def _run_flow(flow, **params) -> Any:
 def expand(config_file: Path = ConfigArg, config: Path = ConfigOpt,
            incoming: Path = typer.Option(None, help="folder of new prompt batches (default <run_dir>/incoming)"),
            shards: int = typer.Option(1, min=1, help="split sample and judge into N shards mapped over the task runner"),
-           verbose: bool = VerboseOpt) -> None:
+           overrides: list[str] = SetOpt, verbose: bool = VerboseOpt) -> None:
     """Run one more iteration per new prompt batch in the incoming folder, from the newest model."""
     import time
 
@@ -124,15 +166,19 @@ def expand(config_file: Path = ConfigArg, config: Path = ConfigOpt,
 
     started = time.time()
     config = which_config(config_file, config)
-    cfg = checked_config(config)
+    cfg = checked_config(config, overrides)
     embedded_server_defaults()
-    from spa_flows.expand import expand as expand_flow  # Prefect imported before the session (see run)
+    interrupts.arm(resume_command())
+    with api_server() as api:
+        from spa_flows.expand import expand as expand_flow  # Prefect imported before the session (see run)
 
-    with terminal_session(cfg.run_dir, verbose, keep_handlers=True) as log_path:
-        done = _run_flow(expand_flow, config=str(config.resolve()), incoming=str(incoming.resolve()) if incoming else None,
-                         shards=shards)
-        if done:
-            closing_summary(cfg, log_path, started)
+        with terminal_session(cfg.run_dir, verbose, keep_handlers=True) as log_path:
+            log_api(api)
+            done = _run_flow(expand_flow, config=str(config.resolve()),
+                             incoming=str(incoming.resolve()) if incoming else None,
+                             shards=shards, overrides=parse_overrides(overrides))
+            if done:
+                closing_summary(cfg, log_path, started)
 
 
 @app.command()
@@ -160,22 +206,25 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the world and t
     from spa.run.console import terminal_session
 
     embedded_server_defaults()
-    from spa_flows.pipeline import spa_pipeline
-
+    interrupts.arm(resume_command())
     started = time.time()
     sizes = SMALL if small else WorldSizes()
-    with terminal_session(out / "run", verbose, keep_handlers=True) as log_path:
-        try:
-            world = build_world(out / "world", seed=seed, sizes=sizes, echo=typer.echo, preset=preset)
-        except (ValueError, BadInput) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        config = write_config(demo_config(world, out / "run", sizes, seed=seed, iterations=iterations, preset=preset),
-                              out / "demo.yaml")
-        spa_pipeline(config=str(config.resolve()))
-        results = demo_comparison(yaml.safe_load(config.read_text()), out / "arms", echo=typer.echo) if arms else None
-        write_demo_report(load_config(config), results)
-        closing_summary(load_config(config), log_path, started)
+    with api_server() as api:
+        from spa_flows.pipeline import spa_pipeline  # Prefect imported before the session (see run)
+
+        with terminal_session(out / "run", verbose, keep_handlers=True) as log_path:
+            log_api(api)
+            try:
+                world = build_world(out / "world", seed=seed, sizes=sizes, echo=typer.echo, preset=preset)
+            except (ValueError, BadInput) as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
+            config = write_config(demo_config(world, out / "run", sizes, seed=seed, iterations=iterations, preset=preset),
+                                  out / "demo.yaml")
+            spa_pipeline(config=str(config.resolve()))
+            results = demo_comparison(yaml.safe_load(config.read_text()), out / "arms", echo=typer.echo) if arms else None
+            write_demo_report(load_config(config), results)
+            closing_summary(load_config(config), log_path, started)
 
 
 @app.command("check-config")

@@ -8,6 +8,7 @@ Prefect tasks that start it do not import them back: ``spa_tasks.cli`` adds the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -38,11 +39,9 @@ def which_config(positional: Path | None, option: Path | None) -> Path:
     return config
 
 
-def load_with_overrides(config: Path, overrides: list[str] | None):
-    """The config with ``--set key=value`` overrides applied (values parsed as YAML)."""
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``--set key=value`` items as ``{key: value}`` (values parsed as YAML)."""
     import yaml
-
-    from spa.config import load_config
 
     parsed = {}
     for item in overrides or []:
@@ -50,7 +49,14 @@ def load_with_overrides(config: Path, overrides: list[str] | None):
         if not sep:
             raise typer.BadParameter(f"--set expects key=value, got {item!r}")
         parsed[key.strip()] = yaml.safe_load(value)
-    return load_config(config, parsed)
+    return parsed
+
+
+def load_with_overrides(config: Path, overrides: list[str] | None):
+    """The config with ``--set key=value`` overrides applied."""
+    from spa.config import load_config
+
+    return load_config(config, parse_overrides(overrides))
 
 
 def _output_session(cfg, verbose: bool):

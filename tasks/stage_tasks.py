@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from spa.run.console import FLOW_STAGE_ENV, PROGRESS_RELAY_ENV, RelayedBar
 from spa.run.manifest import Stage
 from spa.run.sharding import parse_shard, shard_devices, visible_devices
-from spa_tasks import artifacts
+from spa_tasks import artifacts, interrupts
 from spa_tasks.run_config import run_config
 
 
@@ -119,9 +119,22 @@ def run_command(cmd: list[str], config: str, env: dict[str, str] | None = None) 
     """Run a stage command of the run ``config``: as a process, streaming its output into the Prefect log, or in
     this process (``run_inline``, which ignores ``env``) when the config says ``stage_processes: inline``; ``env``
     replaces this process's environment for the process."""
-    if run_config(config).stage_processes == "inline":
-        run_inline(cmd)
-        return
+    with interrupts.running(_running_name(cmd)):
+        if run_config(config).stage_processes == "inline":
+            run_inline(cmd)
+        else:
+            run_process(cmd, env)
+
+
+def _running_name(cmd: list[str]) -> str:
+    """The task run's name (``train t=2``), or the stage's outside a task run."""
+    from prefect.runtime import task_run
+
+    return task_run.name or cmd[3]
+
+
+def run_process(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    """Run a stage command as its own process, streaming its output into the Prefect log."""
     logger = get_run_logger()
     logger.info("$ %s%s", " ".join(cmd[1:]), f" (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})" if env else "")
     # its whole output comes here, as before; its progress bar as state lines, drawn here (one bar, on a TTY)

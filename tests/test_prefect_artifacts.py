@@ -127,6 +127,7 @@ def test_key_prefix_is_sanitised_stable_and_distinct_per_run_directory(tmp_path)
     assert key_prefix(tmp_path / "My Run_2024.v1") == prefix  # reruns of a run directory stack their versions
     assert key_prefix(tmp_path / "other" / "My Run_2024.v1") != prefix  # same name elsewhere: its own keys
     assert re.fullmatch(r"spa-run-[0-9a-f]{6}", key_prefix(tmp_path / "___"))
+    assert re.fullmatch(r"spa-quickstart-run-[0-9a-f]{6}", key_prefix(tmp_path / "quickstart" / "run"))
     assert re.fullmatch(r"[a-z0-9-]+", key_prefix(tmp_path / ("Ü" * 80 + "x" * 80)))
 
 
