@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from spa.models.sampling import Samples, SamplingSpec, make_sampler
+from spa.run.console import run_relayed
 
 
 def same_interpreter(python: str | None) -> bool:
@@ -42,7 +42,7 @@ class RemoteSampler:
             job = {"backend": self.backend, "model_dir": self.model_dir, "spec": dataclasses.asdict(spec),
                    "prompts": list(prompts), "progress": progress}
             (Path(tmp) / "job.json").write_text(json.dumps(job))
-            subprocess.run([self.python, "-m", "spa.models.remote_sampling", tmp], check=True)
+            run_relayed([self.python, "-m", "spa.models.remote_sampling", tmp])  # its logs: ours to route
             rows = pq.read_table(Path(tmp) / "samples.parquet").to_pylist()
         return [Samples(**row) for row in rows]
 

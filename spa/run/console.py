@@ -301,3 +301,25 @@ def terminal_session(run_dir: str | os.PathLike, verbose: bool = False, keep_han
                 else:
                     os.environ[key] = value
             _session = None
+
+
+def run_relayed(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    """Run ``cmd`` (a helper in another interpreter, e.g. vLLM's) with its output written to this process's
+    ``sys.stderr``, so that a terminal session routes it like our own (into the log, the story on the
+    terminal) instead of the child printing on the terminal itself. A failure raises
+    ``subprocess.CalledProcessError`` carrying the output's last 2000 characters."""
+    import codecs
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    assert proc.stdout is not None
+    decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+    tail = ""
+    while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+        text = decode(chunk)
+        sys.stderr.write(text)
+        tail = (tail + text)[-2000:]
+    proc.stdout.close()
+    rc = proc.wait()
+    if rc:
+        raise subprocess.CalledProcessError(rc, cmd, output=tail)

@@ -9,7 +9,6 @@ and ``--merge N`` joins the shards into the same file an unsharded run writes. W
 from __future__ import annotations
 
 import argparse
-import subprocess
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 from spa.config import SPAConfig, load_config
 from spa.errors import StageInputError
 from spa.run.artifacts import atomic_path, iter_chunks, merge_parquet, num_rows, read_table
-from spa.run.console import progress_bar
+from spa.run.console import progress_bar, run_relayed
 from spa.run.layout import RunLayout, model_dir
 from spa.run.manifest import Stage
 from spa.run.sharding import parse_shard, shard_bounds, shard_path
@@ -102,7 +101,7 @@ def _sample(cfg: SPAConfig, t: int, shard: str | None) -> dict[str, Any]:
         sample_worker(cfg, t, part)
     else:
         cmd = [cfg.sample.python, "-m", "spa.stages.sample", "--config", str(layout.config), "--iteration", str(t)]
-        subprocess.run(cmd + (["--shard", shard] if shard else []), check=True)
+        run_relayed(cmd + (["--shard", shard] if shard else []))  # its logs routed like ours (spa.run.console)
     return _summary(layout.responses(t) if part is None else shard_path(layout.responses(t), part))
 
 
