@@ -18,8 +18,15 @@ from typing import Any
 import typer
 
 from spa_tasks import interrupts
-from spa_tasks.stage_cli import (ConfigArg, ConfigOpt, SetOpt, VerboseOpt, load_with_overrides, parse_overrides,
-                                 which_config)
+from spa_tasks.stage_cli import (
+    ConfigArg,
+    ConfigOpt,
+    SetOpt,
+    VerboseOpt,
+    load_with_overrides,
+    parse_overrides,
+    which_config,
+)
 from spa_tasks.stage_cli import app as stage_app
 
 app = typer.Typer(

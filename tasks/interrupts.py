@@ -182,8 +182,13 @@ def mark_cancelled(flow_run_id: Any, message: str, timeout_s: float = API_TIMEOU
 
     def cancel() -> None:
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter,
-                                                    TaskRunFilterState, TaskRunFilterStateType)
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterId,
+            TaskRunFilter,
+            TaskRunFilterState,
+            TaskRunFilterStateType,
+        )
         from prefect.client.schemas.objects import StateType
         from prefect.states import Cancelled
 

@@ -260,3 +260,43 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(FIRST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(FIRST_FILES)))  # stable: each file stays contiguous
+
+
+import socket  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port_here() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def prefect_server(tmp_path):
+    """A real ``prefect server start`` on 127.0.0.1 in a session of its own (a user's server); yields the
+    environment that points at it."""
+    port = _free_port_here()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("Prefect server did not start:\n" + (tmp_path / "server.log").read_text()[-2000:])
+    yield {**env, "PREFECT_API_URL": url}
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -20,10 +21,10 @@ from spa.run.layout import RunLayout
 SPA = str(Path(sys.executable).parent / "spa")
 
 
-def _start(args: list[str]) -> tuple[subprocess.Popen, list[tuple[float, str]]]:
+def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, list[tuple[float, str]]]:
     """``spa <args>`` in a process group of its own (as a terminal runs a command); its output lines, timed."""
     proc = subprocess.Popen([SPA, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     lines: list[tuple[float, str]] = []
 
     def read() -> None:
@@ -111,3 +112,22 @@ def test_run_takes_set_overrides_and_refuses_a_bad_one(tmp_path, tiny_model_dir,
     assert res.returncode == 2, res.stdout + res.stderr
     assert "beta" in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # ~1.5 min: a real `prefect server start`, then a run interrupted in its seed stage
+def test_ctrl_c_with_the_users_own_server_leaves_the_flow_run_cancelled(prefect_server, tmp_path, tiny_model_dir,
+                                                                        prefs_file):
+    _, path = _config(tmp_path, tiny_model_dir, prefs_file, name="own-server")
+    proc, lines = _start(["run", str(path)], env=prefect_server)
+    _wait_for_stage(proc, "seed")
+    os.killpg(proc.pid, signal.SIGINT)  # the user's server runs elsewhere: the signal does not reach it
+    assert proc.wait(timeout=60) == 130
+    time.sleep(0.5)
+    assert "marked cancelled" in lines[-1][1], lines[-3:]
+    request = urllib.request.Request(f"{prefect_server['PREFECT_API_URL']}/flow_runs/filter", method="POST",
+                                     data=json.dumps({"sort": "START_TIME_DESC", "limit": 10}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        runs = json.loads(resp.read())
+    mine = [r for r in runs if r["parameters"].get("config") == str(path.resolve())]
+    assert mine and mine[0]["state"]["type"] == "CANCELLED", [r["state"]["type"] for r in mine]
