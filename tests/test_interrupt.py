@@ -131,3 +131,36 @@ def test_ctrl_c_with_the_users_own_server_leaves_the_flow_run_cancelled(prefect_
         runs = json.loads(resp.read())
     mine = [r for r in runs if r["parameters"].get("config") == str(path.resolve())]
     assert mine and mine[0]["state"]["type"] == "CANCELLED", [r["state"]["type"] for r in mine]
+
+
+def _armed_script(body: str) -> subprocess.CompletedProcess:
+    code = ("import os, signal, time\nfrom spa_tasks import interrupts\n"
+            "interrupts.arm('spa run run.yaml')\n" + body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_a_signal_outside_any_stage_ends_in_one_line_with_the_resume_command():
+    res = _armed_script("os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)\nprint('not reached')")
+    assert res.returncode == 143 and res.stdout == ""
+    assert res.stderr.splitlines() == ["SIGTERM: stopping ... stopped. Finished stages are kept; resume with: "
+                                       "spa run run.yaml"]
+
+
+def test_a_second_ctrl_c_while_stopping_exits_at_once():
+    """The first signal's clean-up is under way (``stopping``): the second ends the process, nothing printed."""
+    res = _armed_script("interrupts._watch.stopping = True\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)")
+    assert res.returncode == 130 and res.stderr == ""
+
+
+def test_a_stage_process_is_stopped_and_named():
+    res = _armed_script(
+        "import subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "with interrupts.running('train t=2'):\n"
+        "    print(child.pid, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n")
+    child = int(res.stdout.split()[0])
+    assert res.returncode == 130
+    assert res.stderr.startswith("Ctrl-C: stopping during train t=2 ... stopped.")
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
