@@ -40,6 +40,19 @@ def test_paired_differences_and_gap_by_hand():
     assert "| verifier_dpo - spa | dev | +6.5 |" in table
 
 
+def test_gap_line_says_when_the_gap_is_within_the_spread():
+    bench = bench_module("real_model_arms")
+    # 11 points of gap against a spread of 2.8 (the verifier arm's 30, 34): a share is meaningful
+    assert bench.gap_line(RESULTS, ["dev"]) == "dev: SPA +4.5 of a +11.0-point gap (share closed 0.41)"
+    small_gap = {0: {"seed_dpo": _row(dev=0.20), "spa": _row(dev=0.18), "verifier_dpo": _row(dev=0.21)},
+                 1: {"seed_dpo": _row(dev=0.24), "spa": _row(dev=0.22), "verifier_dpo": _row(dev=0.24)}}
+    # a 0.5-point gap beside seed DPO's spread of 2.8 points: no share is reported
+    assert bench.gap_line(small_gap, ["dev"]) == ("dev: SPA -2.0 of a +0.5-point gap (the gap is not beyond the "
+                                                  "seeds' spread, so no share is meaningful)")
+    one_seed = bench.comparisons({0: RESULTS[0]})
+    assert "| spa - seed_dpo | dev | +6.0 | - | - | n/a (one seed) |" in one_seed
+
+
 def test_arm_table_by_hand():
     table = bench_module("real_model_arms").arm_table(RESULTS, ["seed_dpo", "spa"])
     assert "| seed_dpo | dev | 21.0 ± 1.4 | 21.0 ± 1.4 | 21.0 ± 1.4 | 21.0 ± 1.4 | 50.0 ± 0.0 | 10.0 ± 0.0 |" in table
