@@ -99,17 +99,18 @@ def run_trl(raw: dict, seed_file: Path, work: Path, side: str) -> dict:
 
 
 def main() -> None:
+    global PAIRS, EPOCHS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=Path, default=Path("runs/bench-real/world"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/spa-p8"))
     parser.add_argument("--child", choices=SIDES)
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument("--pairs", type=int, default=PAIRS, help="gold pairs in the seed set (the same for every side)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--smoke", action="store_true",
                         help="8 pairs, one epoch, results under --work only (checks that every side runs)")
     ns = parser.parse_args()
-    global PAIRS, EPOCHS
-    if ns.smoke:
-        PAIRS, EPOCHS = BATCH, 1
+    PAIRS, EPOCHS = (BATCH, 1) if ns.smoke else (ns.pairs, ns.epochs)
     raw, seed_file = prepared(ns.world, ns.work)
     if ns.child:
         res = run_ours(raw, ns.work, ns.child) if ns.child.startswith("ours") else run_trl(raw, seed_file, ns.work,
@@ -123,7 +124,8 @@ def main() -> None:
         if side in results:
             continue
         out = subprocess.run([sys.executable, __file__, "--world", str(ns.world), "--work", str(ns.work),
-                              "--child", side, *(["--smoke"] if ns.smoke else [])], capture_output=True, text=True,
+                              "--child", side, "--pairs", str(PAIRS), "--epochs", str(EPOCHS),
+                              *(["--smoke"] if ns.smoke else [])], capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
         if out.returncode != 0:
             raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")

@@ -304,7 +304,10 @@ def main() -> None:
 
     def save(seed: int, results: dict, arm: str, seconds: float) -> None:
         all_results[seed] = {**all_results.get(seed, {}), **results}
-        arm_times[f"s{seed}/{arm}"] = round(seconds, 1)
+        # summed over invocations: a resumed arm adds what was left, an arm found done adds ~0 (the work an
+        # invocation killed mid-stage did is lost from this sum; the manifests' stage times have every stage)
+        key = f"s{seed}/{arm}"
+        arm_times[key] = round(arm_times.get(key, 0.0) + seconds, 1)
         target.write_text(json.dumps({
             "benchmark": "SmolLM2-135M-Instruct on verifiable instructions: IFEval accuracies per arm",
             "commands": commands,

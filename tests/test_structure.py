@@ -242,3 +242,13 @@ def test_readme_tree_matches_the_folders():
 @pytest.mark.parametrize("bad", ["spa/nothing_here.py", "docs/missing.md"])
 def test_a_missing_reference_is_caught(bad):
     assert not (ROOT / bad).exists() and references(f"see {bad}") == {bad}
+
+
+def test_every_bench_script_compiles():
+    """A benchmark runs for hours in the background: a syntax error (a ``global`` after a use, say) must show
+    here, not when its turn comes."""
+    scripts = sorted((ROOT / "bench").glob("*.py"))
+    assert scripts
+    for path in scripts:
+        compile(path.read_text(), str(path), "exec")
+
