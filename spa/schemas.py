@@ -145,9 +145,17 @@ ORACLE_VERDICTS = ArtifactKind(
     unique="prompt_id",
 )
 
+# SSPO's unpaired set D_U (docs/variants.md 7): one response per row, no label; a prompt may repeat
+UNPAIRED = ArtifactKind(
+    name="unpaired responses",
+    schema=pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("response", pa.string())]),
+    nonempty=("prompt_id", "prompt", "response"),
+)
+
 # seed and held-out pairs as ``spa prepare`` writes them: with the 0-based row of data.source each one is, so that a
 # later stage can name a bad pair by its source row (the files are in the shuffle's order)
 PAIRS_WRITTEN = pa.schema(list(PREFERENCE_PAIRS.schema) + [pa.field("source_row", pa.int64())])
+UNPAIRED_WRITTEN = pa.schema(list(UNPAIRED.schema) + [pa.field("source_row", pa.int64())])  # row of data.unpaired_source
 
 RESPONSES_WRITTEN = pa.schema(list(RESPONSES.schema) + [
     pa.field("backend", pa.string()),
@@ -183,6 +191,7 @@ KINDS: dict[str, ArtifactKind] = {
     "heldout": PREFERENCE_PAIRS,
     "pairs": PREFERENCE_PAIRS,
     "prompts": PROMPTS,
+    "unpaired": UNPAIRED,
     "responses": RESPONSES,
     "judgments": JUDGMENTS,
     "reference_logps": REFERENCE_LOGPS,

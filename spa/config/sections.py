@@ -56,6 +56,15 @@ class DataConfig(_Section):
     prompt_sizes: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [8000, 20000, 30000])
     heldout_size: Annotated[float, Field(ge=0)] = 500
     shuffle_seed: int = 42
+    # written only when set: configs and resume keys from before they existed stay the same
+    unpaired_source: str | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="SSPO's unpaired set D_U: (prompt, response) rows, or a 'messages' list, in any format source takes; "
+                    "prepare writes <run>/data/unpaired.parquet without the rows whose prompt is in the run's splits "
+                    "(docs/variants.md, SSPO)")
+    unpaired_size: Annotated[float, Field(gt=0)] | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="rows of D_U to keep: a count, a fraction (< 1) of the usable rows, or all of them (unset)")
     overlong: str = Field(
         "drop", pattern="^(drop|fail)$",
         description="rows too long for the context, measured with pi_init's tokenizer on the rows the splits draw: a "

@@ -59,6 +59,11 @@ class RunLayout:
     def prompts(self, t: int) -> Path:
         return self.data / f"prompts_{t}.parquet"
 
+    @property
+    def unpaired(self) -> Path:
+        """SSPO's unpaired set D_U (written by prepare when ``data.unpaired_source`` is set)."""
+        return self.data / "unpaired.parquet"
+
     def iteration(self, t: int) -> Path:
         return self.root / f"iter_{t}"
 

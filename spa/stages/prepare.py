@@ -250,13 +250,26 @@ def write_splits(source: Source | str, split: np.ndarray, rank: np.ndarray, layo
             write_table(table, target, kind)
 
 
-def _prepare(cfg: SPAConfig, source: Source, echo) -> dict[str, Any]:
+def _prepare(cfg: SPAConfig, source: Source, echo, unpaired_src: Source | None = None) -> dict[str, Any]:
     """Two streaming passes (bench P6): index and split on hashes only, then write the selected rows (and a third,
     over the drawn rows only, to measure their token lengths)."""
     index = index_source(source)
     split, rank, report, over = draw_splits(index, cfg, source)
+    unpaired = None
+    if unpaired_src is not None:  # read and checked whole before any file is written
+        from spa.data.unpaired import plan_unpaired
+
+        unpaired = plan_unpaired(unpaired_src, index.keys[split != -1], cfg.data.unpaired_size, cfg.data.shuffle_seed)
     del index
     write_splits(source, split, rank, RunLayout.of(cfg), cfg.iterations)
+    if unpaired is not None:
+        from spa.data.unpaired import write_unpaired
+
+        write_unpaired(unpaired_src, unpaired, RunLayout.of(cfg).unpaired)
+        report["unpaired"] = unpaired.report
+        echo(f"[prepare] unpaired set: {unpaired.report['unpaired']} of {unpaired.report['rows_in']} rows "
+             f"({unpaired.report['overlap_with_run_prompts']} share a prompt with the run's splits, "
+             f"{unpaired.report['duplicate']} repeated, {unpaired.report['empty']} empty)")
     if report["duplicate_prompts"] or report["empty_prompts"]:
         echo(f"[prepare] dropped {report['duplicate_prompts']} duplicate and {report['empty_prompts']} empty prompts")
     if over.line():
@@ -265,18 +278,26 @@ def _prepare(cfg: SPAConfig, source: Source, echo) -> dict[str, Any]:
 
 
 def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
-    """Write ``<run>/data/seed.parquet``, ``<run>/data/prompts_<t>.parquet`` and ``<run>/data/heldout.parquet``."""
+    """Write ``<run>/data/seed.parquet``, ``<run>/data/prompts_<t>.parquet`` and ``<run>/data/heldout.parquet``
+    (and ``<run>/data/unpaired.parquet`` with ``data.unpaired_source``: :mod:`spa.data.unpaired`)."""
     layout = RunLayout.of(cfg)
     if not cfg.data.source:
         raise StageInputError("data.source is not set: give a file, a folder or a hub dataset id of preference pairs")
     # resolved once (a hub id pinned to one commit), so that every pass reads the same rows in the same order
     source = resolve_source(cfg.data.source, cfg.data.split, cfg.data.revision)
-    outputs = [layout.seed, layout.heldout] + [layout.prompts(t) for t in range(1, cfg.iterations + 1)]
-
-    body = partial(_prepare, cfg, source, echo)
     # a local source is keyed by its content hash (a folder's files too); a hub dataset by repo, split and commit
-    hub = {"source_ref": source.ref()} if source.kind == "hub" else {}
-    return run_stage(cfg, Stage.PREPARE.key(), source.inputs(), SECTIONS, outputs, body,
+    hub: dict[str, Any] = {"source_ref": source.ref()} if source.kind == "hub" else {}
+    outputs = [layout.seed, layout.heldout] + [layout.prompts(t) for t in range(1, cfg.iterations + 1)]
+    inputs = source.inputs()
+    unpaired_src = resolve_source(cfg.data.unpaired_source) if cfg.data.unpaired_source else None
+    if unpaired_src is not None:
+        outputs.append(layout.unpaired)
+        inputs += unpaired_src.inputs()
+        if unpaired_src.kind == "hub":
+            hub["unpaired_ref"] = unpaired_src.ref()
+
+    body = partial(_prepare, cfg, source, echo, unpaired_src)
+    return run_stage(cfg, Stage.PREPARE.key(), inputs, SECTIONS, outputs, body,
                      extra_key={"source": cfg.data.source, **hub, "max_length": cfg.model.max_length,
                                 "max_new_tokens": cfg.sample.max_new_tokens,
                                 "tokenizer": tokenizer_digest(cfg.model.pi_init)}, force=force, echo=echo)
