@@ -90,10 +90,10 @@ def plan_unpaired(source: Source, taken_prompts: np.ndarray, size: float | None,
             prompt, response = unpaired_record(row, i, source)
             if not prompt.strip() or not response.strip():
                 counts["empty"] += 1
-            elif (int(prompt_hash(prompt), 16) or 1) in taken:
+            elif (int(pid := prompt_hash(prompt), 16) or 1) in taken:
                 counts["overlap_with_run_prompts"] += 1
             else:
-                key = _u64(prompt_hash(prompt) + "\x00" + response)
+                key = _u64(pid + "\x00" + response)
                 if key in seen:
                     counts["duplicate"] += 1
                 else:
@@ -102,10 +102,10 @@ def plan_unpaired(source: Source, taken_prompts: np.ndarray, size: float | None,
             i += 1
     if not i:
         raise StageInputError(f"{source}: no rows; an unpaired source needs {_COLUMNS}")
-    usable = np.asarray(keep, dtype=np.int64)
-    want = len(usable) if size is None else int(round(size * len(usable))) if size < 1 else int(size)
     if size is not None and size >= 1 and size != int(size):
         raise StageInputError(f"data.unpaired_size={size}: give a whole count (>= 1) or a fraction (< 1)")
+    usable = np.asarray(keep, dtype=np.int64)
+    want = len(usable) if size is None else int(round(size * len(usable))) if size < 1 else int(size)
     if want > len(usable):
         raise StageInputError(f"{source}: {len(usable)} usable unpaired rows of {i} ({counts['empty']} empty, "
                               f"{counts['duplicate']} repeated, {counts['overlap_with_run_prompts']} with a prompt of "
