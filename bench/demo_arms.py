@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -28,9 +29,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
 
-from spa.demo.arms import ARMS, merge, run_arm, run_seed_stage, run_sft  # noqa: E402
+from spa.demo.arms import ARMS, SEED_ARMS, merge, run_arm, run_seed_arm, run_seed_stage, run_sft  # noqa: E402
 from spa.demo.metrics import run_metrics  # noqa: E402
-from spa.demo.run import WorldSizes, build_world, demo_config  # noqa: E402
+from spa.demo.run import WorldSizes, build_world, demo_config, write_unpaired_source  # noqa: E402
 
 STRONG = {"train.refinement.alpha": 0.5, "train.refinement.k_percent": 20.0}
 # Declared 2026-12-02 before any run, as a test of the break-even of refinement at flag precision 0.5
@@ -50,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KEEP = ("iteration", "win_rate", "lc_win_rate", "avg_length", "gold_agreement", "self_label_accuracy", "noise_rate",
         "judge_shorter_wins", "oracle_shorter_wins", "length_penalty", "sr_precision", "dnd_precision",
         "sr_dnd_disagreement", "flip_rate", "sr_flip_precision", "dnd_flip_precision", "refined_fraction",
-        "judge_feature_accuracy", "sample_features")
+        "judge_feature_accuracy", "sample_features", "pseudo_label_accuracy", "good_share", "pseudo_positive_share",
+        "sspo_final_delta", "sspo_final_g", "unpaired_loss_last")
 
 
 def arm_jobs() -> dict[str, dict]:
@@ -66,7 +68,7 @@ def arm_jobs() -> dict[str, dict]:
                            ("spa_alpha05", ALPHA05), ("iterative_dpo_ep3", jobs["iterative_dpo_ep3"]),
                            ("spa_ep3", EPOCHS3)):
             jobs[f"{name}_flip{int(f * 100)}"] = {**over, "judge.flip_fraction": f}
-    return jobs
+    return jobs | SEED_ARMS  # SSPO and its control: a seed stage of their own (run_seed_arm)
 
 
 def run_seed(seed: int, out: Path, sizes: WorldSizes, overrides: dict, jobs: dict[str, dict],
@@ -82,7 +84,16 @@ def run_seed(seed: int, out: Path, sizes: WorldSizes, overrides: dict, jobs: dic
     results["seed_dpo"] = keep(run_metrics(base)[:1])
     for name, over in jobs.items():
         started = time.time()
-        results[name] = keep(run_arm(Path(base.run_dir), out / f"s{seed}" / name, raw, over))
+        if name in SEED_ARMS:  # its own seed stage, on the world's unpaired set
+            over = {**over, "data.unpaired_source": str(write_unpaired_source(world, seed))}
+            sspo_run, resume = out / f"s{seed}" / "sspo", False
+            if name == "sspo_then_spa" and "sspo" in results:  # the same seed stage: copied, not retrained
+                shutil.rmtree(out / f"s{seed}" / name, ignore_errors=True)
+                shutil.copytree(sspo_run, out / f"s{seed}" / name)
+                resume = True
+            results[name] = keep(run_seed_arm(out / f"s{seed}" / name, raw, over, resume=resume))
+        else:
+            results[name] = keep(run_arm(Path(base.run_dir), out / f"s{seed}" / name, raw, over))
         print(f"seed {seed} {name}: win " + ", ".join(f"{r['win_rate']:.1f}" for r in results[name])
               + f"  ({time.time() - started:.0f}s)", flush=True)
     return results
@@ -134,7 +145,9 @@ def comparisons(all_results) -> str:
              ("iterative_dpo", "seed_dpo"), ("seed_dpo", "sft"), ("spa_strong", "iterative_dpo"),
              ("spa_alpha05", "iterative_dpo"), ("iterative_dpo_lr06", "iterative_dpo"),
              ("iterative_dpo_lr06", "iterative_dpo_flip20"), ("spa_ep3", "iterative_dpo_ep3"),
-             ("iterative_dpo_ep3", "iterative_dpo"), ("iterative_dpo_prevref", "iterative_dpo")]
+             ("iterative_dpo_ep3", "iterative_dpo"), ("iterative_dpo_prevref", "iterative_dpo"),
+             ("sspo", "seed_dpo"), ("dpo_sft", "seed_dpo"), ("sspo", "dpo_sft"), ("spa", "sspo"),
+             ("sspo_then_spa", "spa"), ("sspo_then_spa", "sspo")]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
         pairs += [(f"spa{tag}", f"iterative_dpo{tag}"), (f"spa_strong{tag}", f"iterative_dpo{tag}"),
@@ -199,6 +212,17 @@ def diagnostics_table(all_results, arm: str = "spa") -> str:
     return "\n".join(lines)
 
 
+def sspo_table(all_results) -> str:
+    keys = [("pseudo_label_accuracy", "pseudo-label accuracy"), ("good_share", "good share (always 'good')"),
+            ("pseudo_positive_share", "labelled winning"), ("sspo_final_delta", "final threshold"),
+            ("sspo_final_g", "final g")]
+    lines = ["| arm | " + " | ".join(h for _, h in keys) + " |", "|---|" + "---|" * len(keys)]
+    for arm in ("sspo", "sspo_then_spa"):
+        if all(arm in res for res in all_results.values()):
+            lines.append(f"| {arm} | " + " | ".join(_ms(_vals(all_results, arm, 0, k), ".3f") for k, _ in keys) + " |")
+    return "\n".join(lines)
+
+
 def tables(all_results, seeds) -> str:
     clean = [a for a in all_results[seeds[0]] if "_flip" not in a]  # in run order: sft, seed_dpo, then the arms
     parts = [f"Seeds {list(seeds)}. Oracle win rate vs pi_init (%), mean ± stdev over seeds:", win_table(all_results, clean),
@@ -206,6 +230,9 @@ def tables(all_results, seeds) -> str:
     noise = noise_table(all_results)
     if noise.count("\n") > 1:
         parts += ["Label noise (judge.flip_fraction):", noise]
+    if all("sspo" in res for res in all_results.values()):
+        parts += ["SSPO's pseudo-labels on the unpaired set (last label of each response; good: oracle score at "
+                  "least the median):", sspo_table(all_results)]
     if all("spa" in res for res in all_results.values()):  # a subset of arms may leave SPA out
         parts += ["SPA (SR + DND), round by round:", diagnostics_table(all_results)]
     return "\n\n".join(parts)

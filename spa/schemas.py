@@ -182,7 +182,25 @@ TRAIN_LOG_WRITTEN = pa.schema(list(TRAIN_LOG.schema) + [
     ("dro_group_size", pa.float64()),  # DRO: the pairs its weights were solved over (the micro-batch's unflagged)
     ("dro_moved_fraction", pa.float64()),  # DRO: the largest share of a group's mass the worst case moved to xi_min
     ("spo_acc_pref", pa.float64()), ("spo_acc_dispref", pa.float64()),  # SPO heads' accuracy (paper: > 90%)
+    # SSPO (docs/variants.md 7): the curriculum's gold share g, the threshold delta_t, the running statistics,
+    # the share of the step's unpaired responses labelled winning, the two loss terms; DPO+SFT: the SFT term
+    ("sspo_g", pa.float64()), ("sspo_delta", pa.float64()), ("sspo_mu", pa.float64()), ("sspo_sigma", pa.float64()),
+    ("sspo_positive_share", pa.float64()), ("sspo_threshold_updated", pa.float64()),
+    ("gold_loss", pa.float64()), ("unpaired_loss", pa.float64()), ("unpaired_rows", pa.float64()),
 ])
+
+PSEUDO_LABELS = ArtifactKind(
+    name="SSPO pseudo-labels",
+    schema=pa.schema([
+        ("prompt_id", pa.string()),  # the unpaired row's prompt id (<run>/data/unpaired.parquet)
+        ("row", pa.int32()),  # its row in <run>/data/unpaired.parquet
+        ("step", pa.int64()),  # the optimiser step that trained on it (0-based)
+        ("reward", pa.float64()),  # SimPO's reward beta / |y| * log pi_theta(y|x)
+        ("z", pa.float64()),  # normalised with the running statistics, clipped to +-5
+        ("delta", pa.float64()),  # the threshold it was compared with
+        ("label", pa.bool_()),  # z > delta: taken as winning
+    ]),
+)
 
 FINISH_REASONS = frozenset({"stop", "length"})
 
@@ -197,6 +215,7 @@ KINDS: dict[str, ArtifactKind] = {
     "reference_logps": REFERENCE_LOGPS,
     "train_log": TRAIN_LOG,
     "refinement": REFINEMENT,
+    "pseudo_labels": PSEUDO_LABELS,
     "oracle_verdicts": ORACLE_VERDICTS,
     "eval": EVAL,
 }

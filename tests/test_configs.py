@@ -155,3 +155,15 @@ def test_spa_plan_accepts_the_real_model_preset(tmp_path):
     missing = subprocess.run([spa, "plan", preset, *over, "-s", f"judge.instructions={tmp_path / 'nope.jsonl'}"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "judge.instructions" in missing.stderr and "nope.jsonl" in missing.stderr
+
+
+def test_sspo_demo_preset_is_the_demo_plus_sspo():
+    """configs/sspo_demo.yaml is configs/demo.yaml's run with SSPO as the seed stage (the arm `sspo_then_spa` of
+    bench/demo_arms.py) on the world's unpaired set, in its own run directory; nothing else differs."""
+    from spa.demo.arms import SEED_ARMS, merge
+    from spa.demo.run import UNPAIRED_ROWS
+
+    want = merge(demo_config(DEMO_WORLD, Path("runs/demo/sspo")),
+                 SEED_ARMS["sspo_then_spa"] | {"data.unpaired_source": f"{DEMO_WORLD}/unpaired_{UNPAIRED_ROWS}.jsonl"})
+    assert yaml.safe_load((ROOT / "configs" / "sspo_demo.yaml").read_text(encoding="utf-8")) == want
+    assert load_config(ROOT / "configs" / "sspo_demo.yaml").train.loss == "sspo"

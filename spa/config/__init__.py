@@ -30,20 +30,22 @@ from spa.config.sections import (
     _Section,
 )
 from spa.config.training import (
+    DPOSFTConfig,
     DROConfig,
     LoraConfig,
     LossKind,
     RefinementConfig,
     RPOConfig,
     SPOConfig,
+    SSPOConfig,
     TrainConfig,
 )
 from spa.errors import ConfigError
 
 __all__ = [
-    "OPERATIONAL", "DataConfig", "DROConfig", "EvalConfig", "Fraction", "JudgeConfig", "JudgeEndpoint", "LoraConfig",
+    "OPERATIONAL", "DataConfig", "DPOSFTConfig", "DROConfig", "EvalConfig", "Fraction", "JudgeConfig", "JudgeEndpoint", "LoraConfig",
     "LossKind", "ModelConfig", "MTBenchConfig", "PositiveInt", "RPOConfig", "RefinementConfig", "SampleConfig",
-    "SPAConfig", "SPOConfig", "TrainConfig", "load_config", "parse_config",
+    "SPAConfig", "SPOConfig", "SSPOConfig", "TrainConfig", "load_config", "parse_config",
 ]
 
 
@@ -84,6 +86,13 @@ class SPAConfig(_Section):
         if j.policy_logps == "from_sampling" and j.type != "implicit":
             raise ValueError("judge.policy_logps: from_sampling reuses pi_{t-1}'s sampling log-probs, which only the "
                              "implicit-reward judge uses: set judge.type: implicit or policy_logps: rescore")
+        return self
+
+    @model_validator(mode="after")
+    def _unpaired_set_given(self) -> SPAConfig:
+        if self.train.loss.uses_unpaired and not self.data.unpaired_source:
+            raise ValueError(f"train.loss {self.train.loss.value!r} trains on an unpaired set: set data.unpaired_source "
+                             "(rows of prompt and response, or 'messages'; spa prepare writes <run>/data/unpaired.parquet)")
         return self
 
     @model_validator(mode="after")

@@ -58,13 +58,39 @@ class DROConfig(_Section):
     seed_stage: bool = Field(False, description="also reweight the seed stage (default: plain DPO there)")
 
 
+class SSPOConfig(_Section):
+    """SSPO (Lee et al.): the seed stage on the gold pairs plus an unpaired set (docs/variants.md 7). Its reward is
+    SimPO's ``beta / |y| * log pi(y|x)``, with its own ``beta`` (not ``train.beta``, DPO's)."""
+
+    beta: Annotated[float, Field(gt=0)] = 10.0
+    margin: Annotated[float, Field(ge=0)] = Field(2.0, description="Delta, the target reward margin of a gold pair")
+    prior: Annotated[float, Field(gt=0, lt=1)] = Field(0.5, description="P(s=1): the prior of a winning response")
+    momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.95, description="m of the running statistics and threshold")
+    decay: Annotated[float, Field(ge=0)] = Field(
+        0.005, description="lambda of the curriculum g = max(g_min, exp(-lambda * step)); the paper: 0.001-0.01")
+    threshold: str = Field("kde", pattern="^(kde|min_chosen)$",
+                           description="kde: the Bayes-risk point of the gold rewards' densities (the paper); "
+                                       "min_chosen: the lowest normalised chosen reward of the step (the authors' code)")
+    grid_points: Annotated[int, Field(ge=10)] = 200
+    queue_steps: PositiveInt = Field(20, description="optimiser steps of gold rewards the densities are fitted on")
+    min_pairs: PositiveInt = Field(8, description="no threshold update while fewer gold pairs are queued")
+
+
+class DPOSFTConfig(_Section):
+    """``train.loss: dpo+sft``: DPO on the gold pairs plus supervised fine-tuning on the unpaired responses."""
+
+    weight: Annotated[float, Field(ge=0)] = Field(1.0, description="the SFT term's weight: L = DPO + weight * NLL")
+
+
 class LossKind(StrEnum):
-    """The pair losses ``train.loss`` names, and what each needs besides the pairs (docs/variants.md).
+    """The losses ``train.loss`` names, and what each needs besides the pairs (docs/variants.md).
 
     ``dpo``: SPA's refined DPO (Eq. 10; SR/DND per ``train.refinement``); ``rpo``: RPO's contrast matrix
     over the micro-batch (needs prompt embeddings); ``spo``: refined DPO plus SPO's key-phrase removal
     heads (needs key phrases); ``dro``: Wasserstein-DRO reweighting without SR; ``sr+dro``: DRO over
-    the pairs SR leaves unflagged.
+    the pairs SR leaves unflagged; ``sspo``: SSPO in the seed stage (gold pairs plus pseudo-labelled
+    unpaired responses, no reference model), plain DPO in the iterations; ``dpo+sft``: the seed stage's
+    DPO plus SFT on the unpaired responses (SSPO's control), plain DPO in the iterations.
     """
 
     DPO = "dpo"
@@ -72,6 +98,8 @@ class LossKind(StrEnum):
     SPO = "spo"
     DRO = "dro"
     SR_DRO = "sr+dro"
+    SSPO = "sspo"
+    DPO_SFT = "dpo+sft"
 
     @property
     def label(self) -> str:
@@ -89,6 +117,11 @@ class LossKind(StrEnum):
     def reweights(self) -> bool:
         """DRO's per-pair weights (docs/variants.md 3)."""
         return self in (LossKind.DRO, LossKind.SR_DRO)
+
+    @property
+    def uses_unpaired(self) -> bool:
+        """Trains on the unpaired set ``<run>/data/unpaired.parquet`` too (the seed stage only)."""
+        return self in (LossKind.SSPO, LossKind.DPO_SFT)
 
     @property
     def allows_refinement(self) -> bool:
@@ -152,10 +185,13 @@ class TrainConfig(_Section):
     lora: LoraConfig | None = None
     refinement: RefinementConfig = Field(default_factory=RefinementConfig)
 
-    loss: LossKind = Field(LossKind.DPO, description="the pair loss: dpo, rpo, spo, dro or sr+dro (see LossKind)")
+    loss: LossKind = Field(LossKind.DPO, description="the loss: dpo, rpo, spo, dro, sr+dro, sspo or dpo+sft "
+                                                     "(see LossKind)")
     rpo: RPOConfig = Field(default_factory=lambda: RPOConfig())
     dro: DROConfig = Field(default_factory=lambda: DROConfig())
     spo: SPOConfig = Field(default_factory=lambda: SPOConfig())
+    sspo: SSPOConfig = Field(default_factory=lambda: SSPOConfig(), exclude_if=lambda v: v == SSPOConfig())
+    dpo_sft: DPOSFTConfig = Field(default_factory=lambda: DPOSFTConfig(), exclude_if=lambda v: v == DPOSFTConfig())
     group_by_length: bool = Field(False, description="length-grouped micro-batches (less padding; bench P4) "
                                                      "instead of Trainer's uniformly random order")
     precompute_reference: bool = Field(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from spa.config import SPAConfig
-from spa.demo.world import FEATURES, SCORED, features
+from spa.demo.world import FEATURES, SCORED, features, score
 from spa.run.artifacts import read_table, write_text_atomic
 from spa.run.layout import RunLayout
 
@@ -71,6 +71,37 @@ def run_metrics(cfg: SPAConfig) -> list[dict[str, Any]]:
         rows.append(iteration_metrics(cfg, t))
         t += 1
     return rows
+
+
+def unpaired_diagnostics(cfg: SPAConfig) -> dict[str, Any]:
+    """SSPO's seed stage against the world's oracle: the last pseudo-label of each unpaired response (its last visit)
+    against the oracle's verdict, a response being good when its oracle score is at least the median of the
+    unpaired set's (docs/variants.md 7, decision 8); the share of good responses is what always saying "good"
+    would score. Empty for a run without an unpaired set, and DPO+SFT gets the SFT term's last value only."""
+    import torch
+
+    from spa.training.sspo import pseudo_label_accuracy
+
+    lay = RunLayout.of(cfg)
+    if not lay.unpaired.exists():
+        return {}
+    import pyarrow.parquet as pq
+
+    log = pq.read_table(lay.train_log(0)).to_pylist()
+    out: dict[str, Any] = {"unpaired_loss_last": log[-1].get("unpaired_loss")}
+    if not lay.pseudo_labels(0).exists():
+        return out
+    unpaired = pq.read_table(lay.unpaired).to_pylist()
+    last: dict[int, bool] = {}
+    for r in pq.read_table(lay.pseudo_labels(0), columns=["row", "step", "label"]).sort_by("step").to_pylist():
+        last[r["row"]] = r["label"]
+    rows = sorted(last)
+    labels = torch.tensor([float(last[i]) for i in rows])
+    scores = torch.tensor([score(unpaired[i]["prompt"], unpaired[i]["response"]) for i in rows])
+    good = (scores >= torch.quantile(scores.double(), 0.5).float()).float()
+    return out | {"pseudo_label_accuracy": pseudo_label_accuracy(labels, scores), "good_share": good.mean().item(),
+                  "pseudo_positive_share": labels.mean().item(), "sspo_final_delta": log[-1]["sspo_delta"],
+                  "sspo_final_g": log[-1]["sspo_g"]}
 
 
 ARM_LABELS = {

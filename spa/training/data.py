@@ -105,6 +105,18 @@ def load_training_set(cfg: SPAConfig, rnd: TrainRound) -> tuple[dict[str, list],
     return pairs, emb
 
 
+def unpaired_set(rnd: TrainRound) -> dict[str, list]:
+    """SSPO / DPO+SFT: the unpaired responses of ``<run>/data/unpaired.parquet`` (prompt_id, prompt, response, and
+    ``where``: each row's name in errors, by its row of ``data.unpaired_source``)."""
+    table = read_table(rnd.unpaired, "unpaired")
+    out = {k: table.column(k).to_pylist() for k in ("prompt_id", "prompt", "response")}
+    rows = table.column("source_row").to_pylist() if "source_row" in table.column_names else range(table.num_rows)
+    out["where"] = [f"{rnd.unpaired} (unpaired source row {r}, prompt_id {p!r})" for r, p in zip(rows, out["prompt_id"], strict=True)]
+    if not out["prompt"]:
+        raise ValueError(f"{rnd.unpaired}: the unpaired set is empty (every row of data.unpaired_source was dropped?)")
+    return out
+
+
 def reference_logps_once(cfg: SPAConfig, rnd: TrainRound, run_key: str, policy, dataset, pad_id: int):
     """``iter_t/reference_logps.parquet`` (row, ref_logp_chosen, ref_logp_rejected), unless a file with the
     same key (start model, data, config, precision) exists: a resumed stage reuses it. Under data
@@ -120,7 +132,7 @@ def reference_logps_once(cfg: SPAConfig, rnd: TrainRound, run_key: str, policy, 
     path = RunLayout.of(cfg).reference_logps(rnd.t)
     key = f"{run_key}:{'bf16' if rnd.bf16 else 'fp32'}"
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    n = len(dataset)
+    n = len(dataset.items)  # the pairs (an SSPO / DPO+SFT set also holds unpaired responses, with no reference)
     if path.exists() and (pq.read_schema(path).metadata or {}).get(b"spa_key") == key.encode():
         table = read_table(path, "reference_logps")
         if table.num_rows != n:

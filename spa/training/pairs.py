@@ -58,14 +58,60 @@ class PairDataset(Dataset):
         return item
 
 
+class MixedDataset(Dataset):
+    """The gold pairs and the unpaired responses of SSPO / DPO+SFT's seed stage, as one shuffled set: rows
+    ``0 .. n_pairs - 1`` are the pairs, the rest the unpaired responses (each seen once per epoch)."""
+
+    def __init__(self, pairs: PairDataset, tok: PreTrainedTokenizerBase, prompts, responses, max_length: int,
+                 where: list[str] | None = None):
+        self.pairs = pairs
+        names = where if where is not None else [f"unpaired row {i}" for i in range(len(prompts))]
+        self.singles = [encode_pair(tok, p, r, True, max_length, row=w)
+                        for p, r, w in zip(prompts, responses, names, strict=True)]
+
+    @property
+    def items(self):  # the pairs: what the reference's log-probs are computed for (DPO+SFT)
+        return self.pairs.items
+
+    @property
+    def ref_logps(self):
+        return self.pairs.ref_logps
+
+    @ref_logps.setter
+    def ref_logps(self, value) -> None:
+        self.pairs.ref_logps = value
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def n_unpaired(self) -> int:
+        return len(self.singles)
+
+    def __len__(self) -> int:
+        return len(self.pairs) + len(self.singles)
+
+    def lengths(self) -> list[int]:
+        return self.pairs.lengths() + [len(e.input_ids) for e in self.singles]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i < len(self.pairs):
+            return self.pairs[i]
+        return {"single": self.singles[i - len(self.pairs)], "unpaired_row": i - len(self.pairs)}
+
+
 class PairCollator:
-    """Chosen sequences first, then rejected ones, right-padded together."""
+    """Chosen sequences first, then rejected ones, right-padded together (then, in SSPO / DPO+SFT's seed stage,
+    the unpaired responses of the micro-batch, with ``pair_count`` saying where the pairs end)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, features: list[dict[str, Encoded]]) -> dict[str, torch.Tensor]:
-        seqs = [f["chosen"] for f in features] + [f["rejected"] for f in features]
+        singles = [f for f in features if "single" in f]
+        features = [f for f in features if "single" not in f]
+        seqs = [f["chosen"] for f in features] + [f["rejected"] for f in features] + [f["single"] for f in singles]
         batch = collate(seqs, self.pad_id)
         out = {
             "input_ids": batch["input_ids"],
@@ -74,6 +120,11 @@ class PairCollator:
             "loss_mask": batch["loss_mask"],
             "row_ids": torch.tensor([f["row"] for f in features], dtype=torch.long),
         }
+        if singles:
+            out["pair_count"] = torch.tensor(len(features), dtype=torch.long)
+            out["unpaired_rows"] = torch.tensor([f["unpaired_row"] for f in singles], dtype=torch.long)
+        if not features:
+            return out
         if "prompt_emb" in features[0]:
             out["prompt_emb"] = torch.stack([f["prompt_emb"] for f in features])
         if "ref_logps" in features[0]:  # in the order of the sequences: chosen ones, then rejected ones

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from spa.config import DROConfig, LossKind, RefinementConfig, RPOConfig, SPAConfig, SPOConfig
+from spa.config import (
+    DPOSFTConfig,
+    DROConfig,
+    LossKind,
+    RefinementConfig,
+    RPOConfig,
+    SPAConfig,
+    SPOConfig,
+    SSPOConfig,
+)
 from spa.run.layout import RunLayout, model_dir
 from spa.run.manifest import Stage
 
@@ -46,6 +55,8 @@ class LossSettings:
     dro: DROConfig = DROConfig()
     spo: SPOConfig | None = None  # SPO only: refined DPO + gamma * (CE_pref + CE_dispref)
     seed: int = 0
+    sspo: SSPOConfig = SSPOConfig()
+    dpo_sft: DPOSFTConfig = DPOSFTConfig()
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ class TrainRound:
     t: int
     start: Path  # pi_init (seed stage) or pi_{t-1}; the reference is the same model
     data: Path  # the seed set or iteration t's judgments
+    unpaired: Path | None  # SSPO / DPO+SFT in the seed stage: <run>/data/unpaired.parquet, trained on beside the pairs
     loss: LossSettings
     refine: RefineSettings | None
     precompute_reference: bool  # reference log-probs once, before training: no reference model in memory
@@ -68,6 +80,16 @@ class TrainRound:
     def dnd_lambda(self) -> float:
         """lambda of Eq. 12 (0: DND off)."""
         return self.refine.lam if self.refine is not None else 0.0
+
+    @property
+    def needs_reference(self) -> bool:
+        """SSPO's reward is reference-free: no reference model and no reference log-probs."""
+        return self.loss.kind is not LossKind.SSPO
+
+    @property
+    def inputs(self) -> list[Path]:
+        """What the stage's resume key is taken over: the start model, the pairs and (SSPO, DPO+SFT) the unpaired set."""
+        return [self.start, self.data] + ([self.unpaired] if self.unpaired is not None else [])
 
     @property
     def refines(self) -> bool:
@@ -88,9 +110,12 @@ class TrainRound:
 
 
 def loss_kind(cfg: SPAConfig, t: int) -> LossKind:
-    """DRO reweights the self-labelled rounds only (docs/variants.md 3.3) unless ``train.dro.seed_stage``."""
+    """DRO reweights the self-labelled rounds only (docs/variants.md 3.3) unless ``train.dro.seed_stage``; SSPO and
+    DPO+SFT are seed-stage losses (docs/variants.md 7): the iterations after them are SPA's (SSPO then SPA)."""
     kind = cfg.train.loss
     if kind.reweights and t == 0 and not cfg.train.dro.seed_stage:
+        return LossKind.DPO
+    if kind.uses_unpaired and t > 0:
         return LossKind.DPO
     return kind
 
@@ -102,19 +127,22 @@ def resolve_round(cfg: SPAConfig, t: int) -> TrainRound:
     refine = None
     if t > 0 and tc.refinement.self_refine and kind.allows_refinement:
         refine = RefineSettings.from_config(tc.refinement, tc.refinement.lam(t) if tc.refinement.decoupled else 0.0)
-    loss = LossSettings(kind, tc.rpo, tc.dro, tc.spo if kind.needs_key_phrases else None, tc.seed)
+    loss = LossSettings(kind, tc.rpo, tc.dro, tc.spo if kind.needs_key_phrases else None, tc.seed, tc.sspo, tc.dpo_sft)
     # FSDP with LoRA: no pass before training (no rank could hold the whole base on its device for it); the
     # reference is the sharded base with the adapter disabled, at no memory cost
-    precompute = tc.precompute_reference and (refine is None or refine.lam == 0) and not tc.shards_lora
+    precompute = (tc.precompute_reference and (refine is None or refine.lam == 0) and not tc.shards_lora
+                  and kind is not LossKind.SSPO)  # SSPO: no reference at all
     materialised = (t > 0 and tc.replay_fraction > 0) or kind.needs_prompt_embeddings
     outputs = [layout.model(t), layout.train_log(t)]
     outputs += [layout.refinement(t)] if refine is not None else []
     outputs += [layout.train_pairs(t)] if materialised else []
     outputs += [layout.reference_logps(t)] if precompute else []
     outputs += [layout.spo_heads(t)] if kind.needs_key_phrases else []
+    outputs += [layout.pseudo_labels(t)] if kind is LossKind.SSPO else []
     return TrainRound(
         t=t, start=Path(cfg.model.pi_init) if t == 0 else model_dir(cfg, t - 1),
-        data=layout.seed if t == 0 else layout.judgments(t), loss=loss, refine=refine,
+        data=layout.seed if t == 0 else layout.judgments(t), unpaired=layout.unpaired if kind.uses_unpaired else None,
+        loss=loss, refine=refine,
         precompute_reference=precompute, training_set=layout.train_pairs(t) if materialised else None,
         epochs=tc.seed_epochs if t == 0 else tc.epochs, precision=tc.precision, outputs=tuple(outputs),
         stage_key=Stage.TRAIN.key(t),

@@ -24,7 +24,6 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from spa.config import LossKind
 from spa.judges.implicit_reward import implicit_reward
 from spa.models.logprobs import gather_logps
-from spa.run.console import progress_bar
 from spa.schemas import REFINEMENT, TRAIN_LOG_WRITTEN
 from spa.training.checkpoints import STATE_FILE
 from spa.training.fsdp import FSDPTrainerMixin
@@ -38,8 +37,10 @@ from spa.training.losses import (
     rpo_loss,
     rpo_weights,
 )
+from spa.training.progress import TrainProgress
 from spa.training.rounds import LossSettings, RefineSettings
 from spa.training.spo import SPOHeads, aux_loss, step_generator
+from spa.training.unpaired_trainer import PseudoLabel, UnpairedLossMixin
 
 log = logging.getLogger(__name__)
 SPO_HEADS = "spo_heads.safetensors"  # SPO's heads, beside (not inside) the policy weights (RunLayout.spo_heads)
@@ -96,7 +97,7 @@ class _StepStats:
         self.lr: float = 0.0
 
 
-class RefinedDPOTrainer(FSDPTrainerMixin, Trainer):
+class RefinedDPOTrainer(UnpairedLossMixin, FSDPTrainerMixin, Trainer):
     """``Trainer`` whose loss is the refined DPO loss of Eq. 10 (plain DPO when refinement is off)."""
 
     def __init__(self, *args, ref_model: torch.nn.Module | None, beta: float, refine: RefineSettings | None,
@@ -121,6 +122,7 @@ class RefinedDPOTrainer(FSDPTrainerMixin, Trainer):
         # compare the two detectors on the same pairs
         self.window_sr = make() if refine and refine.lam > 0 else None
         self.stats = _StepStats()
+        self._init_unpaired()
         self.step_logs: dict[str, float] | None = None  # this step's numbers for Trainer's own log of it (log)
         self.rows: list[dict[str, Any]] = []
         self.samples: list[FlagRecord] = []
@@ -132,11 +134,14 @@ class RefinedDPOTrainer(FSDPTrainerMixin, Trainer):
                 self.window_sr.load(resume_state.get("window_sr", []))
             is_main = int(os.environ.get("RANK", "0")) == 0
             self.samples = [FlagRecord(*s) for s in resume_state.get("samples", [])] if is_main else []
+            if self.sspo_state is not None and "sspo" in resume_state:  # the same threshold and statistics
+                self.sspo_state.load_state_dict(resume_state["sspo"])
+                self.pseudo_labels = [PseudoLabel(*p) for p in resume_state.get("pseudo_labels", [])] if is_main else []
         self.add_callback(_SPACallback(self))
         # one live bar with loss and lr (a TTY only) instead of transformers' bar and its printed log dicts
         self.remove_callback(ProgressCallback)
         self.remove_callback(PrinterCallback)
-        self.add_callback(_TrainProgress())
+        self.add_callback(TrainProgress())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Trainer's log of a step (``logging_steps=1``) with the step's SPA numbers (loss and lr as in ``train_log``):
@@ -200,6 +205,8 @@ class RefinedDPOTrainer(FSDPTrainerMixin, Trainer):
                 return unwrapped(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.unpaired_kind:
+            return self._unpaired_round_loss(model, inputs)
         ids, attn = inputs["input_ids"], inputs["attention_mask"]
         targets, mask = inputs["target_ids"], inputs["loss_mask"]
         spo = self.spo_heads is not None
@@ -294,42 +301,14 @@ class RefinedDPOTrainer(FSDPTrainerMixin, Trainer):
             row["spo_acc_pref"] = c[0] / c[1] if c[1] else None
             row["spo_acc_dispref"] = c[2] / c[3] if c[3] else None
             self.spo_counts = [0, 0, 0, 0]
-        if step == 1 and abs(row["margin_mean"]) > 1e-2:
+        if self.unpaired_kind:
+            self._finish_unpaired_step(row)
+        if step == 1 and abs(row["margin_mean"]) > 1e-2 and self.sspo_state is None:  # SSPO: no reference
             log.warning("step 1 margin %.4f: policy and reference differ at the start (mismatched reference?)",
                         row["margin_mean"])
         self.rows.append(row)
         self.stats.reset()
         return row
-
-
-class _TrainProgress(TrainerCallback):
-    """The training steps as one live bar with the latest loss and learning rate; every log dict into the
-    run's log (``spa.training.trainer`` logger), none printed."""
-
-    def __init__(self):
-        self.bar, self.shown = None, {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.bar = progress_bar(state.max_steps, "train", "step")
-            self.bar.update(state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        log.info("step %d: %s", state.global_step, logs)
-        self.shown.update({k: f"{logs[k]:.3g}" for k in ("loss", "learning_rate") if isinstance(logs.get(k), int | float)})
-        if self.bar is not None and self.shown:
-            self.bar.set_postfix(self.shown, refresh=False)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 class _SPACallback(TrainerCallback):
@@ -366,6 +345,7 @@ class _SPACallback(TrainerCallback):
 
             save_file(tr.spo_heads.state_dict(), str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / SPO_HEADS))
         samples = gather_samples(tr.samples)
+        pseudo = gather_samples(tr.pseudo_labels, PseudoLabel) if tr.sspo_state is not None else []
         if not state.is_world_process_zero:
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -374,18 +354,19 @@ class _SPACallback(TrainerCallback):
             "window": tr.window.state() if tr.window is not None else [],
             "window_sr": tr.window_sr.state() if tr.window_sr is not None else [],
             "samples": samples,
-        }
+        } | ({"sspo": tr.sspo_state.state_dict(), "pseudo_labels": pseudo} if tr.sspo_state is not None else {})
         (ckpt / STATE_FILE).write_text(json.dumps(payload))
 
 
-def gather_samples(samples: list[FlagRecord]) -> list[FlagRecord]:
-    """Every rank's per-sample refinement records (identity without data parallelism), ordered by step."""
+def gather_samples(samples: list, record: type = FlagRecord) -> list:
+    """Every rank's per-sample records (refinement flags, SSPO's pseudo-labels; identity without data parallelism),
+    ordered by step and row."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, [tuple(s) for s in samples])
-        samples = [FlagRecord(*s) for part in parts for s in part]
+        samples = [record(*s) for part in parts for s in part]
     return sorted(samples, key=lambda s: (s.step, s.row))
 
 

@@ -21,7 +21,7 @@ from spa.config import SPAConfig, load_config
 from spa.errors import ConfigError
 from spa.run.artifacts import write_table
 from spa.run.layout import RunLayout
-from spa.training.data import load_training_set, reference_logps_once
+from spa.training.data import load_training_set, reference_logps_once, unpaired_set
 from spa.training.rounds import TrainRound, resolve_round
 
 
@@ -37,7 +37,7 @@ def _world() -> int:
 
 def load_models(cfg: SPAConfig, rnd: TrainRound):
     """The policy (a LoRA adapter on it when configured) and, only where the loss needs its logits and
-    they are not precomputed, a frozen reference copy (docs/algorithm.md, "Which reference where")."""
+    they are not precomputed, a frozen reference copy (none for SSPO, whose reward is reference-free) (docs/algorithm.md, "Which reference where")."""
     from spa.models.loading import load_causal_lm
     from spa.training.pairs import disable_dropout
 
@@ -48,7 +48,7 @@ def load_models(cfg: SPAConfig, rnd: TrainRound):
     ref_model = None
     if tc.lora is not None:  # the reference is the base weights with the adapter disabled
         policy = with_adapter(policy, tc.lora, tc.seed)
-    elif not rnd.precompute_reference:
+    elif not rnd.precompute_reference and rnd.needs_reference:
         # the reference in exactly the policy's precision (fp32 weights, the same autocast in the same forward
         # code), so that pi_theta = pi_ref gives margin 0 at step 0; a bf16 copy would not (~0.01 nats)
         ref_model = load_causal_lm(rnd.start, "float32", _device(), trust)
@@ -112,22 +112,36 @@ def training_arguments(cfg: SPAConfig, rnd: TrainRound, output_dir: Path):
     )
 
 
-def setup(cfg: SPAConfig, rnd: TrainRound, run_key: str):
-    """Tokenizer, pairs, models and a ``RefinedDPOTrainer`` resumed from this run's own last checkpoint."""
-    import torch
+def training_dataset(cfg: SPAConfig, rnd: TrainRound, tok):
+    """The round's rendered training set, its pairs' prompt ids and (SSPO, DPO+SFT) the unpaired rows' prompt ids:
+    the pairs, or the pairs and the unpaired responses as one shuffled set."""
+    from spa.training.pairs import MixedDataset, PairDataset
 
-    from spa.models.rendering import load_tokenizer
-    from spa.training.checkpoints import STATE_FILE, latest_checkpoint, prepare_checkpoint_dir
-    from spa.training.pairs import PairCollator, PairDataset
-    from spa.training.trainer import SPO_HEADS, RefinedDPOTrainer
-
-    tok = load_tokenizer(rnd.start, cfg.model.trust_remote_code)
     pairs, emb = load_training_set(cfg, rnd)
     if not pairs["prompt"]:
         raise ValueError(f"iteration {rnd.t}: no training pairs (all ties or dropped)")
     dataset = PairDataset(tok, pairs["prompt"], pairs["chosen"], pairs["rejected"], cfg.model.max_length,
                           pairs.get("chosen_finished"), pairs.get("rejected_finished"), prompt_emb=emb,
                           key_phrases=rnd.loss.kind.needs_key_phrases, where=pairs.get("where"))
+    if rnd.unpaired is None:
+        return dataset, pairs["prompt_id"], []
+    unpaired = unpaired_set(rnd)
+    mixed = MixedDataset(dataset, tok, unpaired["prompt"], unpaired["response"], cfg.model.max_length,
+                         unpaired["where"])
+    return mixed, pairs["prompt_id"], unpaired["prompt_id"]
+
+
+def setup(cfg: SPAConfig, rnd: TrainRound, run_key: str):
+    """Tokenizer, pairs, models and a ``RefinedDPOTrainer`` resumed from this run's own last checkpoint."""
+    import torch
+
+    from spa.models.rendering import load_tokenizer
+    from spa.training.checkpoints import STATE_FILE, latest_checkpoint, prepare_checkpoint_dir
+    from spa.training.pairs import PairCollator
+    from spa.training.trainer import SPO_HEADS, RefinedDPOTrainer
+
+    tok = load_tokenizer(rnd.start, cfg.model.trust_remote_code)
+    dataset, prompt_ids, unpaired_ids = training_dataset(cfg, rnd, tok)
     policy, ref_model = load_models(cfg, rnd)
     ckpt_dir = RunLayout.of(cfg).checkpoints(rnd.t)
     args = training_arguments(cfg, rnd, ckpt_dir)
@@ -163,16 +177,19 @@ def setup(cfg: SPAConfig, rnd: TrainRound, run_key: str):
         from safetensors.torch import load_file
 
         trainer.spo_heads.load_state_dict(load_file(str(resume / SPO_HEADS)))
-    return trainer, tok, pairs["prompt_id"], resume
+    trainer.unpaired_prompt_ids = unpaired_ids
+    return trainer, tok, prompt_ids, resume
 
 
 def save(cfg: SPAConfig, rnd: TrainRound, trainer, tok, prompt_ids: list[str]) -> None:
-    """Rank 0 writes pi_t (LoRA merged), the train log, the refinement flags and SPO's heads."""
+    """Rank 0 writes pi_t (LoRA merged), the train log, the refinement flags, SSPO's pseudo-labels and SPO's heads."""
     from spa.training.trainer import gather_samples, rows_to_table, samples_to_table
+    from spa.training.unpaired_trainer import PseudoLabel, pseudo_labels_table
 
     layout = RunLayout.of(cfg)
     trainer.accelerator.wait_for_everyone()
     samples = gather_samples(trainer.samples)
+    pseudo = gather_samples(trainer.pseudo_labels, PseudoLabel) if trainer.sspo_state is not None else []
     weights = adapter = None
     if trainer.is_fsdp_enabled:  # every rank takes part in gathering the shards; rank 0 receives them
         from spa.training.fsdp import full_state_dict, full_trainable_state
@@ -189,6 +206,9 @@ def save(cfg: SPAConfig, rnd: TrainRound, trainer, tok, prompt_ids: list[str]) -
         if trainer.refine is not None:
             write_table(samples_to_table(samples, prompt_ids), layout.refinement(rnd.t), "refinement")
         write_table(rows_to_table(trainer.rows), layout.train_log(rnd.t), "train_log")
+        if trainer.sspo_state is not None:
+            write_table(pseudo_labels_table(pseudo, trainer.unpaired_prompt_ids), layout.pseudo_labels(rnd.t),
+                        "pseudo_labels")
         if trainer.spo_heads is not None:
             from safetensors.torch import save_file
 

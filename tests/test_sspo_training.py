@@ -1,0 +1,162 @@
+"""SSPO and DPO+SFT in the seed stage (``train.loss: sspo`` / ``dpo+sft``, docs/variants.md 7) on the tiny model:
+the gold pairs and the unpaired set trained together, the per-step values in the train log, the pseudo-labels
+written, no reference for SSPO, and the iterations after it plain DPO (SSPO then SPA)."""
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import tiny_config
+
+from spa.config import LossKind
+from spa.errors import ConfigError
+from spa.run.layout import RunLayout
+from spa.stages import prepare
+from spa.stages import train as train_stage
+from spa.training.rounds import resolve_round
+
+N_UNPAIRED = 20
+
+
+def _unpaired_source(tmp_path):
+    path = tmp_path / "unpaired.jsonl"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": f"fresh question number {i}", "response": f"an answer {i} here"})
+                            + "\n" for i in range(N_UNPAIRED)))
+    return path
+
+
+def _config(tmp_path, tiny_model_dir, prefs_file, loss, **train):
+    return tiny_config(tmp_path / "run", tiny_model_dir, prefs_file,
+                       data={"unpaired_source": str(_unpaired_source(tmp_path))},
+                       train={"loss": loss, **train})
+
+
+def test_a_loss_on_unpaired_responses_needs_an_unpaired_source(tmp_path, tiny_model_dir, prefs_file):
+    with pytest.raises(ConfigError, match="data.unpaired_source"):
+        tiny_config(tmp_path / "run", tiny_model_dir, prefs_file, train={"loss": "sspo"})
+
+
+def test_sspo_is_the_seed_stage_and_spa_follows(tmp_path, tiny_model_dir, prefs_file):
+    cfg = _config(tmp_path, tiny_model_dir, prefs_file, "sspo")
+    seed, first = resolve_round(cfg, 0), resolve_round(cfg, 1)
+    lay = RunLayout(cfg.run_dir)
+    assert seed.loss.kind is LossKind.SSPO and seed.unpaired == lay.unpaired and lay.unpaired in seed.inputs
+    assert not seed.needs_reference and not seed.precompute_reference
+    assert lay.pseudo_labels(0) in seed.outputs and lay.reference_logps(0) not in seed.outputs
+    assert first.loss.kind is LossKind.DPO and first.unpaired is None and first.refines  # SPA's round from SSPO's pi_0
+
+
+def test_sspo_seed_stage_trains_on_pairs_and_unpaired_responses(tmp_path, tiny_model_dir, prefs_file):
+    """16 gold pairs + 20 unpaired responses, batch 4, 1 epoch: 9 steps. A fast curriculum (lambda 0.5) and a
+    threshold fitted from 2 queued pairs, so every SSPO value moves within those steps."""
+    cfg = _config(tmp_path, tiny_model_dir, prefs_file, "sspo", sspo={"decay": 0.5, "min_pairs": 2})
+    prepare.run(cfg, echo=lambda _: None)
+    result = train_stage.run(cfg, 0, echo=lambda _: None)
+    lay = RunLayout(cfg.run_dir)
+    log = pq.read_table(lay.train_log(0)).to_pylist()
+    assert len(log) == math.ceil((16 + N_UNPAIRED) / 4) == result.summary["steps"]
+    g_min = 16 / (16 + N_UNPAIRED)
+    assert [r["sspo_g"] for r in log] == pytest.approx([max(g_min, math.exp(-0.5 * k)) for k in range(len(log))])
+    assert sum(r["unpaired_rows"] for r in log) == N_UNPAIRED == result.summary["unpaired_rows_trained"]
+    assert all(r["sspo_mu"] is not None and r["sspo_sigma"] > 0 for r in log)
+    assert sum(r["sspo_threshold_updated"] for r in log) >= 1 and any(r["sspo_delta"] != 0 for r in log)
+    pseudo = pq.read_table(lay.pseudo_labels(0)).to_pylist()
+    assert sorted(r["row"] for r in pseudo) == list(range(N_UNPAIRED))  # each unpaired response once an epoch
+    assert all(r["label"] == (r["z"] > r["delta"]) and abs(r["z"]) <= 5 for r in pseudo)
+    unpaired_ids = pq.read_table(lay.unpaired).column("prompt_id").to_pylist()
+    assert all(r["prompt_id"] == unpaired_ids[r["row"]] for r in pseudo)
+    # the log's share labelled winning is the pseudo-labels' own, step by step
+    for r in log:
+        visits = [p for p in pseudo if p["step"] == r["step"] - 1]
+        share = sum(p["label"] for p in visits) / len(visits) if visits else None
+        assert r["sspo_positive_share"] == pytest.approx(share) if share is not None else r["sspo_positive_share"] is None
+    assert not lay.reference_logps(0).exists() and (lay.model(0) / "model.safetensors").exists()
+    assert result.summary["loss"] == "sspo" and result.summary["sspo_final_g"] == pytest.approx(log[-1]["sspo_g"], abs=1e-4)
+    # the unpaired set is an input of the stage: a changed set retrains, the same one does not
+    assert train_stage.run(cfg, 0, echo=lambda _: None).skipped
+    table = pq.read_table(lay.unpaired)
+    pq.write_table(table.slice(0, N_UNPAIRED - 1), lay.unpaired)
+    assert not train_stage.run(cfg, 0, echo=lambda _: None).skipped
+
+
+@pytest.mark.parametrize("precompute", [True, False], ids=["reference-once", "reference-model"])
+def test_dpo_plus_sft_starts_at_ln2_and_adds_the_unpaired_nll(tmp_path, tiny_model_dir, prefs_file, precompute):
+    """DPO+SFT: the gold term starts at ln 2 (policy = reference at step 0) and the SFT term is the unpaired
+    responses' per-token negative log-likelihood, weighted by ``train.dpo_sft.weight``; the reference's log-probs
+    computed once for the pairs, or by a reference model on the pairs of each micro-batch."""
+    cfg = _config(tmp_path, tiny_model_dir, prefs_file, "dpo+sft", dpo_sft={"weight": 0.5},
+                  precompute_reference=precompute)
+    prepare.run(cfg, echo=lambda _: None)
+    train_stage.run(cfg, 0, echo=lambda _: None)
+    lay = RunLayout(cfg.run_dir)
+    log = pq.read_table(lay.train_log(0)).to_pylist()
+    first = log[0]
+    assert first["gold_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first["unpaired_loss"] > 0 and first["sspo_g"] is None
+    assert sum(r["unpaired_rows"] for r in log) == N_UNPAIRED
+    if precompute:  # DPO's reference, computed once for the pairs only
+        assert pq.read_table(lay.reference_logps(0)).num_rows == 16
+    else:
+        assert not lay.reference_logps(0).exists()
+    assert not lay.pseudo_labels(0).exists()
+
+
+def test_spa_run_with_sspo_then_spa_end_to_end(tmp_path, tiny_model_dir, prefs_file):
+    """``spa run`` (the Prefect flow, stages inline) with ``train.loss: sspo``: prepare writes the unpaired set, the
+    seed stage trains SSPO on it, and iteration 1 is SPA's refined DPO from SSPO's pi_0, judged against pi_init."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    cfg = _config(tmp_path, tiny_model_dir, prefs_file, "sspo")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json") | {"stage_processes": "inline"}))
+    res = subprocess.run([str(Path(sys.executable).parent / "spa"), "run", str(path)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lay = RunLayout(cfg.run_dir)
+    stages = json.loads(lay.manifest.read_text())["stages"]
+    assert {"prepare", "seed", "sample/1", "judge/1", "train/1", "evaluate/1"} <= set(stages)
+    assert pq.read_table(lay.pseudo_labels(0)).num_rows == N_UNPAIRED
+    assert pq.read_table(lay.refinement(1)).num_rows > 0  # SPA's refinement ran in the round after SSPO
+    assert "sspo_g" in pq.read_schema(lay.train_log(0)).names
+    assert pq.read_table(lay.train_log(1)).column("sspo_g").null_count == pq.read_table(lay.train_log(1)).num_rows
+
+
+def test_a_killed_sspo_seed_stage_resumes_with_the_same_threshold(tmp_path, tiny_model_dir, prefs_file):
+    """The checkpoint carries SSPO's statistics, threshold, queue and pseudo-labels: killed after its first
+    checkpoint and resumed, the seed stage writes the same train log and pseudo-labels as an uninterrupted one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from conftest import kill_after_first_checkpoint
+
+    spa = str(Path(sys.executable).parent / "spa")
+    over = {"sspo": {"decay": 0.2, "min_pairs": 2}, "seed_epochs": 2, "save_steps": 3}
+    ref = _config(tmp_path / "ref", tiny_model_dir, prefs_file, "sspo", **over)
+    prepare.run(ref, echo=lambda _: None)
+    train_stage.run(ref, 0, echo=lambda _: None)
+    cfg = _config(tmp_path / "cut", tiny_model_dir, prefs_file, "sspo", **over)
+    path = tmp_path / "cut" / "cut.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    lay = RunLayout(cfg.run_dir)
+    prepare.run(cfg, echo=lambda _: None)
+    kill_after_first_checkpoint([spa, "seed", "-c", str(path)], lay.checkpoints(0))
+    assert not lay.pseudo_labels(0).exists()
+    res = subprocess.run([spa, "seed", "-c", str(path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[seed] resuming from checkpoint-" in res.stdout + res.stderr
+    want, got = (pq.read_table(RunLayout(c.run_dir).train_log(0)).to_pylist() for c in (ref, cfg))
+    assert len(got) == len(want) == 18
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "sspo_delta", "sspo_mu", "sspo_sigma", "sspo_g"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    labels = [pq.read_table(RunLayout(c.run_dir).pseudo_labels(0)).select(["row", "step", "label"]).to_pylist()
+              for c in (ref, cfg)]
+    assert labels[0] == labels[1] and len(labels[0]) == 2 * N_UNPAIRED
