@@ -59,7 +59,7 @@ def _sft_collate(pad_id: int):
 
 
 def train_pi_init(out_dir: str | Path, num_demos: int = 3000, epochs: int = 4,
-                  seed: int = 0, learning_rate: float = 1e-3, init_seed: int | None = None,
+                  seed: int = 0, learning_rate: float = 3e-3, init_seed: int | None = None,
                   rates: dict[str, float] | None = None) -> Path:
     """Write ``pi_init`` (safetensors + tokenizer) trained on ``num_demos`` mixed-quality demonstrations.
 
