@@ -160,3 +160,22 @@ def test_a_killed_sspo_seed_stage_resumes_with_the_same_threshold(tmp_path, tiny
     labels = [pq.read_table(RunLayout(c.run_dir).pseudo_labels(0)).select(["row", "step", "label"]).to_pylist()
               for c in (ref, cfg)]
     assert labels[0] == labels[1] and len(labels[0]) == 2 * N_UNPAIRED
+
+
+def test_sspo_on_two_processes_matches_one(tmp_path, tiny_model_dir, prefs_file):
+    """torchrun with 2 CPU processes (gloo): the statistics and the threshold move over the rewards of both ranks, so
+    the train log and the pseudo-labels equal one process's with gradient accumulation."""
+    logs, labels = [], []
+    for n in (1, 2):
+        cfg = _config(tmp_path / f"p{n}", tiny_model_dir, prefs_file, "sspo", num_processes=n,
+                      sspo={"decay": 0.5, "min_pairs": 2})
+        prepare.run(cfg, echo=lambda _: None)
+        train_stage.run(cfg, 0, echo=lambda _: None)
+        lay = RunLayout(cfg.run_dir)
+        logs.append(pq.read_table(lay.train_log(0)).to_pylist())
+        labels.append(sorted((r["row"], r["step"], r["label"]) for r in pq.read_table(lay.pseudo_labels(0)).to_pylist()))
+    assert len(logs[0]) == len(logs[1]) == 9
+    for a, b in zip(*logs, strict=True):
+        for key in ("loss", "sspo_mu", "sspo_sigma", "sspo_delta", "sspo_positive_share", "unpaired_rows"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
+    assert labels[0] == labels[1]
