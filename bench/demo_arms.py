@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
 
-from spa.demo.arms import ARMS, SEED_ARMS, merge, run_arm, run_seed_arm, run_seed_stage, run_sft  # noqa: E402
+from spa.demo.arms import ARMS, SEED_ARMS, SEED_ONLY, merge, run_arm, run_seed_arm, run_seed_stage, run_sft  # noqa: E402
 from spa.demo.metrics import run_metrics  # noqa: E402
 from spa.demo.run import WorldSizes, build_world, demo_config, write_unpaired_source  # noqa: E402
 
@@ -91,7 +91,8 @@ def run_seed(seed: int, out: Path, sizes: WorldSizes, overrides: dict, jobs: dic
                 shutil.rmtree(out / f"s{seed}" / name, ignore_errors=True)
                 shutil.copytree(sspo_run, out / f"s{seed}" / name)
                 resume = True
-            results[name] = keep(run_seed_arm(out / f"s{seed}" / name, raw, over, resume=resume))
+            results[name] = keep(run_seed_arm(out / f"s{seed}" / name, raw, over, resume=resume,
+                                              rounds=name not in SEED_ONLY))
         else:
             results[name] = keep(run_arm(Path(base.run_dir), out / f"s{seed}" / name, raw, over))
         print(f"seed {seed} {name}: win " + ", ".join(f"{r['win_rate']:.1f}" for r in results[name])

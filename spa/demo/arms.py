@@ -30,13 +30,15 @@ ARMS: dict[str, dict[str, Any]] = {
 
 
 # Arms with a seed stage of their own (docs/variants.md 7), on the same gold seed, prompts and evaluation; each needs
-# data.unpaired_source (the world's unpaired set, spa.demo.run.write_unpaired_source). iterations 0: the seed
-# stage's model is the arm's result; "sspo_then_spa": SSPO's model as pi_0 for SPA's rounds.
+# data.unpaired_source (the world's unpaired set, spa.demo.run.write_unpaired_source). "sspo" and "dpo_sft" stop
+# after the seed stage (their pi_0 is the arm's result); "sspo_then_spa" runs SPA's rounds from SSPO's pi_0. All
+# three keep the run's iterations in the config, so that prepare leaves the same prompts out of the unpaired set.
 SEED_ARMS: dict[str, dict[str, Any]] = {
-    "sspo": {"train.loss": "sspo", "iterations": 0},
-    "dpo_sft": {"train.loss": "dpo+sft", "iterations": 0},
+    "sspo": {"train.loss": "sspo"},
+    "dpo_sft": {"train.loss": "dpo+sft"},
     "sspo_then_spa": {"train.loss": "sspo"},
 }
+SEED_ONLY = ("sspo", "dpo_sft")
 
 
 def quiet(_msg: str) -> None:
@@ -85,16 +87,18 @@ def run_arm(base_run: Path, run_dir: Path, raw: dict, overrides: dict[str, Any],
 
 
 def run_seed_arm(run_dir: Path, raw: dict, overrides: dict[str, Any], echo: Callable[[str], None] = quiet,
-                 resume: bool = False) -> list[dict[str, Any]]:
+                 resume: bool = False, rounds: bool = True) -> list[dict[str, Any]]:
     """A run of ``raw`` + ``overrides`` from its own seed stage (an arm of ``SEED_ARMS``) in ``run_dir``, then its
-    iterations; the seed stage's row carries the unpaired set's diagnostics (SSPO's pseudo-labels against the
-    oracle). ``resume``: keep an earlier attempt's stages where they are up to date."""
+    iterations (``rounds``); the seed stage's row carries the unpaired set's diagnostics (SSPO's pseudo-labels
+    against the oracle). ``resume``: keep an earlier attempt's stages where they are up to date."""
     from spa.demo.metrics import unpaired_diagnostics
 
     run_dir = Path(run_dir)
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = run_iterations(run_seed_stage(merge(raw, overrides) | {"run_dir": str(run_dir)}, echo), echo)
+    cfg = run_seed_stage(merge(raw, overrides) | {"run_dir": str(run_dir)}, echo)
+    if rounds:
+        run_iterations(cfg, echo)
     rows = run_metrics(cfg)
     rows[0] |= unpaired_diagnostics(cfg)
     return rows
