@@ -85,7 +85,7 @@ def run_seed(seed: int, out: Path, sizes: WorldSizes, overrides: dict, jobs: dic
     for name, over in jobs.items():
         started = time.time()
         if name in SEED_ARMS:  # its own seed stage, on the world's unpaired set
-            over = {**over, "data.unpaired_source": str(write_unpaired_source(world, seed))}
+            over = {**over, "data.unpaired_source": str(write_unpaired_source(world, seed, sizes))}
             sspo_run, resume = out / f"s{seed}" / "sspo", False
             if name == "sspo_then_spa" and "sspo" in results:  # the same seed stage: copied, not retrained
                 shutil.rmtree(out / f"s{seed}" / name, ignore_errors=True)

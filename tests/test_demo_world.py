@@ -171,3 +171,22 @@ def test_a_world_variant_names_known_demonstration_rates_only(tmp_path):
     with pytest.raises(ValueError, match="unknown demonstration rates \\['on_topc'\\]"):
         train_pi_init(tmp_path / "pi_init", num_demos=10, rates={"on_topc": 0.7})
     assert not (tmp_path / "pi_init").exists()
+
+
+def test_the_unpaired_set_shares_no_prompt_with_the_world_and_mixes_quality(tmp_path):
+    """SSPO's unpaired set for the demo world: its prompts are none of the world's own (seed, held-out, prompt-set and
+    evaluation prompts come first in the same stream), each has one demonstration of mixed quality, and it is
+    the same file for the same seed."""
+    import json
+
+    from spa.demo.run import WorldSizes, write_unpaired_source
+
+    sizes = WorldSizes()
+    path = write_unpaired_source(tmp_path / "a", seed=3, sizes=sizes, rows=300)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    world = make_prompts(sizes.seed_pairs + sizes.heldout_pairs + sizes.iterations * sizes.prompts_per_iteration
+                         + sizes.eval_prompts, seed=3)
+    assert len(rows) == 300 and not {r["prompt"] for r in rows} & set(world)
+    scores = [score(r["prompt"], r["response"]) for r in rows]
+    assert min(scores) < 0.3 and max(scores) > 0.9 and len({round(x, 2) for x in scores}) > 10  # every quality
+    assert write_unpaired_source(tmp_path / "b", seed=3, sizes=sizes, rows=300).read_text() == path.read_text()

@@ -66,7 +66,7 @@ def build_world(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), ec
     wanted = {"seed": seed, "sizes": sizes.__dict__, "version": 7} | ({"preset": preset} if preset != "tiny" else {})
     wanted |= {"demo_rates": demo_rates} if demo_rates else {}
     world.mkdir(parents=True, exist_ok=True)
-    write_unpaired_source(world, seed)  # SSPO's unpaired set (configs/sspo_demo.yaml); not part of the cache key
+    write_unpaired_source(world, seed, sizes)  # SSPO's unpaired set (configs/sspo_demo.yaml); not part of the cache key
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         echo(f"[demo] world in {world} is ready")
         return world
@@ -147,16 +147,19 @@ def _trained_pi_init(world: Path, seed: int, sizes: WorldSizes, echo,
 UNPAIRED_ROWS = 1200  # as many as the prompts of the rounds (3 x 400): SSPO's D_U beside 300 gold pairs
 
 
-def write_unpaired_source(world: Path, seed: int = 0, rows: int = UNPAIRED_ROWS) -> Path:
-    """``unpaired.jsonl``: SSPO's unpaired set for the demo world (docs/variants.md 7), one demonstration of mixed
-    quality per fresh prompt, written by the same writer as pi_init's training data (the paper's unpaired set is
-    SFT data too); no label. Written once per world and row count (the world's own files are left as they are)."""
+def write_unpaired_source(world: Path, seed: int = 0, sizes: WorldSizes = WorldSizes(), rows: int = UNPAIRED_ROWS) -> Path:
+    """``unpaired_<rows>.jsonl``: SSPO's unpaired set for the demo world (docs/variants.md 7), one demonstration of
+    mixed quality per prompt, written by the same writer as pi_init's training data (the paper's unpaired set is
+    SFT data too); no label. Its prompts are the ones the world's prompt stream gives after the world's own (the
+    seed, held-out, prompt-set and evaluation prompts), so none of them is a prompt of the run or its evaluation.
+    Written once per world and row count (the world's own files are left as they are)."""
     from spa.demo.world import DemoWriter
 
     path = Path(world) / f"unpaired_{rows}.jsonl"
     if not path.exists():
+        taken = sizes.seed_pairs + sizes.heldout_pairs + sizes.iterations * sizes.prompts_per_iteration
+        prompts = make_prompts(taken + sizes.eval_prompts + rows, seed=seed)[-rows:]
         writer = DemoWriter(rng=random.Random(seed + 3))
-        prompts = make_prompts(rows, seed=seed + 3000)
         write_text_atomic(path, "".join(json.dumps({"prompt": p, "response": writer(p)}) + "\n" for p in prompts))
     return path
 
