@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spa.config import SPAConfig
+from spa.config import LossKind, SPAConfig
 from spa.run.layout import RunLayout
 from spa.run.manifest import Manifest, Stage, code_version, hash_inputs
 from spa.training.rounds import resolve_round
@@ -89,7 +89,15 @@ def _judge_text(cfg: SPAConfig, t: int) -> str:
 def _loss_text(cfg: SPAConfig, t: int) -> str:
     tc, rnd = cfg.train, resolve_round(cfg, t)  # the trainer's own resolution
     text = rnd.loss.kind.label
-    text += f", beta {tc.beta:g}, lr {tc.learning_rate:g} ({tc.lr_scheduler}, {tc.warmup_ratio:.0%} warm-up)"
+    if rnd.loss.kind is LossKind.SSPO:
+        s = tc.sspo
+        text += (f" (gold pairs + pseudo-labelled unpaired answers), SimPO reward beta {s.beta:g}, margin {s.margin:g}, "
+                 f"prior {s.prior:g}, threshold {s.threshold}, curriculum decay {s.decay:g}")
+    elif rnd.loss.kind is LossKind.DPO_SFT:
+        text += f" (DPO on the pairs + {tc.dpo_sft.weight:g} x NLL of the unpaired answers), beta {tc.beta:g}"
+    else:
+        text += f", beta {tc.beta:g}"
+    text += f", lr {tc.learning_rate:g} ({tc.lr_scheduler}, {tc.warmup_ratio:.0%} warm-up)"
     if rnd.refine is not None:
         r, lam = rnd.refine, rnd.dnd_lambda
         text += (f"; SR: label smoothing {r.alpha:g} on the {r.k_percent:g}% least confident of the last "
@@ -187,16 +195,17 @@ def plan(cfg: SPAConfig) -> list[Round]:
     """The rounds of ``cfg`` resolved: seed (``t = 0``), iterations ``1..T`` (Algorithm 1), then the rounds
     ``spa expand`` added."""
     layout = RunLayout.of(cfg)
-    tc, d = cfg.train, cfg.data
+    d = cfg.data
     rounds = []
     seed_rows = _rows(layout.seed)
     if cfg.model.pi_0:
         seed_lines = [("train", f"skipped: pi_0 given ({cfg.model.pi_0}), no-seed mode")]
     else:
+        unpaired_rows = _rows(layout.unpaired) if resolve_round(cfg, 0).unpaired is not None else None
         seed_lines = [
-            ("data", f"D_0: {_size(d.seed_size, seed_rows, 'gold pairs')}"),
-            ("train", f"pi_init -> pi_0, reference pi_init{_ref_mode(cfg, 0)}, "
-                      f"{_steps(seed_rows, d.seed_size, tc.seed_epochs, tc.batch_size)}{_train_compute(cfg)}"),
+            ("data", f"D_0: {_size(d.seed_size, seed_rows, 'gold pairs')}{_unpaired_text(cfg, unpaired_rows)}"),
+            ("train", f"pi_init -> pi_0, {_reference_text(cfg, 0)}, {_seed_steps(cfg, seed_rows, unpaired_rows)}"
+                      f"{_train_compute(cfg)}"),
             ("loss", _loss_text(cfg, 0)),
             ("evaluate", _eval_text(cfg, 0)),
         ]
@@ -234,6 +243,33 @@ def _sample_compute(cfg: SPAConfig) -> str:
         return ""
     return (f", {sc.gpus_per_engine} GPUs per engine (tensor parallel {sc.tensor_parallel_size} x pipeline "
             f"parallel {sc.pipeline_parallel_size})")
+
+
+def _unpaired_text(cfg: SPAConfig, rows: int | None) -> str:
+    """SSPO / DPO+SFT: the unpaired set beside the seed (empty for every other loss)."""
+    if not cfg.train.loss.uses_unpaired:
+        return ""
+    if rows is not None:
+        return f"; D_U: {rows} unpaired answers"
+    size, src = cfg.data.unpaired_size, cfg.data.unpaired_source
+    share = "the rows" if size is None else f"{int(size)} rows" if size >= 1 else f"{size:.0%}"
+    return f"; D_U: {share} of {src} (counted by prepare)"
+
+
+def _reference_text(cfg: SPAConfig, t: int) -> str:
+    if not resolve_round(cfg, t).needs_reference:
+        return "no reference (SSPO's reward is reference-free)"
+    return f"reference pi_init{_ref_mode(cfg, t)}"
+
+
+def _seed_steps(cfg: SPAConfig, pairs: int | None, unpaired: int | None) -> str:
+    tc, d = cfg.train, cfg.data
+    if not tc.loss.uses_unpaired:
+        return _steps(pairs, d.seed_size, tc.seed_epochs, tc.batch_size)
+    if pairs is None or unpaired is None:
+        return f"{tc.seed_epochs:g} epoch(s) of {tc.batch_size}-row steps over the pairs and the unpaired answers"
+    return (f"<= {math.ceil((pairs + unpaired) * tc.seed_epochs / tc.batch_size)} optimiser steps "
+            f"({pairs} pairs + {unpaired} unpaired x {tc.seed_epochs:g} epoch(s) / batch {tc.batch_size})")
 
 
 def _ref_mode(cfg: SPAConfig, t: int) -> str:

@@ -58,6 +58,22 @@ def test_reference_and_refinement_switches(tmp_path):
     assert "iteration 3" in text and "status" in text
 
 
+def test_sspo_and_its_control_are_planned_with_the_unpaired_set(tmp_path):
+    """The seed stage of SSPO: the unpaired set beside D_0, no reference, steps over pairs and unpaired answers,
+    SSPO's own settings; DPO+SFT keeps DPO's reference; the iterations after either are SPA's refined DPO."""
+    src = str(tmp_path / "u.jsonl")
+    seed = dict(plan(_cfg(tmp_path, data={"unpaired_source": src, "unpaired_size": 500},
+                          train={"loss": "sspo", "sspo": {"threshold": "min_chosen"}}))[0].lines)
+    assert seed["data"] == f"D_0: 2000 gold pairs; D_U: 500 rows of {src} (counted by prepare)"
+    assert "no reference (SSPO's reward is reference-free)" in seed["train"]
+    assert "SimPO reward beta 10, margin 2, prior 0.5, threshold min_chosen, curriculum decay 0.005" in seed["loss"]
+    rounds = plan(_cfg(tmp_path, data={"unpaired_source": src}, train={"loss": "dpo+sft"}))
+    seed = dict(rounds[0].lines)
+    assert "reference pi_init (log-probs computed once before training)" in seed["train"]
+    assert seed["loss"].startswith("DPO+SFT (DPO on the pairs + 1 x NLL of the unpaired answers), beta 0.1")
+    assert dict(rounds[1].lines)["loss"].startswith("DPO, beta 0.1") and "DND lambda 0.5" in dict(rounds[1].lines)["loss"]
+
+
 def test_length_penalty_auto_says_its_sign(tmp_path):
     signed = plan(_cfg(tmp_path, judge={"length_penalty": "auto", "length_penalty_sign": "signed"}))
     paper = plan(_cfg(tmp_path, judge={"length_penalty": "auto"}))
