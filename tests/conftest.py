@@ -247,7 +247,7 @@ def oracle_prefers_shorter(prompt, output_1, output_2):
 # alone at the end (the vLLM engine test, ~3 min, did). xdist reorders files by their number of tests unless told
 # not to (pytest_configure below): that order put the few-test, long files last.
 FIRST_FILES = ("test_flows.py", "test_stages.py", "test_fsdp.py", "test_terminal.py", "test_vllm.py",
-               "test_prefect_server.py", "test_training.py", "test_demo_command.py", "test_variants_pipeline.py",
+               "test_prefect_server.py", "test_training.py", "test_sspo_training.py", "test_demo_command.py", "test_variants_pipeline.py",
                "test_prefect_artifacts.py", "test_scaleout.py", "test_bad_inputs.py", "test_plan.py",
                "test_data_scripts.py", "test_bench_p7.py", "test_hub_models.py")
 
