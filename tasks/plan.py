@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spa.config import LossKind, SPAConfig
+from spa.config import PI_INIT_UNPAIRED, LossKind, SPAConfig
 from spa.run.layout import RunLayout
 from spa.run.manifest import Manifest, Stage, code_version, hash_inputs
 from spa.training.rounds import resolve_round
@@ -212,7 +212,8 @@ def plan(cfg: SPAConfig) -> list[Round]:
     rounds.append(Round(0, seed_lines))
     ts = iterations(cfg)
     rounds += [Round(t, _iteration_lines(cfg, t, batch)) for t, batch in ts.items()]
-    keys = {0: ["prepare"] + ([] if cfg.model.pi_0 else ["seed", "evaluate/0"])}
+    drawn = not cfg.model.pi_0 and cfg.train.loss.uses_unpaired and d.unpaired_source == PI_INIT_UNPAIRED
+    keys = {0: ["prepare"] + (["unpaired"] if drawn else []) + ([] if cfg.model.pi_0 else ["seed", "evaluate/0"])}
     for t in ts:
         keys[t] = [s.key(t) for s in (Stage.SAMPLE, Stage.JUDGE, Stage.TRAIN, Stage.EVALUATE)]
     status = stage_status(cfg, [k for t in sorted(keys) for k in keys[t]])
@@ -252,6 +253,9 @@ def _unpaired_text(cfg: SPAConfig, rows: int | None) -> str:
     if rows is not None:
         return f"; D_U: {rows} unpaired answers"
     size, src = cfg.data.unpaired_size, cfg.data.unpaired_source
+    if src == PI_INIT_UNPAIRED:
+        share = "every prompt" if size is None else f"{int(size)} prompts" if size >= 1 else f"{size:.0%} of the prompts"
+        return f"; D_U: one pi_init sample for {share} of X_1..X_{cfg.iterations} (sampled by the seed stage)"
     share = "the rows" if size is None else f"{int(size)} rows" if size >= 1 else f"{size:.0%}"
     return f"; D_U: {share} of {src} (counted by prepare)"
 

@@ -72,6 +72,12 @@ def test_sspo_and_its_control_are_planned_with_the_unpaired_set(tmp_path):
     assert "reference pi_init (log-probs computed once before training)" in seed["train"]
     assert seed["loss"].startswith("DPO+SFT (DPO on the pairs + 1 x NLL of the unpaired answers), beta 0.1")
     assert dict(rounds[1].lines)["loss"].startswith("DPO, beta 0.1") and "DND lambda 0.5" in dict(rounds[1].lines)["loss"]
+    # the unpaired set drawn from pi_init: its own stage before the seed stage, over the run's prompt batches
+    drawn = plan(_cfg(tmp_path, data={"unpaired_source": "pi_init", "unpaired_size": 0.25}, train={"loss": "sspo"}))
+    assert dict(drawn[0].lines)["data"] == ("D_0: 2000 gold pairs; D_U: one pi_init sample for 25% of the prompts of "
+                                            "X_1..X_3 (sampled by the seed stage)")
+    assert list(drawn[0].stages) == ["prepare", "unpaired", "seed", "evaluate/0"]
+    assert list(rounds[0].stages) == ["prepare", "seed", "evaluate/0"]
 
 
 def test_length_penalty_auto_says_its_sign(tmp_path):

@@ -179,3 +179,58 @@ def test_sspo_on_two_processes_matches_one(tmp_path, tiny_model_dir, prefs_file)
         for key in ("loss", "sspo_mu", "sspo_sigma", "sspo_delta", "sspo_positive_share", "unpaired_rows"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
     assert labels[0] == labels[1]
+
+
+def test_unpaired_rows_drawn_from_the_prompt_batches():
+    from spa.errors import StageInputError
+    from spa.stages.unpaired import chosen_rows
+
+    assert chosen_rows(5, None, 0).tolist() == [0, 1, 2, 3, 4]
+    some = chosen_rows(24, 10, 7)
+    assert len(some) == 10 and len(set(some.tolist())) == 10 and list(some) == sorted(some) and max(some) < 24
+    assert chosen_rows(24, 10, 7).tolist() == some.tolist() != chosen_rows(24, 10, 8).tolist()  # seeded
+    assert len(chosen_rows(24, 0.25, 7)) == 6
+    with pytest.raises(StageInputError, match="X_1..X_T hold 24 prompts"):
+        chosen_rows(24, 25, 7)
+    with pytest.raises(StageInputError, match="whole count"):
+        chosen_rows(24, 2.5, 7)
+
+
+def test_sspo_unpaired_set_sampled_from_pi_init(tmp_path, tiny_model_dir, prefs_file):
+    """``data.unpaired_source: pi_init``: no second source; the seed stage first samples pi_init once on 10 of the
+    24 prompts of X_1..X_2 (its own manifest entry ``unpaired``), then trains SSPO on those answers. Resumable: a
+    second seed stage samples nothing, a changed sampling setting draws the set again."""
+    from spa.run.manifest import Manifest
+    from spa.stages import unpaired
+    from spa.stages.unpaired import chosen_rows
+
+    with pytest.raises(ConfigError, match="iterations: 0"):
+        tiny_config(tmp_path / "r0", tiny_model_dir, prefs_file, iterations=0,
+                    data={"unpaired_source": "pi_init"}, train={"loss": "sspo"})
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file, iterations=2,
+                      data={"prompt_sizes": [12, 12], "unpaired_source": "pi_init", "unpaired_size": 10},
+                      sample={"chunk_rows": 5, "max_new_tokens": 8}, train={"loss": "sspo"})
+    prepare.run(cfg, echo=lambda _: None)
+    lay = RunLayout(cfg.run_dir)
+    assert not lay.unpaired.exists()  # prepare reads no unpaired source
+    result = train_stage.run(cfg, 0, echo=lambda _: None)
+    entries = Manifest(lay.manifest).entries()
+    summary = entries["unpaired"]["summary"]
+    table = pq.read_table(lay.unpaired).to_pylist()
+    assert summary["prompts_in_batches"] == 24 and summary["prompts_sampled"] == 10
+    assert summary["unpaired"] == len(table) == 10 - summary["empty_dropped"] > 0
+    batches = pq.read_table(lay.prompts(1)).to_pylist() + pq.read_table(lay.prompts(2)).to_pylist()
+    chosen = chosen_rows(24, 10, cfg.data.shuffle_seed).tolist()
+    assert {r["source_row"] for r in table} <= set(chosen)
+    for r in table:  # each answer sits beside the prompt of X_1..X_T it answers
+        assert (r["prompt_id"], r["prompt"]) == (batches[r["source_row"]]["prompt_id"], batches[r["source_row"]]["prompt"])
+        assert r["response"].strip()
+    seed_prompts = set(pq.read_table(lay.seed).column("prompt").to_pylist())
+    assert not seed_prompts & {r["prompt"] for r in table}
+    assert pq.read_table(lay.pseudo_labels(0)).num_rows == len(table) and result.summary["loss"] == "sspo"
+    assert result.summary["unpaired_rows_trained"] == len(table)
+    # resumed: nothing sampled or trained again; another temperature is another unpaired set
+    assert train_stage.run(cfg, 0, echo=lambda _: None).skipped
+    assert unpaired.run(cfg, echo=lambda _: None).skipped
+    hotter = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"temperature": 1.3})})
+    assert not unpaired.run(hotter, echo=lambda _: None).skipped

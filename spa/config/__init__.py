@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, model_validator
 from spa.config.hub import resolve_model_refs  # hub ids -> snapshot directories, once, at load time
 from spa.config.sections import (
     OPERATIONAL,
+    PI_INIT_UNPAIRED,
     DataConfig,
     EvalConfig,
     Fraction,
@@ -43,7 +44,7 @@ from spa.config.training import (
 from spa.errors import ConfigError
 
 __all__ = [
-    "OPERATIONAL", "DataConfig", "DPOSFTConfig", "DROConfig", "EvalConfig", "Fraction", "JudgeConfig", "JudgeEndpoint", "LoraConfig",
+    "OPERATIONAL", "PI_INIT_UNPAIRED", "DataConfig", "DPOSFTConfig", "DROConfig", "EvalConfig", "Fraction", "JudgeConfig", "JudgeEndpoint", "LoraConfig",
     "LossKind", "ModelConfig", "MTBenchConfig", "PositiveInt", "RPOConfig", "RefinementConfig", "SampleConfig",
     "SPAConfig", "SPOConfig", "SSPOConfig", "TrainConfig", "load_config", "parse_config",
 ]
@@ -92,7 +93,12 @@ class SPAConfig(_Section):
     def _unpaired_set_given(self) -> SPAConfig:
         if self.train.loss.uses_unpaired and not self.data.unpaired_source:
             raise ValueError(f"train.loss {self.train.loss.value!r} trains on an unpaired set: set data.unpaired_source "
-                             "(rows of prompt and response, or 'messages'; spa prepare writes <run>/data/unpaired.parquet)")
+                             "(rows of prompt and response, or 'messages'; spa prepare writes <run>/data/unpaired.parquet; "
+                             f"or {PI_INIT_UNPAIRED!r}: one pi_init sample per prompt of the run's prompt batches)")
+        if self.data.unpaired_source == PI_INIT_UNPAIRED and self.iterations == 0:
+            raise ValueError(f"data.unpaired_source: {PI_INIT_UNPAIRED} samples pi_init on the run's prompt batches "
+                             "X_1..X_T, and the run has none (iterations: 0): raise iterations (and data.prompt_sizes) "
+                             "or give a file of unpaired rows")
         return self
 
     @model_validator(mode="after")

@@ -39,6 +39,10 @@ class ModelConfig(_Section):
     max_length: PositiveInt = Field(1024, description="prompt + response tokens; longer prompts are an error")
 
 
+# data.unpaired_source's value that draws SSPO's unpaired set from the model (spa.stages.unpaired), not a file
+PI_INIT_UNPAIRED = "pi_init"
+
+
 class DataConfig(_Section):
     """How ``spa prepare`` splits the source (Sec. 5.1: 2K seed; 8K/20K/30K prompts)."""
 
@@ -60,11 +64,13 @@ class DataConfig(_Section):
     unpaired_source: str | None = Field(
         None, exclude_if=lambda v: v is None,
         description="SSPO's unpaired set D_U: (prompt, response) rows, or a 'messages' list, in any format source takes; "
-                    "prepare writes <run>/data/unpaired.parquet without the rows whose prompt is in the run's splits "
-                    "(docs/variants.md, SSPO)")
+                    "prepare writes <run>/data/unpaired.parquet without the rows whose prompt is in the run's splits. "
+                    f"Or {PI_INIT_UNPAIRED!r}: one sample of pi_init per prompt of the run's prompt batches X_1..X_T, "
+                    "drawn by the seed stage with the sample: settings (docs/variants.md, SSPO)")
     unpaired_size: Annotated[float, Field(gt=0)] | None = Field(
         None, exclude_if=lambda v: v is None,
-        description="rows of D_U to keep: a count, a fraction (< 1) of the usable rows, or all of them (unset)")
+        description="rows of D_U to keep: a count, a fraction (< 1) of the usable rows (of the prompts of X_1..X_T "
+                    "with pi_init), or all of them (unset)")
     overlong: str = Field(
         "drop", pattern="^(drop|fail)$",
         description="rows too long for the context, measured with pi_init's tokenizer on the rows the splits draw: a "

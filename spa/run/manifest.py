@@ -36,10 +36,11 @@ class Stage(StrEnum):
     JUDGE = "judge"
     TRAIN = "train"
     EVALUATE = "evaluate"
+    UNPAIRED = "unpaired"  # SSPO's unpaired set sampled from pi_init (data.unpaired_source: pi_init)
 
     def key(self, t: int | None = None, shard: tuple[int, int] | None = None) -> str:
-        """``prepare``, ``seed`` (also ``TRAIN`` at ``t = 0``), ``judge/2``, ``sample/1/shard-0-of-4``."""
-        if self in (Stage.PREPARE, Stage.TRAIN_RM, Stage.SEED) or (self is Stage.TRAIN and t == 0):
+        """``prepare``, ``seed`` (also ``TRAIN`` at ``t = 0``), ``unpaired``, ``judge/2``, ``sample/1/shard-0-of-4``."""
+        if self in (Stage.PREPARE, Stage.TRAIN_RM, Stage.SEED, Stage.UNPAIRED) or (self is Stage.TRAIN and t == 0):
             return Stage.SEED.value if self is Stage.TRAIN else self.value
         if t is None:
             raise ValueError(f"stage {self.value} needs an iteration")

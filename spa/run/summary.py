@@ -25,7 +25,7 @@ def iteration_rows(layout: RunLayout, planned: int = 0) -> list[dict[str, Any]]:
     for t in range(last + 1):
         if not layout.iteration(t).exists():
             continue
-        keys = [Stage.PREPARE.key(), Stage.SEED.key()] if t == 0 else [
+        keys = [Stage.PREPARE.key(), Stage.UNPAIRED.key(), Stage.SEED.key()] if t == 0 else [
             Stage.SAMPLE.key(t), Stage.JUDGE.key(t), Stage.TRAIN.key(t)]
         keys.append(Stage.EVALUATE.key(t))
         ev = _json(layout.eval_summary(t))

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spa.config import SPAConfig
+from spa.config import PI_INIT_UNPAIRED, SPAConfig
 from spa.data.overlong import Overlong, tokenizer_digest
 from spa.data.sources import Source, iter_source, prompt_hash, resolve_source
 from spa.data.sources import load_source as load_source  # re-exported: the readers live in sources.py
@@ -289,7 +289,9 @@ def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
     hub: dict[str, Any] = {"source_ref": source.ref()} if source.kind == "hub" else {}
     outputs = [layout.seed, layout.heldout] + [layout.prompts(t) for t in range(1, cfg.iterations + 1)]
     inputs = source.inputs()
-    unpaired_src = resolve_source(cfg.data.unpaired_source) if cfg.data.unpaired_source else None
+    # pi_init's own answers as the unpaired set: the seed stage samples them (spa.stages.unpaired), nothing to read
+    from_file = cfg.data.unpaired_source and cfg.data.unpaired_source != PI_INIT_UNPAIRED
+    unpaired_src = resolve_source(cfg.data.unpaired_source) if from_file else None
     if unpaired_src is not None:
         outputs.append(layout.unpaired)
         inputs += unpaired_src.inputs()

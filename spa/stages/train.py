@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from spa.config import SPAConfig
+from spa.config import PI_INIT_UNPAIRED, SPAConfig
 from spa.run.artifacts import read_table
 from spa.run.layout import RunLayout
 from spa.run.manifest import Manifest, content_hash, is_up_to_date
@@ -124,7 +124,11 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
 
         if node_rank(cfg) > 0:
             return follow(cfg, rnd, force, echo)
-    if rnd.unpaired is not None:
+    if rnd.unpaired is not None and cfg.data.unpaired_source == PI_INIT_UNPAIRED:
+        from spa.stages import unpaired
+
+        unpaired.run(cfg, echo=echo)  # pi_init's answers to X_1..X_T, sampled once (its own manifest entry)
+    elif rnd.unpaired is not None:
         require(rnd.unpaired, "the unpaired set", "spa prepare")
     return run_stage(cfg, rnd.stage_key, rnd.inputs, SECTIONS, list(rnd.outputs),
                      partial(train_round, cfg, rnd), extra_key={"iteration": t}, force=force, echo=echo)

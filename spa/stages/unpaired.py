@@ -1,0 +1,119 @@
+"""SSPO's unpaired set drawn from the model itself (``data.unpaired_source: pi_init``, docs/variants.md 7).
+
+With no second data source, ``D_U`` is one sample of ``pi_init`` per prompt of the run's prompt batches
+``X_1..X_T`` (``data.unpaired_size`` of them when set, drawn seeded): prompts already disjoint from the seed and
+held-out pairs by ``spa prepare``, answers with no label, as SSPO asks. The ``sample:`` settings apply (backend,
+temperature, new tokens, seed, ``sample.python``) with one response per prompt. The seed stage runs this first
+(:func:`spa.stages.train.run` at ``t = 0``); it is its own manifest entry (``unpaired``), so a finished set is
+not sampled again and a changed ``pi_init``, prompt batch or ``sample:`` setting draws a new one. Empty answers
+are dropped and counted; the file is ``<run>/data/unpaired.parquet``, the one prepare writes from a source.
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from spa.config import PI_INIT_UNPAIRED, SPAConfig, load_config
+from spa.errors import StageInputError
+from spa.run.artifacts import iter_chunks, num_rows, read_table, write_table
+from spa.run.console import progress_bar, run_relayed
+from spa.run.layout import RunLayout
+from spa.run.manifest import Stage
+from spa.run.stage_runner import StageResult, require, run_stage
+from spa.schemas import UNPAIRED_WRITTEN
+
+SECTIONS = ["model", "sample"]
+
+
+def chosen_rows(total: int, size: float | None, shuffle_seed: int) -> np.ndarray:
+    """Which of the ``total`` prompts of ``X_1..X_T`` (in order) get a sample: all, a count, or a fraction (< 1)
+    of them, drawn with the run's shuffle seed; ascending."""
+    if size is not None and size >= 1 and size != int(size):
+        raise StageInputError(f"data.unpaired_size={size}: give a whole count (>= 1) or a fraction (< 1)")
+    want = total if size is None else int(round(size * total)) if size < 1 else int(size)
+    if want > total:
+        raise StageInputError(f"data.unpaired_size asks for {want} unpaired answers, but the run's prompt batches "
+                              f"X_1..X_T hold {total} prompts (one pi_init sample each): lower it or raise "
+                              "data.prompt_sizes")
+    return np.sort(np.random.default_rng([shuffle_seed, 0xD0]).permutation(total)[:want])
+
+
+def unpaired_worker(cfg: SPAConfig) -> None:
+    """Sample pi_init once per chosen prompt of ``X_1..X_T`` into ``<run>/data/unpaired.parquet``."""
+    from spa.models.sampling import SamplingSpec, choose_backend, make_sampler
+
+    layout = RunLayout.of(cfg)
+    paths = [layout.prompts(t) for t in range(1, cfg.iterations + 1)]
+    sizes = [num_rows(p) for p in paths]
+    wanted = set(chosen_rows(sum(sizes), cfg.data.unpaired_size, cfg.data.shuffle_seed).tolist())
+    spec = SamplingSpec.from_config(cfg.sample, cfg.model, n=1)
+    sampler = make_sampler(choose_backend(cfg.sample.backend), cfg.model.pi_init, spec)
+    out: dict[str, list] = {"prompt_id": [], "prompt": [], "response": [], "source_row": []}
+    bar = progress_bar(len(wanted), "sample pi_init (unpaired set)", "prompt")
+    offset = 0
+    for path, size in zip(paths, sizes, strict=True):
+        for first, chunk in iter_chunks(path, "prompts", cfg.sample.chunk_rows):
+            rows = [i for i in range(chunk.num_rows) if offset + first + i in wanted]
+            if not rows:
+                continue
+            prompts = [chunk.column("prompt")[i].as_py() for i in rows]
+            for i, prompt, got in zip(rows, prompts, sampler(prompts), strict=True):
+                if got.responses[0].strip():  # an empty answer is no SSPO example
+                    out["prompt_id"].append(chunk.column("prompt_id")[i].as_py())
+                    out["prompt"].append(prompt)
+                    out["response"].append(got.responses[0])
+                    out["source_row"].append(offset + first + i)  # the row of X_1..X_T, in order
+            bar.update(len(rows))
+        offset += size
+    bar.close()
+    if not out["prompt_id"]:
+        raise StageInputError(f"pi_init ({cfg.model.pi_init}) answered every one of {len(wanted)} prompts with an "
+                              "empty response: no unpaired set to train on (check sample.max_new_tokens and the "
+                              "model's chat template)")
+    write_table(pa.table(out, schema=UNPAIRED_WRITTEN), layout.unpaired, "unpaired")
+
+
+def _unpaired(cfg: SPAConfig) -> dict[str, Any]:
+    from spa.models.remote_sampling import same_interpreter
+
+    layout = RunLayout.of(cfg)
+    if same_interpreter(cfg.sample.python):
+        unpaired_worker(cfg)
+    else:
+        run_relayed([cfg.sample.python, "-m", "spa.stages.unpaired", "--config", str(layout.config)])
+    total = sum(num_rows(layout.prompts(t)) for t in range(1, cfg.iterations + 1))
+    asked = len(chosen_rows(total, cfg.data.unpaired_size, cfg.data.shuffle_seed))
+    table = read_table(layout.unpaired, "unpaired")
+    return {"source": PI_INIT_UNPAIRED, "prompts_in_batches": total, "prompts_sampled": asked,
+            "unpaired": table.num_rows, "empty_dropped": asked - table.num_rows}
+
+
+def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
+    """Draw the unpaired set from pi_init (``data.unpaired_source: pi_init``); up to date: nothing to do."""
+    if cfg.data.unpaired_source != PI_INIT_UNPAIRED:
+        raise ValueError(f"data.unpaired_source is {cfg.data.unpaired_source!r}: spa prepare reads that source; "
+                         f"this stage draws the set from pi_init ({PI_INIT_UNPAIRED!r}) only")
+    layout = RunLayout.of(cfg)
+    prompts = [require(layout.prompts(t), f"prompt set X_{t}", "spa prepare") for t in range(1, cfg.iterations + 1)]
+    if not prompts:
+        raise StageInputError("data.unpaired_source: pi_init samples the run's prompt batches X_1..X_T, but the run "
+                              "has no iterations (iterations: 0): give an unpaired source instead")
+    return run_stage(cfg, Stage.UNPAIRED.key(), [*prompts, require(cfg.model.pi_init, "pi_init", "model.pi_init")],
+                     SECTIONS, [layout.unpaired], partial(_unpaired, cfg),
+                     extra_key={"unpaired_size": cfg.data.unpaired_size, "shuffle_seed": cfg.data.shuffle_seed},
+                     force=force, echo=echo)
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="SSPO's unpaired set from pi_init (runs in the sampling environment)")
+    parser.add_argument("--config", required=True)
+    unpaired_worker(load_config(parser.parse_args().config))
+
+
+if __name__ == "__main__":
+    _main()
