@@ -85,7 +85,7 @@ def run_seed(seed: int, out: Path, sizes: WorldSizes, overrides: dict, jobs: dic
     for name, over in jobs.items():
         started = time.time()
         if name in SEED_ARMS:  # its own seed stage, on the world's unpaired set
-            over = {**over, "data.unpaired_source": str(write_unpaired_source(world, seed, sizes))}
+            over = {"data.unpaired_source": str(write_unpaired_source(world, seed, sizes)), **over}
             sspo_run, resume = out / f"s{seed}" / "sspo", False
             if name == "sspo_then_spa" and "sspo" in results:  # the same seed stage: copied, not retrained
                 shutil.rmtree(out / f"s{seed}" / name, ignore_errors=True)
@@ -148,7 +148,8 @@ def comparisons(all_results) -> str:
              ("iterative_dpo_lr06", "iterative_dpo_flip20"), ("spa_ep3", "iterative_dpo_ep3"),
              ("iterative_dpo_ep3", "iterative_dpo"), ("iterative_dpo_prevref", "iterative_dpo"),
              ("sspo", "seed_dpo"), ("dpo_sft", "seed_dpo"), ("sspo", "dpo_sft"), ("spa", "sspo"),
-             ("sspo_then_spa", "spa"), ("sspo_then_spa", "sspo")]
+             ("sspo_then_spa", "spa"), ("sspo_then_spa", "sspo"),
+             ("sspo_pi_init", "seed_dpo"), ("sspo_pi_init", "sspo")]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
         pairs += [(f"spa{tag}", f"iterative_dpo{tag}"), (f"spa_strong{tag}", f"iterative_dpo{tag}"),
@@ -218,7 +219,7 @@ def sspo_table(all_results) -> str:
             ("pseudo_positive_share", "labelled winning"), ("sspo_final_delta", "final threshold"),
             ("sspo_final_g", "final g")]
     lines = ["| arm | " + " | ".join(h for _, h in keys) + " |", "|---|" + "---|" * len(keys)]
-    for arm in ("sspo", "sspo_then_spa"):
+    for arm in ("sspo", "sspo_then_spa", "sspo_pi_init"):
         if all(arm in res for res in all_results.values()):
             lines.append(f"| {arm} | " + " | ".join(_ms(_vals(all_results, arm, 0, k), ".3f") for k, _ in keys) + " |")
     return "\n".join(lines)

@@ -30,15 +30,18 @@ ARMS: dict[str, dict[str, Any]] = {
 
 
 # Arms with a seed stage of their own (docs/variants.md 7), on the same gold seed, prompts and evaluation; each needs
-# data.unpaired_source (the world's unpaired set, spa.demo.run.write_unpaired_source). "sspo" and "dpo_sft" stop
-# after the seed stage (their pi_0 is the arm's result); "sspo_then_spa" runs SPA's rounds from SSPO's pi_0. All
-# three keep the run's iterations in the config, so that prepare leaves the same prompts out of the unpaired set.
+# data.unpaired_source (the world's unpaired set, spa.demo.run.write_unpaired_source, unless the arm names its own).
+# "sspo", "sspo_pi_init" and "dpo_sft" stop after the seed stage (their pi_0 is the arm's result); "sspo_then_spa"
+# runs SPA's rounds from SSPO's pi_0. All keep the run's iterations in the config, so that prepare leaves the same
+# prompts out of the unpaired set. "sspo_pi_init" trains on pi_init's own answers to those prompt batches instead
+# (one sample per prompt, data.unpaired_source: pi_init): SSPO with no second source.
 SEED_ARMS: dict[str, dict[str, Any]] = {
     "sspo": {"train.loss": "sspo"},
     "dpo_sft": {"train.loss": "dpo+sft"},
     "sspo_then_spa": {"train.loss": "sspo"},
+    "sspo_pi_init": {"train.loss": "sspo", "data.unpaired_source": "pi_init"},
 }
-SEED_ONLY = ("sspo", "dpo_sft")
+SEED_ONLY = ("sspo", "dpo_sft", "sspo_pi_init")
 
 
 def quiet(_msg: str) -> None:
