@@ -1,4 +1,4 @@
-"""The per-stage commands of ``spa`` (prepare, seed, sample, judge, train, train-rm, evaluate, report).
+"""The per-stage commands of ``spa`` (prepare, unpaired, seed, sample, judge, train, train-rm, evaluate, report).
 
 Each runs one stage over the run directory, for debugging and for the flow's stage processes
 (``python -m spa_tasks.stage_cli <stage> ...``). This module never imports the flows, so the
@@ -100,9 +100,20 @@ def prepare(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool
 
 
 @app.command()
+def unpaired(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool = ForceOpt,
+             overrides: list[str] = SetOpt, verbose: bool = VerboseOpt) -> None:
+    """SSPO with data.unpaired_source: pi_init: one pi_init sample per prompt of X_1..X_T -> data/unpaired.parquet
+    (spa seed runs it first when needed)."""
+    from spa.stages import unpaired as stage
+
+    _run(stage.run, which_config(config_file, config), overrides, force=force, verbose=verbose)
+
+
+@app.command()
 def seed(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool = ForceOpt, overrides: list[str] = SetOpt,
             verbose: bool = VerboseOpt) -> None:
-    """DPO of pi_init on the seed pairs -> iter_0/model (3 epochs by default)."""
+    """DPO of pi_init on the seed pairs -> iter_0/model (3 epochs by default; SSPO and DPO+SFT: with the
+    unpaired set)."""
     from spa.stages import train as stage
 
     _run(stage.run, which_config(config_file, config), overrides, 0, force=force, verbose=verbose)

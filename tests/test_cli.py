@@ -107,3 +107,6 @@ def test_every_command_takes_the_config_as_argument_or_with_c(tmp_path, tiny_mod
     other.write_text(path.read_text())
     both = runner.invoke(app, ["plan", str(path), "-c", str(other)])
     assert both.exit_code == 2 and "two configs given" in both.output
+    # a stage with nothing to do for this config says so in one line (SSPO's pi_init sampling, no such source here)
+    nothing = runner.invoke(app, ["unpaired", str(path)])
+    assert nothing.exit_code == 2 and "nothing to sample" in nothing.output

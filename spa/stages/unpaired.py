@@ -96,8 +96,9 @@ def _unpaired(cfg: SPAConfig) -> dict[str, Any]:
 def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
     """Draw the unpaired set from pi_init (``data.unpaired_source: pi_init``); up to date: nothing to do."""
     if cfg.data.unpaired_source != PI_INIT_UNPAIRED:
-        raise ValueError(f"data.unpaired_source is {cfg.data.unpaired_source!r}: spa prepare reads that source; "
-                         f"this stage draws the set from pi_init ({PI_INIT_UNPAIRED!r}) only")
+        raise StageInputError(f"data.unpaired_source is {cfg.data.unpaired_source!r}: nothing to sample (spa prepare "
+                              f"reads an unpaired source; this stage draws the set from pi_init with "
+                              f"data.unpaired_source: {PI_INIT_UNPAIRED})")
     layout = RunLayout.of(cfg)
     prompts = [require(layout.prompts(t), f"prompt set X_{t}", "spa prepare") for t in range(1, cfg.iterations + 1)]
     if not prompts:
