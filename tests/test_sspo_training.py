@@ -234,3 +234,13 @@ def test_sspo_unpaired_set_sampled_from_pi_init(tmp_path, tiny_model_dir, prefs_
     assert unpaired.run(cfg, echo=lambda _: None).skipped
     hotter = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"temperature": 1.3})})
     assert not unpaired.run(hotter, echo=lambda _: None).skipped
+    # sample.python another interpreter (the vLLM environment in a real run): the same set, sampled over there
+    import os
+    import sys
+
+    bindir = os.path.dirname(sys.executable)  # a sibling name of this interpreter: another path, the same venv
+    other = next(os.path.join(bindir, n) for n in ("python3", "python", "python3.11")
+                 if n != os.path.basename(sys.executable) and os.path.exists(os.path.join(bindir, n)))
+    relayed = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"python": str(other)})})
+    assert not unpaired.run(relayed, force=True, echo=lambda _: None).skipped
+    assert pq.read_table(lay.unpaired).to_pylist() == table

@@ -11,17 +11,15 @@ are dropped and counted; the file is ``<run>/data/unpaired.parquet``, the one pr
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from spa.config import PI_INIT_UNPAIRED, SPAConfig, load_config
+from spa.config import PI_INIT_UNPAIRED, SPAConfig
 from spa.errors import StageInputError
-from spa.run.artifacts import iter_chunks, num_rows, read_table, write_table
-from spa.run.console import progress_bar, run_relayed
+from spa.run.artifacts import iter_chunks, num_rows, write_table
 from spa.run.layout import RunLayout
 from spa.run.manifest import Stage
 from spa.run.stage_runner import StageResult, require, run_stage
@@ -43,54 +41,48 @@ def chosen_rows(total: int, size: float | None, shuffle_seed: int) -> np.ndarray
     return np.sort(np.random.default_rng([shuffle_seed, 0xD0]).permutation(total)[:want])
 
 
-def unpaired_worker(cfg: SPAConfig) -> None:
-    """Sample pi_init once per chosen prompt of ``X_1..X_T`` into ``<run>/data/unpaired.parquet``."""
-    from spa.models.sampling import SamplingSpec, choose_backend, make_sampler
-
+def _chosen_prompts(cfg: SPAConfig) -> tuple[dict[str, list], int]:
+    """The chosen prompts of ``X_1..X_T`` (``prompt_id``, ``prompt``, ``source_row``: the row of the batches read in
+    order) and how many prompts the batches hold."""
     layout = RunLayout.of(cfg)
     paths = [layout.prompts(t) for t in range(1, cfg.iterations + 1)]
-    sizes = [num_rows(p) for p in paths]
-    wanted = set(chosen_rows(sum(sizes), cfg.data.unpaired_size, cfg.data.shuffle_seed).tolist())
-    spec = SamplingSpec.from_config(cfg.sample, cfg.model, n=1)
-    sampler = make_sampler(choose_backend(cfg.sample.backend), cfg.model.pi_init, spec)
-    out: dict[str, list] = {"prompt_id": [], "prompt": [], "response": [], "source_row": []}
-    bar = progress_bar(len(wanted), "sample pi_init (unpaired set)", "prompt")
+    total = sum(num_rows(p) for p in paths)
+    wanted = set(chosen_rows(total, cfg.data.unpaired_size, cfg.data.shuffle_seed).tolist())
+    out: dict[str, list] = {"prompt_id": [], "prompt": [], "source_row": []}
     offset = 0
-    for path, size in zip(paths, sizes, strict=True):
+    for path in paths:
         for first, chunk in iter_chunks(path, "prompts", cfg.sample.chunk_rows):
-            rows = [i for i in range(chunk.num_rows) if offset + first + i in wanted]
-            if not rows:
-                continue
-            prompts = [chunk.column("prompt")[i].as_py() for i in rows]
-            for i, prompt, got in zip(rows, prompts, sampler(prompts), strict=True):
-                if got.responses[0].strip():  # an empty answer is no SSPO example
+            for i in range(chunk.num_rows):
+                if offset + first + i in wanted:
                     out["prompt_id"].append(chunk.column("prompt_id")[i].as_py())
-                    out["prompt"].append(prompt)
-                    out["response"].append(got.responses[0])
-                    out["source_row"].append(offset + first + i)  # the row of X_1..X_T, in order
-            bar.update(len(rows))
-        offset += size
-    bar.close()
-    if not out["prompt_id"]:
-        raise StageInputError(f"pi_init ({cfg.model.pi_init}) answered every one of {len(wanted)} prompts with an "
-                              "empty response: no unpaired set to train on (check sample.max_new_tokens and the "
-                              "model's chat template)")
-    write_table(pa.table(out, schema=UNPAIRED_WRITTEN), layout.unpaired, "unpaired")
+                    out["prompt"].append(chunk.column("prompt")[i].as_py())
+                    out["source_row"].append(offset + first + i)
+        offset += num_rows(path)
+    return out, total
 
 
 def _unpaired(cfg: SPAConfig) -> dict[str, Any]:
-    from spa.models.remote_sampling import same_interpreter
+    """Sample pi_init once per chosen prompt (here, or in ``sample.python``'s environment: one call, one model
+    load) and write the non-empty answers to ``<run>/data/unpaired.parquet``."""
+    from spa.models.remote_sampling import sampler_for
+    from spa.models.sampling import SamplingSpec
 
-    layout = RunLayout.of(cfg)
-    if same_interpreter(cfg.sample.python):
-        unpaired_worker(cfg)
-    else:
-        run_relayed([cfg.sample.python, "-m", "spa.stages.unpaired", "--config", str(layout.config)])
-    total = sum(num_rows(layout.prompts(t)) for t in range(1, cfg.iterations + 1))
-    asked = len(chosen_rows(total, cfg.data.unpaired_size, cfg.data.shuffle_seed))
-    table = read_table(layout.unpaired, "unpaired")
-    return {"source": PI_INIT_UNPAIRED, "prompts_in_batches": total, "prompts_sampled": asked,
-            "unpaired": table.num_rows, "empty_dropped": asked - table.num_rows}
+    rows, total = _chosen_prompts(cfg)
+    spec = SamplingSpec.from_config(cfg.sample, cfg.model, n=1)
+    sampler = sampler_for(cfg.sample.python, cfg.sample.backend, cfg.model.pi_init, spec)
+    samples = sampler(rows["prompt"], progress="sample pi_init (unpaired set)")
+    keep = [i for i, s in enumerate(samples) if s.responses[0].strip()]  # an empty answer is no SSPO example
+    if not keep:
+        raise StageInputError(f"pi_init ({cfg.model.pi_init}) answered every one of {len(samples)} prompts with an "
+                              "empty response: no unpaired set to train on (check sample.max_new_tokens and the "
+                              "model's chat template)")
+    table = {k: [v[i] for i in keep] for k, v in rows.items()} | {"response": [samples[i].responses[0] for i in keep]}
+    write_table(pa.table(table, schema=UNPAIRED_WRITTEN), RunLayout.of(cfg).unpaired, "unpaired")
+    lengths = [samples[i].num_tokens[0] for i in keep]
+    return {"source": PI_INIT_UNPAIRED, "prompts_in_batches": total, "prompts_sampled": len(samples),
+            "unpaired": len(keep), "empty_dropped": len(samples) - len(keep),
+            "truncated_share": round(sum(s.finish_reasons[0] == "length" for s in samples) / len(samples), 4),
+            "mean_tokens": round(sum(lengths) / len(lengths), 2)}
 
 
 def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
@@ -108,13 +100,3 @@ def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
                      SECTIONS, [layout.unpaired], partial(_unpaired, cfg),
                      extra_key={"unpaired_size": cfg.data.unpaired_size, "shuffle_seed": cfg.data.shuffle_seed},
                      force=force, echo=echo)
-
-
-def _main() -> None:
-    parser = argparse.ArgumentParser(description="SSPO's unpaired set from pi_init (runs in the sampling environment)")
-    parser.add_argument("--config", required=True)
-    unpaired_worker(load_config(parser.parse_args().config))
-
-
-if __name__ == "__main__":
-    _main()
