@@ -91,7 +91,9 @@ def _loss_text(cfg: SPAConfig, t: int) -> str:
     text = rnd.loss.kind.label
     if rnd.loss.kind is LossKind.SSPO:
         s = tc.sspo
-        text += (f" (gold pairs + pseudo-labelled unpaired answers), SimPO reward beta {s.beta:g}, margin {s.margin:g}, "
+        reward = (f"SimPO reward beta {s.beta:g}" if s.reward == "simpo"
+                  else f"DPO's implicit reward beta {tc.beta:g} (unpaired loss beta {s.beta:g})")
+        text += (f" (gold pairs + pseudo-labelled unpaired answers), {reward}, margin {s.margin:g}, "
                  f"prior {s.prior:g}, threshold {s.threshold}, curriculum decay {s.decay:g}")
     elif rnd.loss.kind is LossKind.DPO_SFT:
         text += f" (DPO on the pairs + {tc.dpo_sft.weight:g} x NLL of the unpaired answers), beta {tc.beta:g}"
@@ -279,9 +281,10 @@ def _seed_steps(cfg: SPAConfig, pairs: int | None, unpaired: int | None) -> str:
 def _ref_mode(cfg: SPAConfig, t: int) -> str:
     if cfg.train.lora is not None:
         return " (the base weights, adapter disabled)"
-    if resolve_round(cfg, t).precompute_reference:
+    rnd = resolve_round(cfg, t)
+    if rnd.precompute_reference:
         return " (log-probs computed once before training)"
-    return " (model in memory: DND)"
+    return " (model in memory: SSPO's implicit reward)" if rnd.loss.kind is LossKind.SSPO else " (model in memory: DND)"
 
 
 def _eval_text(cfg: SPAConfig, t: int) -> str:

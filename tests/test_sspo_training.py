@@ -244,3 +244,27 @@ def test_sspo_unpaired_set_sampled_from_pi_init(tmp_path, tiny_model_dir, prefs_
     relayed = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"python": str(other)})})
     assert not unpaired.run(relayed, force=True, echo=lambda _: None).skipped
     assert pq.read_table(lay.unpaired).to_pylist() == table
+
+
+def test_sspo_with_dpos_implicit_reward(tmp_path, tiny_model_dir, prefs_file):
+    """``train.sspo.reward: implicit``: SSPO's reward is DPO's Eq. 4 against pi_init (a reference model in memory),
+    the margin defaults to 0, so the first step's gold term is DPO's ln 2 and every reward of step 0 is 0 (the
+    policy is still pi_init); later rewards move."""
+    from spa.config import SSPOConfig
+
+    assert SSPOConfig(reward="implicit").margin == 0.0 and SSPOConfig(reward="implicit", margin=1.0).margin == 1.0
+    assert SSPOConfig().margin == 2.0 and "reward" not in SSPOConfig().model_dump()  # the paper's: not written
+    cfg = _config(tmp_path, tiny_model_dir, prefs_file, "sspo", sspo={"reward": "implicit", "decay": 0.5, "min_pairs": 2})
+    rnd = resolve_round(cfg, 0)
+    assert rnd.needs_reference and not rnd.precompute_reference
+    prepare.run(cfg, echo=lambda _: None)
+    train_stage.run(cfg, 0, echo=lambda _: None)
+    lay = RunLayout(cfg.run_dir)
+    log = pq.read_table(lay.train_log(0)).to_pylist()
+    assert log[0]["gold_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    pseudo = pq.read_table(lay.pseudo_labels(0)).to_pylist()
+    first = [p["reward"] for p in pseudo if p["step"] == 0]
+    later = [p["reward"] for p in pseudo if p["step"] > 0]
+    assert first and all(abs(r) < 1e-5 for r in first)
+    assert later and max(abs(r) for r in later) > 1e-4
+    assert len(pseudo) == N_UNPAIRED

@@ -60,10 +60,19 @@ class DROConfig(_Section):
 
 class SSPOConfig(_Section):
     """SSPO (Lee et al.): the seed stage on the gold pairs plus an unpaired set (docs/variants.md 7). Its reward is
-    SimPO's ``beta / |y| * log pi(y|x)``, with its own ``beta`` (not ``train.beta``, DPO's)."""
+    SimPO's ``beta / |y| * log pi(y|x)``, with its own ``beta`` (not ``train.beta``, DPO's); ``reward: implicit``
+    swaps in DPO's implicit reward against pi_init (Eq. 4, ``train.beta``), the one SPA's judge labels with."""
 
+    # written only when not the paper's: configs and resume keys from before it existed stay the same
+    reward: str = Field(
+        "simpo", pattern="^(simpo|implicit)$", exclude_if=lambda v: v == "simpo",
+        description="simpo: beta / |y| * log pi(y|x), reference-free (the paper); implicit: train.beta * log "
+                    "pi(y|x) / pi_init(y|x) (Eq. 4), so that pi_0 is trained on the reward SPA's rounds judge with "
+                    "(a reference model in memory; margin defaults to 0, making the gold term DPO's loss; not in "
+                    "the paper)")
     beta: Annotated[float, Field(gt=0)] = 10.0
-    margin: Annotated[float, Field(ge=0)] = Field(2.0, description="Delta, the target reward margin of a gold pair")
+    margin: Annotated[float, Field(ge=0)] = Field(
+        2.0, description="Delta, the target reward margin of a gold pair (default 0 with reward: implicit)")
     prior: Annotated[float, Field(gt=0, lt=1)] = Field(0.5, description="P(s=1): the prior of a winning response")
     momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.95, description="m of the running statistics and threshold")
     decay: Annotated[float, Field(ge=0)] = Field(
@@ -74,6 +83,14 @@ class SSPOConfig(_Section):
     grid_points: Annotated[int, Field(ge=10)] = 200
     queue_steps: PositiveInt = Field(20, description="optimiser steps of gold rewards the densities are fitted on")
     min_pairs: PositiveInt = Field(8, description="no threshold update while fewer gold pairs are queued")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implicit_margin(cls, data):
+        """With DPO's implicit reward the gold term is DPO's loss unless a margin is asked for."""
+        if isinstance(data, dict) and data.get("reward") == "implicit" and "margin" not in data:
+            return {**data, "margin": 0.0}
+        return data
 
 
 class DPOSFTConfig(_Section):

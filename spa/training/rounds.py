@@ -83,8 +83,9 @@ class TrainRound:
 
     @property
     def needs_reference(self) -> bool:
-        """SSPO's reward is reference-free: no reference model and no reference log-probs."""
-        return self.loss.kind is not LossKind.SSPO
+        """SSPO's (SimPO) reward is reference-free: no reference model and no reference log-probs; with
+        ``train.sspo.reward: implicit`` it is DPO's, against pi_init."""
+        return self.loss.kind is not LossKind.SSPO or self.loss.sspo.reward == "implicit"
 
     @property
     def inputs(self) -> list[Path]:
@@ -131,7 +132,7 @@ def resolve_round(cfg: SPAConfig, t: int) -> TrainRound:
     # FSDP with LoRA: no pass before training (no rank could hold the whole base on its device for it); the
     # reference is the sharded base with the adapter disabled, at no memory cost
     precompute = (tc.precompute_reference and (refine is None or refine.lam == 0) and not tc.shards_lora
-                  and kind is not LossKind.SSPO)  # SSPO: no reference at all
+                  and kind is not LossKind.SSPO)  # SSPO: no reference, or (reward: implicit) a reference model
     materialised = (t > 0 and tc.replay_fraction > 0) or kind.needs_prompt_embeddings
     outputs = [layout.model(t), layout.train_log(t)]
     outputs += [layout.refinement(t)] if refine is not None else []

@@ -105,10 +105,17 @@ class UnpairedLossMixin:
         return loss
 
     def _sspo_terms(self, model, inputs, logps: torch.Tensor, n: int):
-        """SSPO's loss on the micro-batch, its two terms, SimPO's reward margin and chosen reward; the rewards and
-        pseudo-labels are recorded for the step's statistics and ``pseudo_labels.parquet``."""
+        """SSPO's loss on the micro-batch, its two terms, the reward margin and chosen reward (SimPO's, or with
+        ``reward: implicit`` DPO's Eq. 4); the rewards and pseudo-labels are recorded for the step's statistics and
+        ``pseudo_labels.parquet``."""
         cfg, state, step = self.loss_settings.sspo, self.sspo_state, self.state.global_step
-        r = simpo_reward(logps, inputs["loss_mask"].sum(-1), cfg.beta)
+        if cfg.reward == "implicit":  # Eq. 4 against pi_init, on every row of the micro-batch (pairs and unpaired)
+            ref_logits = self._reference_logits(model, inputs["input_ids"], inputs["attention_mask"])
+            with torch.no_grad():
+                ref = gather_logps(ref_logits[:, :-1], inputs["target_ids"], inputs["loss_mask"])
+            r = implicit_reward(logps, ref.to(logps.dtype), self.beta)
+        else:
+            r = simpo_reward(logps, inputs["loss_mask"].sum(-1), cfg.beta)
         rc, rr, ru = r[:n], r[n:2 * n], r[2 * n:]
         zero = logps.new_zeros(())
         gold = gold_pair_loss(rc, rr, cfg.margin) if n else zero
