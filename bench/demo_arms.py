@@ -149,7 +149,8 @@ def comparisons(all_results) -> str:
              ("iterative_dpo_ep3", "iterative_dpo"), ("iterative_dpo_prevref", "iterative_dpo"),
              ("sspo", "seed_dpo"), ("dpo_sft", "seed_dpo"), ("sspo", "dpo_sft"), ("spa", "sspo"),
              ("sspo_then_spa", "spa"), ("sspo_then_spa", "sspo"),
-             ("sspo_pi_init", "seed_dpo"), ("sspo_pi_init", "sspo")]
+             ("sspo_pi_init", "seed_dpo"), ("sspo_pi_init", "sspo"), ("sspo_implicit_then_spa", "spa"),
+             ("sspo_implicit_then_spa", "sspo_then_spa")]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
         pairs += [(f"spa{tag}", f"iterative_dpo{tag}"), (f"spa_strong{tag}", f"iterative_dpo{tag}"),
@@ -219,7 +220,7 @@ def sspo_table(all_results) -> str:
             ("pseudo_positive_share", "labelled winning"), ("sspo_final_delta", "final threshold"),
             ("sspo_final_g", "final g")]
     lines = ["| arm | " + " | ".join(h for _, h in keys) + " |", "|---|" + "---|" * len(keys)]
-    for arm in ("sspo", "sspo_then_spa", "sspo_pi_init"):
+    for arm in ("sspo", "sspo_then_spa", "sspo_pi_init", "sspo_implicit_then_spa"):
         if all(arm in res for res in all_results.values()):
             lines.append(f"| {arm} | " + " | ".join(_ms(_vals(all_results, arm, 0, k), ".3f") for k, _ in keys) + " |")
     return "\n".join(lines)

@@ -34,12 +34,15 @@ ARMS: dict[str, dict[str, Any]] = {
 # "sspo", "sspo_pi_init" and "dpo_sft" stop after the seed stage (their pi_0 is the arm's result); "sspo_then_spa"
 # runs SPA's rounds from SSPO's pi_0. All keep the run's iterations in the config, so that prepare leaves the same
 # prompts out of the unpaired set. "sspo_pi_init" trains on pi_init's own answers to those prompt batches instead
-# (one sample per prompt, data.unpaired_source: pi_init): SSPO with no second source.
+# (one sample per prompt, data.unpaired_source: pi_init): SSPO with no second source. "sspo_implicit_then_spa" is
+# "sspo_then_spa" with train.sspo.reward: implicit.
 SEED_ARMS: dict[str, dict[str, Any]] = {
     "sspo": {"train.loss": "sspo"},
     "dpo_sft": {"train.loss": "dpo+sft"},
     "sspo_then_spa": {"train.loss": "sspo"},
     "sspo_pi_init": {"train.loss": "sspo", "data.unpaired_source": "pi_init"},
+    # SSPO on DPO's implicit reward against pi_init (the rounds' judge's reward), then SPA's rounds
+    "sspo_implicit_then_spa": {"train.loss": "sspo", "train.sspo.reward": "implicit"},
 }
 SEED_ONLY = ("sspo", "dpo_sft", "sspo_pi_init")
 
