@@ -81,9 +81,6 @@ def test_sspo_and_its_control_are_planned_with_the_unpaired_set(tmp_path):
     implicit = dict(plan(_cfg(tmp_path, data={"unpaired_source": src}, train={"loss": "sspo", "sspo": {"reward": "implicit"}}))[0].lines)
     assert "DPO's implicit reward beta 0.1 (unpaired loss beta 10), margin 0," in implicit["loss"]
     assert "reference pi_init (model in memory: SSPO's implicit reward)" in implicit["train"]
-    implicit = dict(plan(_cfg(tmp_path, data={"unpaired_source": src}, train={"loss": "sspo", "sspo": {"reward": "implicit"}}))[0].lines)
-    assert "DPO's implicit reward beta 0.1 (unpaired loss beta 10), margin 0," in implicit["loss"]
-    assert "reference pi_init (model in memory: SSPO's implicit reward)" in implicit["train"]
 
 
 def test_length_penalty_auto_says_its_sign(tmp_path):

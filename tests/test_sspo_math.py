@@ -103,6 +103,19 @@ def test_state_settles_its_threshold_between_the_classes_and_survives_a_checkpoi
     assert copy.update(torch.cat([w, lo]), w, lo) == state.update(torch.cat([w, lo]), w, lo)
 
 
+def test_a_step_of_equal_rewards_moves_nothing():
+    """DPO's implicit reward at the first step is 0 everywhere (the policy is the reference): the statistics stay
+    unset and no gold margin is queued; the next step's rewards set them, with a real spread."""
+    state = sspo.SSPOState(min_pairs=2)
+    zeros = torch.zeros(6)
+    assert state.update(zeros, zeros[:2], zeros[2:4]) == {"mu": None, "sigma": None, "delta": 0.0,
+                                                         "threshold_updated": 0.0}
+    assert not state.queue
+    w, lo = torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 0.0])
+    out = state.update(torch.cat([w, lo]), w, lo)
+    assert out["mu"] == pytest.approx(0.5) and out["sigma"] == pytest.approx(math.sqrt(1.25)) and len(state.queue) == 1
+
+
 def test_pseudo_label_accuracy_against_the_oracles_median():
     labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
     scores = torch.tensor([0.9, 0.1, 0.2, 0.8])  # median (0.2 + 0.8) / 2 = 0.5: good = [1, 0, 0, 1]

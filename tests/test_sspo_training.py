@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_config
 
 from spa.config import LossKind
-from spa.errors import ConfigError
+from spa.errors import ConfigError, StageInputError
 from spa.run.layout import RunLayout
 from spa.stages import prepare
 from spa.stages import train as train_stage
@@ -182,7 +182,6 @@ def test_sspo_on_two_processes_matches_one(tmp_path, tiny_model_dir, prefs_file)
 
 
 def test_unpaired_rows_drawn_from_the_prompt_batches():
-    from spa.errors import StageInputError
     from spa.stages.unpaired import chosen_rows
 
     assert chosen_rows(5, None, 0).tolist() == [0, 1, 2, 3, 4]
@@ -194,6 +193,8 @@ def test_unpaired_rows_drawn_from_the_prompt_batches():
         chosen_rows(24, 25, 7)
     with pytest.raises(StageInputError, match="whole count"):
         chosen_rows(24, 2.5, 7)
+    with pytest.raises(StageInputError, match="no prompt at all"):
+        chosen_rows(24, 0.01, 7)
 
 
 def test_sspo_unpaired_set_sampled_from_pi_init(tmp_path, tiny_model_dir, prefs_file):
@@ -213,6 +214,11 @@ def test_sspo_unpaired_set_sampled_from_pi_init(tmp_path, tiny_model_dir, prefs_
     prepare.run(cfg, echo=lambda _: None)
     lay = RunLayout(cfg.run_dir)
     assert not lay.unpaired.exists()  # prepare reads no unpaired source
+    # several nodes cannot wait for the sampling: each says to draw the set first, and nothing is trained
+    nodes = cfg.model_copy(update={"train": cfg.train.model_copy(update={"nnodes": 2, "rdzv_endpoint": "h:1"})})
+    with pytest.raises(StageInputError, match="draw it first on one node"):
+        train_stage.run(nodes, 0, echo=lambda _: None)
+    assert not lay.model(0).exists()
     result = train_stage.run(cfg, 0, echo=lambda _: None)
     entries = Manifest(lay.manifest).entries()
     summary = entries["unpaired"]["summary"]
@@ -229,20 +235,23 @@ def test_sspo_unpaired_set_sampled_from_pi_init(tmp_path, tiny_model_dir, prefs_
     assert not seed_prompts & {r["prompt"] for r in table}
     assert pq.read_table(lay.pseudo_labels(0)).num_rows == len(table) and result.summary["loss"] == "sspo"
     assert result.summary["unpaired_rows_trained"] == len(table)
-    # resumed: nothing sampled or trained again; another temperature is another unpaired set
-    assert train_stage.run(cfg, 0, echo=lambda _: None).skipped
+    # resumed: nothing sampled or trained again, also under settings that do not change the draw (so pi_0 is not
+    # retrained for them); another temperature is another unpaired set
+    assert train_stage.run(cfg, 0, echo=lambda _: None).skipped and unpaired.is_drawn(cfg) and unpaired.is_drawn(nodes)
     assert unpaired.run(cfg, echo=lambda _: None).skipped
+    wider = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"batch_size": 3, "chunk_rows": 7})})
+    assert unpaired.run(wider, echo=lambda _: None).skipped
     hotter = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"temperature": 1.3})})
-    assert not unpaired.run(hotter, echo=lambda _: None).skipped
+    assert not unpaired.is_drawn(hotter) and not unpaired.run(hotter, echo=lambda _: None).skipped
     # sample.python another interpreter (the vLLM environment in a real run): the same set, sampled over there
     import os
     import sys
 
     bindir = os.path.dirname(sys.executable)  # a sibling name of this interpreter: another path, the same venv
-    other = next(os.path.join(bindir, n) for n in ("python3", "python", "python3.11")
-                 if n != os.path.basename(sys.executable) and os.path.exists(os.path.join(bindir, n)))
+    other = next((os.path.join(bindir, n) for n in ("python3", "python", "python3.11")
+                  if n != os.path.basename(sys.executable) and os.path.exists(os.path.join(bindir, n))), sys.executable)
     relayed = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"python": str(other)})})
-    assert not unpaired.run(relayed, force=True, echo=lambda _: None).skipped
+    unpaired.run(relayed, force=True, echo=lambda _: None)
     assert pq.read_table(lay.unpaired).to_pylist() == table
 
 
@@ -254,7 +263,8 @@ def test_sspo_with_dpos_implicit_reward(tmp_path, tiny_model_dir, prefs_file):
 
     assert SSPOConfig(reward="implicit").margin == 0.0 and SSPOConfig(reward="implicit", margin=1.0).margin == 1.0
     assert SSPOConfig().margin == 2.0 and "reward" not in SSPOConfig().model_dump()  # the paper's: not written
-    cfg = _config(tmp_path, tiny_model_dir, prefs_file, "sspo", sspo={"reward": "implicit", "decay": 0.5, "min_pairs": 2})
+    cfg = _config(tmp_path, tiny_model_dir, prefs_file, "sspo", sspo={"reward": "implicit", "decay": 0.5, "min_pairs": 2},
+                  warmup_ratio=0.0)  # the first step moves the policy
     rnd = resolve_round(cfg, 0)
     assert rnd.needs_reference and not rnd.precompute_reference
     prepare.run(cfg, echo=lambda _: None)
@@ -268,3 +278,6 @@ def test_sspo_with_dpos_implicit_reward(tmp_path, tiny_model_dir, prefs_file):
     assert first and all(abs(r) < 1e-5 for r in first)
     assert later and max(abs(r) for r in later) > 1e-4
     assert len(pseudo) == N_UNPAIRED
+    # step 0's flat rewards set no statistics; step 1's do, so its z are not blown up to the clip
+    assert log[0]["sspo_sigma"] is None and log[1]["sspo_sigma"] > 0
+    assert all(abs(p["z"]) < 5 for p in pseudo if p["step"] == 1)

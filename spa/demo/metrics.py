@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,12 @@ def run_metrics(cfg: SPAConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def unpaired_diagnostics(cfg: SPAConfig) -> dict[str, Any]:
-    """SSPO's seed stage against the world's oracle: the last pseudo-label of each unpaired response (its last visit)
-    against the oracle's verdict, a response being good when its oracle score is at least the median of the
-    unpaired set's (docs/variants.md 7, decision 8); the share of good responses is what always saying "good"
-    would score. Empty for a run without an unpaired set, and DPO+SFT gets the SFT term's last value only."""
+def unpaired_diagnostics(cfg: SPAConfig, oracle: Callable[[str, str], float] = score) -> dict[str, Any]:
+    """SSPO's seed stage against an oracle (the world's, or any ``oracle(prompt, response) -> score``, e.g. the
+    verifier's): the last pseudo-label of each unpaired response (its last visit) against the oracle's verdict, a
+    response being good when its oracle score is at least the median of the unpaired set's (docs/variants.md 7,
+    decision 8); the share of good responses is what always saying "good" would score. Empty for a run without an
+    unpaired set, and DPO+SFT gets the SFT term's last value only."""
     import torch
 
     from spa.training.sspo import pseudo_label_accuracy
@@ -97,7 +99,7 @@ def unpaired_diagnostics(cfg: SPAConfig) -> dict[str, Any]:
         last[r["row"]] = r["label"]
     rows = sorted(last)
     labels = torch.tensor([float(last[i]) for i in rows])
-    scores = torch.tensor([score(unpaired[i]["prompt"], unpaired[i]["response"]) for i in rows])
+    scores = torch.tensor([oracle(unpaired[i]["prompt"], unpaired[i]["response"]) for i in rows])
     good = (scores >= torch.quantile(scores.double(), 0.5).float()).float()
     return out | {"pseudo_label_accuracy": pseudo_label_accuracy(labels, scores), "good_share": good.mean().item(),
                   "pseudo_positive_share": labels.mean().item(), "sspo_final_delta": log[-1]["sspo_delta"],

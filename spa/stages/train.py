@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from spa.config import PI_INIT_UNPAIRED, SPAConfig
+from spa.errors import StageInputError
 from spa.run.artifacts import read_table
 from spa.run.layout import RunLayout
 from spa.run.manifest import Manifest, content_hash, is_up_to_date
@@ -119,17 +120,22 @@ def run(cfg: SPAConfig, t: int, force: bool = False, echo=print) -> StageResult:
     else:
         require(rnd.start, rnd.start_name, "spa train" if t > 1 else "spa seed")
         require(rnd.data, "judgments", f"spa judge --iteration {t}")
+    if rnd.unpaired is not None and cfg.data.unpaired_source == PI_INIT_UNPAIRED:
+        from spa.stages import unpaired
+
+        if cfg.train.nnodes == 1:
+            unpaired.run(cfg, echo=echo)  # pi_init's answers to X_1..X_T, sampled once (its own manifest entry)
+        elif not unpaired.is_drawn(cfg):  # the other nodes' torchrun could not wait for node 0's sampling
+            raise StageInputError(f"{RunLayout.of(cfg).unpaired}: the unpaired set drawn from pi_init is missing or "
+                                  f"out of date; with train.nnodes > 1, draw it first on one node (spa unpaired -c "
+                                  f"<config>), then start the seed stage on every node")
+    elif rnd.unpaired is not None:
+        require(rnd.unpaired, "the unpaired set", "spa prepare")
     if cfg.train.nnodes > 1:
         from spa.training.worker import node_rank
 
         if node_rank(cfg) > 0:
             return follow(cfg, rnd, force, echo)
-    if rnd.unpaired is not None and cfg.data.unpaired_source == PI_INIT_UNPAIRED:
-        from spa.stages import unpaired
-
-        unpaired.run(cfg, echo=echo)  # pi_init's answers to X_1..X_T, sampled once (its own manifest entry)
-    elif rnd.unpaired is not None:
-        require(rnd.unpaired, "the unpaired set", "spa prepare")
     return run_stage(cfg, rnd.stage_key, rnd.inputs, SECTIONS, list(rnd.outputs),
                      partial(train_round, cfg, rnd), extra_key={"iteration": t}, force=force, echo=echo)
 

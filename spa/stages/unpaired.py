@@ -11,7 +11,9 @@ are dropped and counted; the file is ``<run>/data/unpaired.parquet``, the one pr
 
 from __future__ import annotations
 
+import sys
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,11 +23,11 @@ from spa.config import PI_INIT_UNPAIRED, SPAConfig
 from spa.errors import StageInputError
 from spa.run.artifacts import iter_chunks, num_rows, write_table
 from spa.run.layout import RunLayout
-from spa.run.manifest import Stage
-from spa.run.stage_runner import StageResult, require, run_stage
+from spa.run.manifest import Manifest, Stage, is_up_to_date
+from spa.run.stage_runner import StageResult, expected_key, require, run_stage
 from spa.schemas import UNPAIRED_WRITTEN
 
-SECTIONS = ["model", "sample"]
+SECTIONS = ["model"]  # and the sampling settings that change the draw (_key)
 
 
 def chosen_rows(total: int, size: float | None, shuffle_seed: int) -> np.ndarray:
@@ -34,6 +36,9 @@ def chosen_rows(total: int, size: float | None, shuffle_seed: int) -> np.ndarray
     if size is not None and size >= 1 and size != int(size):
         raise StageInputError(f"data.unpaired_size={size}: give a whole count (>= 1) or a fraction (< 1)")
     want = total if size is None else int(round(size * total)) if size < 1 else int(size)
+    if want == 0:
+        raise StageInputError(f"data.unpaired_size={size} of the {total} prompts of X_1..X_T is no prompt at all: "
+                              "raise it (or data.prompt_sizes)")
     if want > total:
         raise StageInputError(f"data.unpaired_size asks for {want} unpaired answers, but the run's prompt batches "
                               f"X_1..X_T hold {total} prompts (one pi_init sample each): lower it or raise "
@@ -62,14 +67,15 @@ def _chosen_prompts(cfg: SPAConfig) -> tuple[dict[str, list], int]:
 
 
 def _unpaired(cfg: SPAConfig) -> dict[str, Any]:
-    """Sample pi_init once per chosen prompt (here, or in ``sample.python``'s environment: one call, one model
-    load) and write the non-empty answers to ``<run>/data/unpaired.parquet``."""
-    from spa.models.remote_sampling import sampler_for
+    """Sample pi_init once per chosen prompt in a child process (``sample.python``'s environment, else this
+    interpreter's: one call, one model load; a vLLM engine's GPU memory is handed back before the seed stage trains
+    in this process) and write the non-empty answers to ``<run>/data/unpaired.parquet``."""
+    from spa.models.remote_sampling import RemoteSampler
     from spa.models.sampling import SamplingSpec
 
     rows, total = _chosen_prompts(cfg)
     spec = SamplingSpec.from_config(cfg.sample, cfg.model, n=1)
-    sampler = sampler_for(cfg.sample.python, cfg.sample.backend, cfg.model.pi_init, spec)
+    sampler = RemoteSampler(cfg.sample.python or sys.executable, cfg.sample.backend, cfg.model.pi_init, spec)
     samples = sampler(rows["prompt"], progress="sample pi_init (unpaired set)")
     keep = [i for i, s in enumerate(samples) if s.responses[0].strip()]  # an empty answer is no SSPO example
     if not keep:
@@ -85,18 +91,30 @@ def _unpaired(cfg: SPAConfig) -> dict[str, Any]:
             "mean_tokens": round(sum(lengths) / len(lengths), 2)}
 
 
+def _key(cfg: SPAConfig) -> tuple[list[Path], dict[str, Any]]:
+    """What the set is drawn from (the prompt batches and pi_init) and the settings that change the draw; the
+    other sampling settings (batch size, memory, the interpreter) do not redraw it, nor retrain pi_0 after it."""
+    if cfg.data.unpaired_source != PI_INIT_UNPAIRED:
+        raise StageInputError(f"data.unpaired_source is {cfg.data.unpaired_source or 'not set'}: nothing to sample "
+                              f"(spa prepare reads an unpaired source; this stage draws the set from pi_init with "
+                              f"data.unpaired_source: {PI_INIT_UNPAIRED})")
+    layout, sc = RunLayout.of(cfg), cfg.sample
+    inputs = [require(layout.prompts(t), f"prompt set X_{t}", "spa prepare") for t in range(1, cfg.iterations + 1)]
+    inputs.append(require(Path(cfg.model.pi_init), "pi_init", "model.pi_init"))
+    draw = {"unpaired_size": cfg.data.unpaired_size, "shuffle_seed": cfg.data.shuffle_seed, "backend": sc.backend,
+            "temperature": sc.temperature, "top_p": sc.top_p, "max_new_tokens": sc.max_new_tokens, "seed": sc.seed}
+    return inputs, draw
+
+
+def is_drawn(cfg: SPAConfig) -> bool:
+    """Whether ``<run>/data/unpaired.parquet`` is the up-to-date draw of this config."""
+    inputs, draw = _key(cfg)
+    expected = expected_key(cfg, inputs, SECTIONS, draw)
+    return is_up_to_date(Manifest(RunLayout.of(cfg).manifest), Stage.UNPAIRED.key(), expected)
+
+
 def run(cfg: SPAConfig, force: bool = False, echo=print) -> StageResult:
     """Draw the unpaired set from pi_init (``data.unpaired_source: pi_init``); up to date: nothing to do."""
-    if cfg.data.unpaired_source != PI_INIT_UNPAIRED:
-        raise StageInputError(f"data.unpaired_source is {cfg.data.unpaired_source!r}: nothing to sample (spa prepare "
-                              f"reads an unpaired source; this stage draws the set from pi_init with "
-                              f"data.unpaired_source: {PI_INIT_UNPAIRED})")
-    layout = RunLayout.of(cfg)
-    prompts = [require(layout.prompts(t), f"prompt set X_{t}", "spa prepare") for t in range(1, cfg.iterations + 1)]
-    if not prompts:
-        raise StageInputError("data.unpaired_source: pi_init samples the run's prompt batches X_1..X_T, but the run "
-                              "has no iterations (iterations: 0): give an unpaired source instead")
-    return run_stage(cfg, Stage.UNPAIRED.key(), [*prompts, require(cfg.model.pi_init, "pi_init", "model.pi_init")],
-                     SECTIONS, [layout.unpaired], partial(_unpaired, cfg),
-                     extra_key={"unpaired_size": cfg.data.unpaired_size, "shuffle_seed": cfg.data.shuffle_seed},
-                     force=force, echo=echo)
+    inputs, draw = _key(cfg)
+    return run_stage(cfg, Stage.UNPAIRED.key(), inputs, SECTIONS, [RunLayout.of(cfg).unpaired],
+                     partial(_unpaired, cfg), extra_key=draw, force=force, echo=echo)

@@ -42,6 +42,10 @@ def gold_pair_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: flo
     return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
 
 
+# a step's rewards whose spread is below this carry no scale (SSPOState.update skips them)
+FLAT_REWARDS = 1e-6
+
+
 def ema(previous: float | None, value: float, momentum: float) -> float:
     """``m * previous + (1 - m) * value``; the first value is taken as it is (``previous`` is ``None``)."""
     return value if previous is None else momentum * previous + (1.0 - momentum) * value
@@ -137,6 +141,10 @@ class SSPOState:
         """One optimiser step: the statistics from all of the step's ``rewards`` (gold and unpaired), then the
         threshold from the queued gold rewards. Returns the step's values for the train log."""
         r = rewards.detach().double().flatten()
+        if r.numel() > 1 and r.std(unbiased=False).item() < FLAT_REWARDS:
+            # every reward the same (DPO's implicit reward at the first step, the policy still the reference): no
+            # scale to learn and no gold margin to queue, so nothing moves (a sigma of 0 would blow z up for steps)
+            return {"mu": self.mu, "sigma": self.sigma, "delta": self.delta, "threshold_updated": 0.0}
         self.mu = ema(self.mu, r.mean().item(), self.momentum)
         self.sigma = ema(self.sigma, r.std(unbiased=False).item() if r.numel() > 1 else 1.0, self.momentum)
         self.queue.append((gold_chosen.detach().double().flatten().tolist(),
