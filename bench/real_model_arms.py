@@ -52,6 +52,10 @@ ARMS = {
     # the winner far more often than the verifier does (round 1: the shorter wins 27% against 53%)
     "spa_length_penalty": {"judge.length_penalty": "auto"},
 }
+# Arms with a seed stage of their own on the same gold pairs, evaluated as their pi_0: SSPO (docs/variants.md 7) on
+# pi_init's own answers to the rounds' prompt batches (one each: no second source), its pseudo-labels checked
+# against the verifier.
+SEED_ARMS = {"sspo": {"train.loss": "sspo", "data.unpaired_source": "pi_init"}}
 # The world's sizes: tasks, dev split, labelled prompts and samples per labelled prompt.
 WORLD = {"tasks": 2000, "dev": 200, "gold_prompts": 480, "gold_samples": 4}
 SMALL_WORLD = {"tasks": 120, "dev": 12, "gold_prompts": 60, "gold_samples": 3}
@@ -151,7 +155,22 @@ def run_seed(seed: int, out: Path, paths: dict, small: bool, overrides: dict, ar
         run_arm(Path(base.run_dir), out / f"s{seed}" / name, raw, ARMS[name], resume=True, evaluate_rounds="last")
         results[name] = arm_row(out / f"s{seed}" / name, merge(raw, ARMS[name]))
         save(seed, results, name, time.time() - started)
+    for name in [a for a in arms if a in SEED_ARMS]:
+        started = time.time()
+        arm_raw = merge(raw, SEED_ARMS[name]) | {"run_dir": str(out / f"s{seed}" / name)}
+        cfg = run_seed_stage(arm_raw)  # resumes: its manifest's finished stages are skipped
+        results[name] = arm_row(out / f"s{seed}" / name, arm_raw) | {"unpaired": verifier_pseudo_labels(cfg)}
+        save(seed, results, name, time.time() - started)
     return results
+
+
+def verifier_pseudo_labels(cfg) -> dict:
+    """SSPO's last pseudo-label of each unpaired answer against the verifier (good: a score at least the median)."""
+    from spa.demo.metrics import unpaired_diagnostics
+    from spa.judges.verifier import task_index, verify
+
+    tasks = task_index(cfg.judge.instructions)
+    return unpaired_diagnostics(cfg, lambda prompt, response: verify(tasks[prompt], response).score)
 
 
 def _ms(vals: list[float], scale: float = 100.0, fmt: str = ".1f") -> str:
@@ -198,7 +217,7 @@ def comparisons(all_results: dict) -> str:
              "larger arm's stdev over seeds | beyond the spread? |", "|---|---|---|---|---|---|"]
     for a, b in (("seed_dpo", "sft"), ("spa", "seed_dpo"), ("iterative_dpo", "seed_dpo"), ("spa", "iterative_dpo"),
                  ("verifier_dpo", "seed_dpo"), ("verifier_dpo", "spa"), ("spa_length_penalty", "seed_dpo"),
-                 ("spa_length_penalty", "spa")):
+                 ("spa_length_penalty", "spa"), ("sspo", "seed_dpo"), ("sspo", "spa")):
         for s in sets:
             m, sd_d, sd_s = paired(all_results, a, b, s)
             if m != m:
@@ -237,7 +256,7 @@ def length_table(all_results: dict) -> str:
     """Each arm's answer length relative to pi_0's (seed-only DPO), per set: mean ± stdev over seeds of the ratio."""
     sets = sorted({s for res in all_results.values() for row in res.values() for s in row["sets"]})
     lines = ["| arm | " + " | ".join(f"{s}: length vs pi_0 (%)" for s in sets) + " |", "|---|" + "---|" * len(sets)]
-    for arm in ("sft", *ARMS):
+    for arm in ("sft", *ARMS, *SEED_ARMS):
         cells = []
         for s in sets:
             ratios = [res[arm]["sets"][s]["avg_length"] / res["seed_dpo"]["sets"][s]["avg_length"] - 1
@@ -250,9 +269,9 @@ def length_table(all_results: dict) -> str:
 
 def stage_time_table(all_results: dict) -> str:
     """Wall time of each stage kind (minutes, mean over seeds and rounds), by arm, from the manifests."""
-    kinds = ("prepare", "seed", "sample", "judge", "train", "evaluate")
+    kinds = ("prepare", "unpaired", "seed", "sample", "judge", "train", "evaluate")
     lines = ["| arm | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-    for arm in ("sft", "seed_dpo", *ARMS):
+    for arm in ("sft", "seed_dpo", *ARMS, *SEED_ARMS):
         cells = []
         for kind in kinds:
             vals = [v / 60 for res in all_results.values() if arm in res
@@ -263,7 +282,7 @@ def stage_time_table(all_results: dict) -> str:
 
 
 def tables(all_results: dict) -> str:
-    arms = ["sft", "seed_dpo", *ARMS]
+    arms = ["sft", "seed_dpo", *ARMS, *SEED_ARMS]
     sets = sorted({s for res in all_results.values() for row in res.values() for s in row["sets"]})
     return "\n\n".join([f"Seeds {sorted(all_results)}. Accuracies in %, mean ± stdev over seeds:",
                         arm_table(all_results, arms), "Differences, paired by seed:", comparisons(all_results),
@@ -279,7 +298,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-real"))
     parser.add_argument("--name", default="real_model_arms")
-    parser.add_argument("--arms", nargs="+", default=["sft", "seed_dpo", *ARMS])
+    parser.add_argument("--arms", nargs="+", default=["sft", "seed_dpo", *ARMS, *SEED_ARMS])
     parser.add_argument("--sets", nargs="+", default=["dev", "ifeval"], choices=["dev", "ifeval"])
     parser.add_argument("--set", action="append", default=[], help="config override key=value (every arm)")
     parser.add_argument("--small", action="store_true", help="a smoke run of a few minutes (transformers backend)")
@@ -295,7 +314,7 @@ def main() -> None:
     command = "python bench/real_model_arms.py " + " ".join(sys.argv[1:])
     commands = [c for c in saved.get("commands", [saved["command"]] if "command" in saved else []) if c != command]
     commands.append(command)  # every command that added results, the latest last
-    arms_run = {**saved.get("arms", {}), **{a: ARMS.get(a, {}) for a in ns.arms}}
+    arms_run = {**saved.get("arms", {}), **{a: ARMS.get(a, SEED_ARMS.get(a, {})) for a in ns.arms}}
     ns.results.mkdir(parents=True, exist_ok=True)
     if ns.tables_only:
         (ns.results / f"{ns.name}.md").write_text(tables(all_results) + "\n")

@@ -95,7 +95,10 @@ def test_small_bench_killed_then_resumed(tmp_path):
     for key in ("prepare", "seed", "evaluate/0"):  # resumed: not redone
         assert after[key]["finished_at"] == before[key]["finished_at"], key
     saved = json.loads(results.read_text())
-    assert set(saved["results"]["0"]) == {"sft", "seed_dpo", "iterative_dpo", "spa", "verifier_dpo"}
+    bench = bench_module("real_model_arms")
+    assert set(saved["results"]["0"]) == {"sft", "seed_dpo", *bench.ARMS, *bench.SEED_ARMS}
+    sspo = saved["results"]["0"]["sspo"]  # its own seed stage on pi_init's answers, pseudo-labels vs the verifier
+    assert sspo["evaluated_iteration"] == 0 and 0 <= sspo["unpaired"]["pseudo_label_accuracy"] <= 1
     for arm in ("iterative_dpo", "spa", "verifier_dpo"):
         row = saved["results"]["0"][arm]
         assert row["evaluated_iteration"] == 1 and set(row["sets"]) == {"dev", "ifeval_head"}
@@ -110,4 +113,4 @@ def test_length_against_pi_0_and_stage_times_by_hand():
     assert "| spa | +10.0 ± 14.1 |" in bench.length_table(res)
     res[0]["spa"]["stage_times_s"] = {"train/1": 600.0, "train/2": 1200.0, "sample/1": 120.0}
     res[1]["spa"]["stage_times_s"] = {"train/1": 900.0}
-    assert "| spa | - | - | 2.0 | - | 15.0 | - |" in bench.stage_time_table(res)  # (10 + 20 + 15) / 3 minutes
+    assert "| spa | - | - | - | 2.0 | - | 15.0 | - |" in bench.stage_time_table(res)  # (10 + 20 + 15) / 3 minutes
