@@ -114,3 +114,34 @@ def test_length_against_pi_0_and_stage_times_by_hand():
     res[0]["spa"]["stage_times_s"] = {"train/1": 600.0, "train/2": 1200.0, "sample/1": 120.0}
     res[1]["spa"]["stage_times_s"] = {"train/1": 900.0}
     assert "| spa | - | - | - | 2.0 | - | 15.0 | - |" in bench.stage_time_table(res)  # (10 + 20 + 15) / 3 minutes
+
+
+def test_sspo_pseudo_labels_against_the_verifier_by_hand(tmp_path, tiny_model_dir, prefs_file):
+    """The real-model SSPO arm's check of its pseudo-labels: each unpaired answer's last label against the verifier
+    (good: a score at least the median), on files written by hand."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import tiny_config
+
+    from spa.run.layout import RunLayout
+
+    tasks = tmp_path / "tasks.jsonl"
+    prompts = [f"Write about topic {i}. Your entire response should be in English, and in all lowercase letters."
+               for i in range(4)]
+    tasks.write_text("".join(json.dumps({"key": i, "prompt": p, "instruction_id_list": ["change_case:english_lowercase"],
+                                         "kwargs": [{}]}) + "\n" for i, p in enumerate(prompts)))
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, prefs_file, judge={"instructions": str(tasks)})
+    lay = RunLayout(cfg.run_dir)
+    lay.model(0).parent.mkdir(parents=True)
+    lay.unpaired.parent.mkdir(parents=True)
+    answers = ["all lowercase here", "SHOUTING", "the weather today is warm and the sky is clear",
+               "Mixed Case"]  # verifier scores 1, 0, 1, 0 (the checker also asks langdetect for English)
+    pq.write_table(pa.table({"prompt_id": [str(i) for i in range(4)], "prompt": prompts, "response": answers}),
+                   lay.unpaired)
+    pq.write_table(pa.table({"row": [0, 1, 2, 3, 2, 3], "step": [0, 0, 0, 0, 5, 5],
+                             "label": [True, False, True, False, False, True]}), lay.pseudo_labels(0))
+    pq.write_table(pa.table({"unpaired_loss": [0.3], "sspo_delta": [0.2], "sspo_g": [0.5]}), lay.train_log(0))
+    got = bench_module("real_model_arms").verifier_pseudo_labels(cfg)
+    # last labels 1, 0, 0, 1 against good 1, 0, 1, 0: half agree; half the answers good, half labelled winning
+    assert got["pseudo_label_accuracy"] == pytest.approx(0.5) and got["good_share"] == pytest.approx(0.5)
+    assert got["pseudo_positive_share"] == pytest.approx(0.5) and got["sspo_final_delta"] == 0.2
