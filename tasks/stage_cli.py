@@ -102,7 +102,7 @@ def prepare(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool
 @app.command()
 def unpaired(config_file: Path = ConfigArg, config: Path = ConfigOpt, force: bool = ForceOpt,
              overrides: list[str] = SetOpt, verbose: bool = VerboseOpt) -> None:
-    """SSPO with data.unpaired_source: pi_init: one pi_init sample per prompt of X_1..X_T -> data/unpaired.parquet
+    """SSPO with data.unpaired_source: pi_init: one pi_init sample per prompt of X_1..X_T -> <run>/data/unpaired.parquet
     (spa seed runs it first when needed)."""
     from spa.stages import unpaired as stage
 
