@@ -7,6 +7,9 @@ the probe's on-topic share of each (success: at least ``SFT_ON_TOPIC_MIN``). Res
 ``bench/results/<name>.json`` after every trial; a rerun skips the trials already recorded.
 
     python bench/pi_init_first_attempt.py --seeds 0 1 2 3 4 5 6 7 8 9 --learning-rates 3e-3 1e-3
+
+A setting ``RATE:wSHARE`` (``3e-3:w0.25``) also warms the learning rate up over that share of the steps (the
+world's: 0.05).
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from spa.models.sampling import TransformersSampler
 from spa.run.artifacts import write_text_atomic
 
 
-def trial(seed: int, attempt: int, learning_rate: float, epochs: int, demos: int) -> dict:
+def trial(seed: int, attempt: int, setting: str, epochs: int, demos: int) -> dict:
     """Train one pi_init (the demo's attempt ``attempt``: the same initial state) and probe its answers."""
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         init_seed = seed if attempt == 0 else seed + 1000 * attempt
+        rate, _, warmup = setting.partition(":w")
         pi_init = train_pi_init(Path(tmp) / "pi_init", num_demos=demos, epochs=epochs, seed=seed,
-                                init_seed=init_seed, learning_rate=learning_rate)
+                                init_seed=init_seed, learning_rate=float(rate), warmup=float(warmup or 0.05))
         sampler = TransformersSampler(pi_init, _sampling_spec(pi_init, "tiny", seed))
         probe = make_prompts(SFT_PROBE_PROMPTS, seed=seed + 2000)
         rows = [{"prompt": p, "chosen": s.responses[0], "rejected": s.responses[1]}
@@ -86,7 +90,7 @@ def main() -> None:
                 if attempt == 1 and results.get(f"{rate}/{seed}/0", {}).get("success"):
                     break  # the demo stops at the first success
                 if key not in results:
-                    results[key] = trial(seed, attempt, float(rate), args.epochs, demos)
+                    results[key] = trial(seed, attempt, rate, args.epochs, demos)
                     print(key, results[key], flush=True)
                     write_text_atomic(path, json.dumps({
                         "benchmark": "pi_init_first_attempt", "epochs": args.epochs, "demos": demos,

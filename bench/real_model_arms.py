@@ -165,7 +165,11 @@ def run_seed(seed: int, out: Path, paths: dict, small: bool, overrides: dict, ar
 
 
 def verifier_pseudo_labels(cfg) -> dict:
-    """SSPO's last pseudo-label of each unpaired answer against the verifier (good: a score at least the median)."""
+    """SSPO's last pseudo-label of each unpaired answer against the verifier (good: a score at least the median).
+
+    The verifier's scores take few values (the share of 1-3 constraints followed), so ties at the median can make
+    well over half of the answers "good": read the accuracy beside ``good_share`` (an accuracy near ``good_share``
+    is what labelling every answer winning would get)."""
     from spa.demo.metrics import unpaired_diagnostics
     from spa.judges.verifier import task_index, verify
 

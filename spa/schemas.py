@@ -155,7 +155,10 @@ UNPAIRED = ArtifactKind(
 # seed and held-out pairs as ``spa prepare`` writes them: with the 0-based row of data.source each one is, so that a
 # later stage can name a bad pair by its source row (the files are in the shuffle's order)
 PAIRS_WRITTEN = pa.schema(list(PREFERENCE_PAIRS.schema) + [pa.field("source_row", pa.int64())])
-UNPAIRED_WRITTEN = pa.schema(list(UNPAIRED.schema) + [pa.field("source_row", pa.int64())])  # row of data.unpaired_source
+UNPAIRED_WRITTEN = pa.schema(list(UNPAIRED.schema) + [pa.field("source_row", pa.int64())])  # prepare: the row of data.unpaired_source; pi_init: the row in X_1..X_T
+# drawn from pi_init (data.unpaired_source: pi_init): False where the answer stopped at sample.max_new_tokens, so that
+# training does not end a cut-off answer with the end-of-turn token (a file read by prepare holds finished answers)
+UNPAIRED_DRAWN = pa.schema(list(UNPAIRED_WRITTEN) + [pa.field("finished", pa.bool_())])
 
 RESPONSES_WRITTEN = pa.schema(list(RESPONSES.schema) + [
     pa.field("backend", pa.string()),

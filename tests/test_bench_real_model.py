@@ -99,6 +99,7 @@ def test_small_bench_killed_then_resumed(tmp_path):
     assert set(saved["results"]["0"]) == {"sft", "seed_dpo", *bench.ARMS, *bench.SEED_ARMS}
     sspo = saved["results"]["0"]["sspo"]  # its own seed stage on pi_init's answers, pseudo-labels vs the verifier
     assert sspo["evaluated_iteration"] == 0 and 0 <= sspo["unpaired"]["pseudo_label_accuracy"] <= 1
+    assert sspo["unpaired"]["good_share"] >= 0.5  # "good" is at least the median score: ties only add to it
     for arm in ("iterative_dpo", "spa", "verifier_dpo"):
         row = saved["results"]["0"][arm]
         assert row["evaluated_iteration"] == 1 and set(row["sets"]) == {"dev", "ifeval_head"}

@@ -231,6 +231,9 @@ def test_sspo_unpaired_set_sampled_from_pi_init(tmp_path, tiny_model_dir, prefs_
     for r in table:  # each answer sits beside the prompt of X_1..X_T it answers
         assert (r["prompt_id"], r["prompt"]) == (batches[r["source_row"]]["prompt_id"], batches[r["source_row"]]["prompt"])
         assert r["response"].strip()
+    # an answer cut off at sample.max_new_tokens (8) is marked, so training does not end it with end-of-turn
+    cut = [r for r in table if not r["finished"]]
+    assert cut and len(cut) <= round(summary["truncated_share"] * 10)
     seed_prompts = set(pq.read_table(lay.seed).column("prompt").to_pylist())
     assert not seed_prompts & {r["prompt"] for r in table}
     assert pq.read_table(lay.pseudo_labels(0)).num_rows == len(table) and result.summary["loss"] == "sspo"
@@ -239,8 +242,14 @@ def test_sspo_unpaired_set_sampled_from_pi_init(tmp_path, tiny_model_dir, prefs_
     # retrained for them); another temperature is another unpaired set
     assert train_stage.run(cfg, 0, echo=lambda _: None).skipped and unpaired.is_drawn(cfg) and unpaired.is_drawn(nodes)
     assert unpaired.run(cfg, echo=lambda _: None).skipped
-    wider = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"batch_size": 3, "chunk_rows": 7})})
-    assert unpaired.run(wider, echo=lambda _: None).skipped
+    chunked = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"chunk_rows": 7})})
+    assert unpaired.run(chunked, echo=lambda _: None).skipped
+    # the transformers backend draws a batch from one generator: its batch size is part of the draw (vLLM's is not)
+    wider = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"batch_size": 3, "backend": "transformers"})})
+    assert not unpaired.is_drawn(wider)
+    assert unpaired._key(wider)[1]["batch_size"] == 3
+    assert "batch_size" not in unpaired._key(cfg.model_copy(update={"sample": cfg.sample.model_copy(
+        update={"backend": "vllm"})}))[1]
     hotter = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"temperature": 1.3})})
     assert not unpaired.is_drawn(hotter) and not unpaired.run(hotter, echo=lambda _: None).skipped
     # sample.python another interpreter (the vLLM environment in a real run): the same set, sampled over there
@@ -280,4 +289,24 @@ def test_sspo_with_dpos_implicit_reward(tmp_path, tiny_model_dir, prefs_file):
     assert len(pseudo) == N_UNPAIRED
     # step 0's flat rewards set no statistics; step 1's do, so its z are not blown up to the clip
     assert log[0]["sspo_sigma"] is None and log[1]["sspo_sigma"] > 0
-    assert all(abs(p["z"]) < 5 for p in pseudo if p["step"] == 1)
+    second = [p for p in pseudo if p["step"] == 1]
+    assert second and all(abs(p["z"]) < 5 for p in second)
+    # step 0: sigma 1 (not the float noise between two forward passes of one model), so every z ~ 0
+    assert all(abs(p["z"]) < 1e-3 for p in pseudo if p["step"] == 0)
+
+
+def test_unpaired_answer_cut_off_gets_no_end_of_turn(tiny_model_dir):
+    """A pi_init answer that stopped at its token cap is rendered without the end-of-turn token (as the rounds'
+    truncated answers are); a finished one, and every row of a file source (no ``finished`` given), with it."""
+    from spa.models.rendering import load_tokenizer
+    from spa.training.pairs import MixedDataset, PairDataset
+
+    tok = load_tokenizer(tiny_model_dir)
+    pairs = PairDataset(tok, ["Say apple"], ["apple"], ["no"], 64)
+    prompts, answers = ["Say pear", "Say pear"], ["pear pear", "pear pear"]
+    ended, cut = MixedDataset(pairs, tok, prompts, answers, 64, finished=[True, False]).singles
+    assert list(cut.input_ids) == list(ended.input_ids)[:len(cut.input_ids)]
+    assert len(ended.input_ids) > len(cut.input_ids)
+    assert tok.convert_ids_to_tokens(list(ended.input_ids)[len(cut.input_ids):])  # the end-of-turn marker
+    default = MixedDataset(pairs, tok, prompts, answers, 64).singles
+    assert [list(e.input_ids) for e in default] == [list(ended.input_ids)] * 2

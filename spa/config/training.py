@@ -72,7 +72,8 @@ class SSPOConfig(_Section):
                     "the paper)")
     beta: Annotated[float, Field(gt=0)] = 10.0
     margin: Annotated[float, Field(ge=0)] = Field(
-        2.0, description="Delta, the target reward margin of a gold pair (default 0 with reward: implicit)")
+        2.0, description="Delta, the target reward margin of a gold pair (default 0 with reward: implicit, where margin is "
+                    "not written; a run's saved config.yaml writes it, so switching reward there keeps its margin)")
     prior: Annotated[float, Field(gt=0, lt=1)] = Field(0.5, description="P(s=1): the prior of a winning response")
     momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.95, description="m of the running statistics and threshold")
     decay: Annotated[float, Field(ge=0)] = Field(

@@ -60,13 +60,14 @@ def _sft_collate(pad_id: int):
 
 def train_pi_init(out_dir: str | Path, num_demos: int = 3000, epochs: int = 4,
                   seed: int = 0, learning_rate: float = 3e-3, init_seed: int | None = None,
-                  rates: dict[str, float] | None = None) -> Path:
+                  rates: dict[str, float] | None = None, warmup: float = 0.05) -> Path:
     """Write ``pi_init`` (safetensors + tokenizer) trained on ``num_demos`` mixed-quality demonstrations.
 
     ``init_seed`` (default ``seed``) seeds only the initial weights and the data order, not the demonstrations:
     ``build_world`` retrains from another one when this run stayed on the plateau where topic membership is
     not learnt (``spa.demo.run._trained_pi_init``). ``rates``: per-feature rates that replace
-    :data:`spa.demo.world.DEMO_RATES` (a world variant, for trials)."""
+    :data:`spa.demo.world.DEMO_RATES` (a world variant, for trials). ``warmup``: the share of steps the learning
+    rate warms up over (trials of the plateau, ``bench/pi_init_first_attempt.py``)."""
     unknown = set(rates or {}) - set(DEMO_RATES)
     if unknown:
         raise ValueError(f"unknown demonstration rates {sorted(unknown)}; known: {sorted(DEMO_RATES)}")
@@ -83,7 +84,7 @@ def train_pi_init(out_dir: str | Path, num_demos: int = 3000, epochs: int = 4,
     model = LlamaForCausalLM(config)
     args = TrainingArguments(
         output_dir=str(out.parent / f".{out.name}.sft"), per_device_train_batch_size=32, num_train_epochs=epochs,
-        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=warmup, weight_decay=0.0,
         logging_steps=50, save_strategy="no", report_to=[], seed=init, use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
     )

@@ -5,8 +5,11 @@ With no second data source, ``D_U`` is one sample of ``pi_init`` per prompt of t
 held-out pairs by ``spa prepare``, answers with no label, as SSPO asks. The ``sample:`` settings apply (backend,
 temperature, new tokens, seed, ``sample.python``) with one response per prompt. The seed stage runs this first
 (:func:`spa.stages.train.run` at ``t = 0``); it is its own manifest entry (``unpaired``), so a finished set is
-not sampled again and a changed ``pi_init``, prompt batch or ``sample:`` setting draws a new one. Empty answers
-are dropped and counted; the file is ``<run>/data/unpaired.parquet``, the one prepare writes from a source.
+not sampled again, and a changed ``pi_init``, prompt batch, ``data.unpaired_size``, ``data.shuffle_seed`` or
+sampling setting that changes the answers draws a new one (see :func:`_key`). Empty answers are dropped and
+counted; an answer cut off at ``sample.max_new_tokens`` is kept and marked (``finished`` false), so training
+does not end it with the end-of-turn token. The file is ``<run>/data/unpaired.parquet``, the one prepare writes
+from a source.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from spa.run.artifacts import iter_chunks, num_rows, write_table
 from spa.run.layout import RunLayout
 from spa.run.manifest import Manifest, Stage, is_up_to_date
 from spa.run.stage_runner import StageResult, expected_key, require, run_stage
-from spa.schemas import UNPAIRED_WRITTEN
+from spa.schemas import UNPAIRED_DRAWN
 
 SECTIONS = ["model"]  # and the sampling settings that change the draw (_key)
 
@@ -82,8 +85,10 @@ def _unpaired(cfg: SPAConfig) -> dict[str, Any]:
         raise StageInputError(f"pi_init ({cfg.model.pi_init}) answered every one of {len(samples)} prompts with an "
                               "empty response: no unpaired set to train on (check sample.max_new_tokens and the "
                               "model's chat template)")
-    table = {k: [v[i] for i in keep] for k, v in rows.items()} | {"response": [samples[i].responses[0] for i in keep]}
-    write_table(pa.table(table, schema=UNPAIRED_WRITTEN), RunLayout.of(cfg).unpaired, "unpaired")
+    table = {k: [v[i] for i in keep] for k, v in rows.items()} | {
+        "response": [samples[i].responses[0] for i in keep],
+        "finished": [samples[i].finish_reasons[0] != "length" for i in keep]}
+    write_table(pa.table(table, schema=UNPAIRED_DRAWN), RunLayout.of(cfg).unpaired, "unpaired")
     lengths = [samples[i].num_tokens[0] for i in keep]
     return {"source": PI_INIT_UNPAIRED, "prompts_in_batches": total, "prompts_sampled": len(samples),
             "unpaired": len(keep), "empty_dropped": len(samples) - len(keep),
@@ -92,8 +97,11 @@ def _unpaired(cfg: SPAConfig) -> dict[str, Any]:
 
 
 def _key(cfg: SPAConfig) -> tuple[list[Path], dict[str, Any]]:
-    """What the set is drawn from (the prompt batches and pi_init) and the settings that change the draw; the
-    other sampling settings (batch size, memory, the interpreter) do not redraw it, nor retrain pi_0 after it."""
+    """What the set is drawn from (the prompt batches and pi_init) and the settings that change the draw. The
+    other sampling settings (memory, chunking, the interpreter) do not redraw it, nor retrain pi_0 after it; nor does
+    vLLM's batch size (each request has its own seed), but the transformers backend draws a batch from one
+    generator, so there the batch size is part of the key. ``backend`` is keyed as written: ``auto`` stays one key
+    whichever backend it resolves to on this host."""
     if cfg.data.unpaired_source != PI_INIT_UNPAIRED:
         raise StageInputError(f"data.unpaired_source is {cfg.data.unpaired_source or 'not set'}: nothing to sample "
                               f"(spa prepare reads an unpaired source; this stage draws the set from pi_init with "
@@ -103,6 +111,8 @@ def _key(cfg: SPAConfig) -> tuple[list[Path], dict[str, Any]]:
     inputs.append(require(Path(cfg.model.pi_init), "pi_init", "model.pi_init"))
     draw = {"unpaired_size": cfg.data.unpaired_size, "shuffle_seed": cfg.data.shuffle_seed, "backend": sc.backend,
             "temperature": sc.temperature, "top_p": sc.top_p, "max_new_tokens": sc.max_new_tokens, "seed": sc.seed}
+    if sc.backend != "vllm":
+        draw["batch_size"] = sc.batch_size
     return inputs, draw
 
 

@@ -106,10 +106,13 @@ def load_training_set(cfg: SPAConfig, rnd: TrainRound) -> tuple[dict[str, list],
 
 
 def unpaired_set(rnd: TrainRound) -> dict[str, list]:
-    """SSPO / DPO+SFT: the unpaired responses of ``<run>/data/unpaired.parquet`` (prompt_id, prompt, response, and
+    """SSPO / DPO+SFT: the unpaired responses of ``<run>/data/unpaired.parquet`` (prompt_id, prompt, response,
+    ``finished``: False for a pi_init answer cut off at its token cap, True for every row of a file source, and
     ``where``: each row's name in errors, by its row of ``data.unpaired_source``)."""
     table = read_table(rnd.unpaired, "unpaired")
     out = {k: table.column(k).to_pylist() for k in ("prompt_id", "prompt", "response")}
+    out["finished"] = (table.column("finished").to_pylist() if "finished" in table.column_names
+                       else [True] * table.num_rows)
     rows = table.column("source_row").to_pylist() if "source_row" in table.column_names else range(table.num_rows)
     out["where"] = [f"{rnd.unpaired} (unpaired source row {r}, prompt_id {p!r})" for r, p in zip(rows, out["prompt_id"], strict=True)]
     if not out["prompt"]:

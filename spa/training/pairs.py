@@ -63,11 +63,12 @@ class MixedDataset(Dataset):
     ``0 .. n_pairs - 1`` are the pairs, the rest the unpaired responses (each seen once per epoch)."""
 
     def __init__(self, pairs: PairDataset, tok: PreTrainedTokenizerBase, prompts, responses, max_length: int,
-                 where: list[str] | None = None):
+                 where: list[str] | None = None, finished: list[bool] | None = None):
         self.pairs = pairs
         names = where if where is not None else [f"unpaired row {i}" for i in range(len(prompts))]
-        self.singles = [encode_pair(tok, p, r, True, max_length, row=w)
-                        for p, r, w in zip(prompts, responses, names, strict=True)]
+        ended = finished if finished is not None else [True] * len(prompts)  # a cut-off answer gets no end-of-turn
+        self.singles = [encode_pair(tok, p, r, f, max_length, row=w)
+                        for p, r, f, w in zip(prompts, responses, ended, names, strict=True)]
 
     @property
     def items(self):  # the pairs: what the reference's log-probs are computed for (DPO+SFT)

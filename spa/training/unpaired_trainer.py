@@ -20,6 +20,7 @@ from spa.models.logprobs import gather_logps
 from spa.schemas import PSEUDO_LABELS
 from spa.training.losses import dpo_margin, refined_dpo_loss
 from spa.training.sspo import (
+    FLAT_REWARDS,
     SSPOState,
     curriculum_weight,
     gold_pair_loss,
@@ -120,8 +121,12 @@ class UnpairedLossMixin:
         zero = logps.new_zeros(())
         gold = gold_pair_loss(rc, rr, cfg.margin) if n else zero
         # normalised with the statistics of the steps before this one (the first step: its own micro-batch)
+        spread = r.detach().std(unbiased=False).item() if r.numel() > 1 else 0.0
         mu = state.mu if state.mu is not None else r.detach().mean().item()
-        sigma = state.sigma if state.sigma is not None else (r.detach().std(unbiased=False).item() or 1.0)
+        sigma = state.sigma if state.sigma is not None else (spread if spread >= FLAT_REWARDS else 1.0)
+        # (every reward equal, as the implicit reward's first step gives with policy = reference: sigma 1, so that the
+        # float noise between two forward passes is not blown up to the clip: z is ~0, and its labels carry no
+        # gradient, as g = 1 at step 0)
         z_u = normalise(ru, mu, sigma)
         unpaired = unpaired_loss(z_u, state.delta, cfg.beta, cfg.prior) if ru.numel() else zero
         loss = sspo_loss(gold, unpaired, curriculum_weight(step, cfg.decay, self.g_min))

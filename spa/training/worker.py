@@ -127,7 +127,7 @@ def training_dataset(cfg: SPAConfig, rnd: TrainRound, tok):
         return dataset, pairs["prompt_id"], []
     unpaired = unpaired_set(rnd)
     mixed = MixedDataset(dataset, tok, unpaired["prompt"], unpaired["response"], cfg.model.max_length,
-                         unpaired["where"])
+                         unpaired["where"], unpaired["finished"])
     return mixed, pairs["prompt_id"], unpaired["prompt_id"]
 
 
