@@ -248,6 +248,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override key=value (all arms)")
     parser.add_argument("--name", default="demo_arms")
     parser.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (default: all)")
+    parser.add_argument("--sft-warmup", type=float, default=None,
+                        help="a world variant: pi_init's warm-up share (the world's: 0.05; use a fresh --out)")
     parser.add_argument("--demo-rate", action="append", default=[],
                         help="a world variant: feature=rate replacing one of spa.demo.world.DEMO_RATES")
     parser.add_argument("--tables-only", action="store_true",
@@ -267,7 +269,7 @@ def main() -> None:
     jobs = arm_jobs()
     if ns.arms:
         jobs = {k: v for k, v in jobs.items() if k in ns.arms}
-    sizes = WorldSizes()
+    sizes = WorldSizes() if ns.sft_warmup is None else WorldSizes(sft_warmup=ns.sft_warmup)
     started = time.time()
     results_dir.mkdir(parents=True, exist_ok=True)
 

@@ -38,6 +38,7 @@ class WorldSizes:
     eval_prompts: int = 1000  # the win rate's standard error is ~1.5 points at 1,000 prompts (2.7 at 300)
     sft_demos: int = 3000
     sft_attempts: int = 5  # pi_init's training is retried from another initialisation while it fails the probe
+    sft_warmup: float = 0.05  # the share of pi_init's training steps its learning rate warms up over
 
 
 SMALL = WorldSizes(seed_pairs=40, prompts_per_iteration=40, iterations=3, heldout_pairs=20, eval_prompts=40,
@@ -119,8 +120,9 @@ def _trained_pi_init(world: Path, seed: int, sizes: WorldSizes, echo,
     instead of 89-96%. At this world's learning rate (3e-3) most seeds stay there at their first attempt, and
     seed 0, the demo's, in all five. A rate of 1e-3 escapes it at the first attempt on every one of seeds 0-9
     (bench/results/pi_init_first_attempt.json), but the world's self-labelled rounds then lose win rate round
-    after round (bench/results/README.md, "A world version 8, tried and rejected"), so the world keeps 3e-3 until
-    it is redesigned around a pi_init that learns topics. Which runs escape depends on the initialisation, not
+    after round (bench/results/README.md, "A world version 8, tried and rejected"). A warm-up over 25% of the steps
+    at 3e-3 (``WorldSizes.sft_warmup``) escapes it on every one of seeds 0-9 and the rounds still gain ("A world
+    version 9 trial"); the world keeps 5% until its benches are rerun on that. Which runs escape depends on the initialisation, not
     the data, so a probe of its answers to 200 fresh prompts decides, and a failed run is retrained from another
     initial state. The oracle does not score topic membership, so a pi_init that never escapes is still a usable
     world."""
@@ -129,7 +131,7 @@ def _trained_pi_init(world: Path, seed: int, sizes: WorldSizes, echo,
              f"[demo] retraining pi_init from another initialisation (attempt {attempt + 1} of {sizes.sft_attempts}) ...")
         init_seed = seed if attempt == 0 else seed + 1000 * attempt
         pi_init = train_pi_init(world / "pi_init", num_demos=sizes.sft_demos, seed=seed, init_seed=init_seed,
-                                rates=demo_rates)
+                                warmup=sizes.sft_warmup, rates=demo_rates)
         sampler = TransformersSampler(pi_init, _sampling_spec(pi_init, "tiny", seed))
         if attempt + 1 == sizes.sft_attempts:  # the last (or only) attempt: nothing to decide
             return pi_init, sampler
