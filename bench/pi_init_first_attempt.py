@@ -37,7 +37,7 @@ def trial(seed: int, attempt: int, setting: str, epochs: int, demos: int) -> dic
         init_seed = seed if attempt == 0 else seed + 1000 * attempt
         rate, _, warmup = setting.partition(":w")
         pi_init = train_pi_init(Path(tmp) / "pi_init", num_demos=demos, epochs=epochs, seed=seed,
-                                init_seed=init_seed, learning_rate=float(rate), warmup=float(warmup or 0.05))
+                                init_seed=init_seed, learning_rate=float(rate), warmup=float(warmup) if warmup else WorldSizes().sft_warmup)
         sampler = TransformersSampler(pi_init, _sampling_spec(pi_init, "tiny", seed))
         probe = make_prompts(SFT_PROBE_PROMPTS, seed=seed + 2000)
         rows = [{"prompt": p, "chosen": s.responses[0], "rejected": s.responses[1]}

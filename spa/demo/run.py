@@ -122,8 +122,8 @@ def _trained_pi_init(world: Path, seed: int, sizes: WorldSizes, echo,
     (bench/results/pi_init_first_attempt.json), but the world's self-labelled rounds then lose win rate round
     after round (bench/results/README.md, "A world version 8, tried and rejected"). A warm-up over 25% of the steps
     at 3e-3 (``WorldSizes.sft_warmup``) escapes it on every one of seeds 0-9 and the rounds still gain ("A world
-    version 9 trial"); the world keeps 5% until its benches are rerun on that. Which runs escape depends on the initialisation, not
-    the data, so a probe of its answers to 200 fresh prompts decides, and a failed run is retrained from another
+    version 9 trial"); the world keeps 5% until its benches are rerun on that. Which runs escape depends on the
+    initialisation, not the data, so a probe of its answers to 200 fresh prompts decides, and a failed run is retrained from another
     initial state. The oracle does not score topic membership, so a pi_init that never escapes is still a usable
     world."""
     for attempt in range(sizes.sft_attempts):
