@@ -22,6 +22,7 @@ import shutil
 import statistics
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -249,7 +250,7 @@ def main() -> None:
     parser.add_argument("--name", default="demo_arms")
     parser.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (default: all)")
     parser.add_argument("--sft-warmup", type=float, default=None,
-                        help="a world variant: pi_init's warm-up share (the world's: 0.05; use a fresh --out)")
+                        help="a world variant: pi_init's warm-up share (the world's: 0.25 since version 9; use a fresh --out)")
     parser.add_argument("--demo-rate", action="append", default=[],
                         help="a world variant: feature=rate replacing one of spa.demo.world.DEMO_RATES")
     parser.add_argument("--tables-only", action="store_true",
@@ -278,7 +279,8 @@ def main() -> None:
             "benchmark": "demo world arms: oracle win rate vs pi_init (%) and label/flag diagnostics per iteration",
             "command": "python bench/demo_arms.py " + " ".join(sys.argv[1:]),
             "seeds": sorted(all_results), "overrides": overrides, "demo_rates": demo_rates, "arms": jobs, "sizes": sizes.__dict__,
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "packages": {m: version(m) for m in ("torch", "transformers")}},  # worlds differ across versions
             "wall_time_s": round(time.time() - started, 1),
             "results": {str(k): v for k, v in all_results.items()},
             "table": md,

@@ -18,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -125,7 +126,8 @@ def main() -> None:
         "command": "python bench/variant_arms.py " + " ".join(sys.argv[1:]),
         "seeds": ns.seeds, "arms": arms, "noise_arms": NOISE_ARMS if noise_names else None,
         "noise_levels": NOISE_LEVELS if noise_names else None, "sizes": sizes.__dict__,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "packages": {m: version(m) for m in ("torch", "transformers")}},  # worlds differ across versions
         "wall_time_s": round(time.time() - started, 1),
         "resumed": ns.resume,  # wall time then counts only the arms this invocation ran
         "results": {str(k): v for k, v in all_results.items()},

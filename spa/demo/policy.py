@@ -60,14 +60,15 @@ def _sft_collate(pad_id: int):
 
 def train_pi_init(out_dir: str | Path, num_demos: int = 3000, epochs: int = 4,
                   seed: int = 0, learning_rate: float = 3e-3, init_seed: int | None = None,
-                  rates: dict[str, float] | None = None, warmup: float = 0.05) -> Path:
+                  rates: dict[str, float] | None = None, *, warmup: float) -> Path:
     """Write ``pi_init`` (safetensors + tokenizer) trained on ``num_demos`` mixed-quality demonstrations.
 
     ``init_seed`` (default ``seed``) seeds only the initial weights and the data order, not the demonstrations:
     ``build_world`` retrains from another one when this run stayed on the plateau where topic membership is
     not learnt (``spa.demo.run._trained_pi_init``). ``rates``: per-feature rates that replace
     :data:`spa.demo.world.DEMO_RATES` (a world variant, for trials). ``warmup``: the share of steps the learning
-    rate warms up over (trials of the plateau, ``bench/pi_init_first_attempt.py``)."""
+    rate warms up over (the world's is ``spa.demo.run.WorldSizes.sft_warmup``; trials of the plateau:
+    ``bench/pi_init_first_attempt.py``)."""
     unknown = set(rates or {}) - set(DEMO_RATES)
     if unknown:
         raise ValueError(f"unknown demonstration rates {sorted(unknown)}; known: {sorted(DEMO_RATES)}")
