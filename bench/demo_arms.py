@@ -151,7 +151,8 @@ def comparisons(all_results) -> str:
              ("sspo", "seed_dpo"), ("dpo_sft", "seed_dpo"), ("sspo", "dpo_sft"), ("spa", "sspo"),
              ("sspo_then_spa", "spa"), ("sspo_then_spa", "sspo"),
              ("sspo_pi_init", "seed_dpo"), ("sspo_pi_init", "sspo"), ("sspo_implicit_then_spa", "spa"),
-             ("sspo_implicit_then_spa", "sspo_then_spa")]
+             ("sspo_implicit_then_spa", "sspo_then_spa"), ("sspo_min_chosen", "sspo"), ("sspo_decay001", "sspo"),
+             ("sspo_decay01", "sspo")]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
         pairs += [(f"spa{tag}", f"iterative_dpo{tag}"), (f"spa_strong{tag}", f"iterative_dpo{tag}"),
@@ -221,7 +222,7 @@ def sspo_table(all_results) -> str:
             ("pseudo_positive_share", "labelled winning"), ("sspo_final_delta", "final threshold"),
             ("sspo_final_g", "final g")]
     lines = ["| arm | " + " | ".join(h for _, h in keys) + " |", "|---|" + "---|" * len(keys)]
-    for arm in ("sspo", "sspo_then_spa", "sspo_pi_init", "sspo_implicit_then_spa"):
+    for arm in [a for a in SEED_ARMS if a != "dpo_sft"]:
         if all(arm in res for res in all_results.values()):
             lines.append(f"| {arm} | " + " | ".join(_ms(_vals(all_results, arm, 0, k), ".3f") for k, _ in keys) + " |")
     return "\n".join(lines)

@@ -167,3 +167,19 @@ def test_sspo_demo_preset_is_the_demo_plus_sspo():
                  SEED_ARMS["sspo_then_spa"] | {"data.unpaired_source": f"{DEMO_WORLD}/unpaired_{UNPAIRED_ROWS}.jsonl"})
     assert yaml.safe_load((ROOT / "configs" / "sspo_demo.yaml").read_text(encoding="utf-8")) == want
     assert load_config(ROOT / "configs" / "sspo_demo.yaml").train.loss == "sspo"
+
+
+def test_every_demo_seed_arm_is_a_valid_config_that_sets_what_its_name_says():
+    """The bench's seed-stage arms (spa.demo.arms.SEED_ARMS) validate as configs, so a misspelt key or value fails
+    here rather than an hour into a bench; the SSPO-settings arms change exactly the setting they are named for."""
+    from spa.demo.arms import SEED_ARMS, merge
+
+    unpaired = {"data.unpaired_source": "pi_init"}  # the bench adds the world's unpaired set
+    arm = lambda name: parse_config(merge(demo_config(DEMO_WORLD, Path("r")), unpaired | SEED_ARMS[name]))  # noqa: E731
+    base = parse_config(demo_config(DEMO_WORLD, Path("r")))
+    for name, over in SEED_ARMS.items():
+        assert arm(name).train.loss == over["train.loss"], name
+    sspo = lambda name: arm(name).train.sspo  # noqa: E731
+    assert (sspo("sspo_min_chosen").threshold, sspo("sspo").threshold) == ("min_chosen", "kde")
+    assert (sspo("sspo_decay001").decay, sspo("sspo_decay01").decay, sspo("sspo").decay) == (0.001, 0.01, 0.005)
+    assert sspo("sspo_implicit_then_spa").reward == "implicit" and base.train.loss == "dpo"

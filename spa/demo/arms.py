@@ -43,8 +43,13 @@ SEED_ARMS: dict[str, dict[str, Any]] = {
     "sspo_pi_init": {"train.loss": "sspo", "data.unpaired_source": "pi_init"},
     # SSPO on DPO's implicit reward against pi_init (the rounds' judge's reward), then SPA's rounds
     "sspo_implicit_then_spa": {"train.loss": "sspo", "train.sspo.reward": "implicit"},
+    # SSPO's settings where the paper leaves a choice: the authors' code's threshold, and the curriculum's decay
+    # at the ends of the paper's range (0.001-0.01; the default 0.005 ends the demo's 141 steps at g = 0.49)
+    "sspo_min_chosen": {"train.loss": "sspo", "train.sspo.threshold": "min_chosen"},
+    "sspo_decay001": {"train.loss": "sspo", "train.sspo.decay": 0.001},
+    "sspo_decay01": {"train.loss": "sspo", "train.sspo.decay": 0.01},
 }
-SEED_ONLY = ("sspo", "dpo_sft", "sspo_pi_init")
+SEED_ONLY = ("sspo", "dpo_sft", "sspo_pi_init", "sspo_min_chosen", "sspo_decay001", "sspo_decay01")
 
 
 def quiet(_msg: str) -> None:
