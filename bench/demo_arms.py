@@ -152,7 +152,7 @@ def comparisons(all_results) -> str:
              ("sspo_then_spa", "spa"), ("sspo_then_spa", "sspo"),
              ("sspo_pi_init", "seed_dpo"), ("sspo_pi_init", "sspo"), ("sspo_implicit_then_spa", "spa"),
              ("sspo_implicit_then_spa", "sspo_then_spa"), ("sspo_min_chosen", "sspo"), ("sspo_decay001", "sspo"),
-             ("sspo_decay01", "sspo")]
+             ("sspo_decay01", "sspo"), ("sspo_gold_only", "sspo"), ("sspo_gold_only", "seed_dpo")]
     for f in FLIPS:
         tag = f"_flip{int(f * 100)}"
         pairs += [(f"spa{tag}", f"iterative_dpo{tag}"), (f"spa_strong{tag}", f"iterative_dpo{tag}"),

@@ -182,4 +182,5 @@ def test_every_demo_seed_arm_is_a_valid_config_that_sets_what_its_name_says():
     sspo = lambda name: arm(name).train.sspo  # noqa: E731
     assert (sspo("sspo_min_chosen").threshold, sspo("sspo").threshold) == ("min_chosen", "kde")
     assert (sspo("sspo_decay001").decay, sspo("sspo_decay01").decay, sspo("sspo").decay) == (0.001, 0.01, 0.005)
+    assert sspo("sspo_gold_only").decay == 0.0  # g = exp(0) = 1 at every step: the unpaired term's weight is 0
     assert sspo("sspo_implicit_then_spa").reward == "implicit" and base.train.loss == "dpo"

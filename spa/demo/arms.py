@@ -48,8 +48,10 @@ SEED_ARMS: dict[str, dict[str, Any]] = {
     "sspo_min_chosen": {"train.loss": "sspo", "train.sspo.threshold": "min_chosen"},
     "sspo_decay001": {"train.loss": "sspo", "train.sspo.decay": 0.001},
     "sspo_decay01": {"train.loss": "sspo", "train.sspo.decay": 0.01},
+    # decay 0 keeps the gold loss's weight g at 1: the unpaired term off, in the same steps and batches as SSPO
+    "sspo_gold_only": {"train.loss": "sspo", "train.sspo.decay": 0.0},
 }
-SEED_ONLY = ("sspo", "dpo_sft", "sspo_pi_init", "sspo_min_chosen", "sspo_decay001", "sspo_decay01")
+SEED_ONLY = ("sspo", "dpo_sft", "sspo_pi_init", "sspo_min_chosen", "sspo_decay001", "sspo_decay01", "sspo_gold_only")
 
 
 def quiet(_msg: str) -> None:
