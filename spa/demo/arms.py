@@ -51,7 +51,7 @@ SEED_ARMS: dict[str, dict[str, Any]] = {
     # decay 0 keeps the gold loss's weight g at 1: the unpaired term off, in the same steps and batches as SSPO
     "sspo_gold_only": {"train.loss": "sspo", "train.sspo.decay": 0.0},
 }
-SEED_ONLY = ("sspo", "dpo_sft", "sspo_pi_init", "sspo_min_chosen", "sspo_decay001", "sspo_decay01", "sspo_gold_only")
+SEED_ONLY = tuple(arm for arm in SEED_ARMS if not arm.endswith("_then_spa"))  # the seed stage only, no rounds
 
 
 def quiet(_msg: str) -> None:
